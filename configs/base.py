@@ -1,0 +1,77 @@
+"""The config schema every run shares (ml_collections). Benchmark files override fields of this.
+
+Sections: `model` (backbone), `data` (task stream), `method` (NTK-CL and baselines),
+`optim` (per-task optimiser), `train` (devices, checkpoints, logging). Unknown keys are rejected
+by the launcher, so every field a module reads must be declared here.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "ViT-B/16"          # a variant of ntkcl_jax.models.vit.get_config
+  c.model.image_size = 224
+  c.model.overrides = ml_collections.ConfigDict()  # tiny models: patch_size, hidden_size, ...
+  c.model.checkpoint = ""            # local file; '' = random init (tests only)
+  c.model.checkpoint_format = "auto"  # auto | vit_jax | augreg | big_vision | timm | hf | ntkcl
+  c.model.normalize = "none"         # none | inception | imagenet (official NTK-CL: none)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "cifar100"           # benchmark or offline set, see ntkcl_jax.data
+  c.data.source = "tfds"             # tfds | folder | zip | digits | synthetic | mock
+  c.data.data_dir = ""               # root of image folders / tfds data_dir
+  c.data.num_classes = 100
+  c.data.init_cls = 10
+  c.data.increment = 10
+  c.data.class_order = "seed"        # seed (official np.random.permutation) | natural | explicit
+  c.data.explicit_order = ()         # used when class_order == 'explicit'
+  c.data.max_per_class_train = 0     # 0 = all; >0 subsamples (CPU demos)
+  c.data.max_per_class_test = 0
+  c.data.train_transform = "official"  # official (RandomResizedCrop(0.05,1)+flip) | none
+  c.data.prefetch = 2
+
+  c.method = ml_collections.ConfigDict()
+  c.method.name = "ntkcl"            # ntkcl | channel | patch | simplecil | seq_adapter
+  c.method.variant = "official"      # official | corrected
+  # Corrected-mode switches (spec method.md 10); each fixes one oddity, all off = official.
+  c.method.fix_fusion = False
+  c.method.fix_nce_sign = False
+  c.method.fix_orth = False
+  c.method.fix_l2_all = False
+  c.method.fix_ema = False
+  c.method.fix_patch_init = False
+  c.method.ema_decay = 0.9           # used when fix_ema
+  c.method.ffn_num = 16
+  c.method.ffn_scalar = 0.1
+  c.method.adapter_dropout = 0.1
+  c.method.fusion_dropout = 0.1
+  c.method.num_prompt_tokens = 10
+  c.method.frozen_sets = 1           # frozen_prompt_list_num
+  c.method.use_init_ptm = False
+  c.method.section_weights = (0.3, 0.1)  # [EMA, current]; with init-PTM (1.0, 0.3, 0.1)
+  c.method.nce_temp = 0.2
+  c.method.dis_temp = 1e-4
+  c.method.reg_temp = 1e-3
+  c.method.nce_tau = 0.1
+  c.method.orth_k = 40
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 0.025
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 5e-4
+  c.optim.epochs = 20
+  c.optim.batch_size = 16            # global batch
+  c.optim.eval_batch_size = 64
+  c.topk = 5
+
+  c.train = ml_collections.ConfigDict()
+  c.train.mesh_data = -1             # devices on the data axis (-1 = all / model)
+  c.train.mesh_model = 1
+  c.train.checkpoint_every_steps = 200
+  c.train.keep_checkpoints = 2
+  c.train.log_every_steps = 10
+  c.train.record_ntk = False         # ntk_analysis kernels at task boundaries
+  return c
