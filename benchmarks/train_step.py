@@ -1,0 +1,186 @@
+r"""Training-step benchmark: images/s, s/step, XLA FLOPs and the fraction of the machine's matmul
+throughput that the NTK-CL train step achieves (issue 7, item 3).
+
+    python benchmarks/train_step.py --model=ViT-B/16 --batch=8 --steps=3 --variant=official
+    python benchmarks/train_step.py --model=tiny --batch=16 --steps=20
+    python benchmarks/train_step.py --table          # tiny, ViT-S/16, ViT-B/16 x variants
+
+What is timed: one jitted train step of the learner (all NTK-CL branch passes, losses, gradients,
+optimiser update) on random images, after a warm-up step that compiles it; the median over
+`--steps` steps. FLOPs come from XLA's own cost analysis of that compiled step
+(`jitted.lower(...).compile().cost_analysis()`). The machine's float32 matmul throughput is
+measured in the same process (a 2048^3 jitted matmul, best of 5), so "fraction" is achieved
+FLOP/s over what this machine's XLA can do on a large matmul. Two reference rows help read where
+the time goes: a single plain ViT forward pass, and a plain ViT forward + backward.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ntkcl_jax.models import vit  # noqa: E402
+
+
+def matmul_throughput(n: int = 2048, repeats: int = 5) -> float:
+  """Best float32 FLOP/s of an n x n x n matmul under jit on the default device."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(k1, (n, n), jnp.float32)
+  b = jax.random.normal(k2, (n, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  f(a, b).block_until_ready()
+  best = min(_timeit(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
+  return 2.0 * n ** 3 / best
+
+
+def _timeit(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def _flops(compiled) -> float:
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else {}
+  return float((ca or {}).get("flops", float("nan")))
+
+
+def time_step(jitted, args, steps: int, carry_index=None) -> dict:
+  """Compiles, warms up and times `jitted(*args)`; if carry_index is given, output[0] replaces
+  args[carry_index] after each step (a real training loop's state carry)."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  flops = _flops(compiled)
+  mem = compiled.memory_analysis()
+  args = list(args)
+
+  def once():
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    if carry_index is not None:
+      args[carry_index] = out[0]
+
+  once()  # warm-up
+  times = [_timeit(once) for _ in range(steps)]
+  return {"compile_s": compile_s, "s_per_step": statistics.median(times), "flops": flops,
+          "temp_bytes": getattr(mem, "temp_size_in_bytes", 0) if mem else 0}
+
+
+def vit_config(model: str, depth: int, image_size: int):
+  over = {}
+  if depth:
+    over["num_layers"] = depth
+  if image_size:
+    over["image_size"] = image_size
+  return vit.get_config(model, **over)
+
+
+def reference_steps(vcfg, batch: int):
+  """(forward, forward+backward) of one plain ViT pass, as jitted functions with their args."""
+  model = vit.ViT(vcfg)
+  params = vit.init_params(vcfg, jax.random.PRNGKey(0))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (batch, vcfg.image_size, vcfg.image_size, 3))
+  fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply({"params": p}, x) ** 2)))
+  return (fwd, (params, x)), (grad, (params, x))
+
+
+def ntkcl_step(vcfg, batch: int, variant: str):
+  """The learner's jitted train step with its arguments, or None if the learner offers none.
+
+  Uses `Learner.benchmark_step(batch_size)` -> (jitted, args, carry_index) when the learner
+  provides it (see the report in the launcher issue)."""
+  try:
+    from ntkcl_jax import learner as learner_lib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  if not hasattr(learner_lib.Learner, "benchmark_step"):
+    return None
+  from ntkcl_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  config = train.load_config_file(os.path.join(train.REPO_ROOT, "configs", "tiny.py"))
+  config.model.name = vcfg.name
+  config.model.image_size = vcfg.image_size
+  config.model.overrides = {"num_layers": vcfg.num_layers}
+  config.method.variant = variant
+  for k in ("fix_fusion", "fix_nce_sign", "fix_orth", "fix_l2_all", "fix_ema", "fix_patch_init"):
+    config.method[k] = variant == "corrected"
+  config.method.ffn_num = 16
+  config.method.num_prompt_tokens = 10
+  config.optim.batch_size = batch
+  config.data.num_classes, config.data.init_cls, config.data.increment = 20, 10, 10
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  params = vit.init_params(vcfg, jax.random.PRNGKey(0))
+  learner = learner_lib.Learner(config, params, mesh)
+  return learner.benchmark_step(batch)
+
+
+def run_one(model, depth, image_size, batch, steps, variant, peak) -> list[dict]:
+  vcfg = vit_config(model, depth, image_size)
+  rows = []
+  step = ntkcl_step(vcfg, batch, variant)
+  if step is not None:
+    jitted, args, carry = step
+    rows.append({"what": f"NTK-CL train step ({variant})",
+                 **time_step(jitted, args, steps, carry_index=carry)})
+  else:
+    print("note: ntkcl_jax.learner has no benchmark_step yet; only the reference rows are timed",
+          file=sys.stderr)
+  (fwd, fargs), (grad, gargs) = reference_steps(vcfg, batch)
+  rows.append({"what": "reference: 1 ViT forward", **time_step(fwd, fargs, steps)})
+  rows.append({"what": "reference: 1 ViT fwd+bwd", **time_step(grad, gargs, steps)})
+  for r in rows:
+    r.update(model=f"{vcfg.name} d{vcfg.num_layers} {vcfg.image_size}px", batch=batch,
+             images_per_s=batch / r["s_per_step"], flop_per_s=r["flops"] / r["s_per_step"],
+             fraction=r["flops"] / r["s_per_step"] / peak)
+  return rows
+
+
+def print_rows(rows, peak):
+  print(f"\nmachine float32 matmul throughput (2048^3, same process): {peak / 1e9:.1f} GFLOP/s "
+        f"on {jax.device_count()} device(s), {os.cpu_count()} CPU threads visible")
+  print(f"{'model':<24} {'what':<32} {'batch':>5} {'img/s':>8} {'s/step':>8} {'GFLOP':>9} "
+        f"{'GFLOP/s':>8} {'of peak':>7} {'compile s':>9} {'XLA temp MB':>11}")
+  for r in rows:
+    print(f"{r['model']:<24} {r['what']:<32} {r['batch']:>5} {r['images_per_s']:>8.2f} "
+          f"{r['s_per_step']:>8.3f} {r['flops'] / 1e9:>9.2f} {r['flop_per_s'] / 1e9:>8.1f} "
+          f"{100 * r['fraction']:>6.1f}% {r['compile_s']:>9.1f} {r['temp_bytes'] / 2**20:>11.0f}")
+  print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"
+        f" MB")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", default="tiny", help=f"ViT variant: {vit.variant_names()}")
+  p.add_argument("--depth", type=int, default=0, help="number of blocks (0 = the variant's)")
+  p.add_argument("--image_size", type=int, default=0, help="0 = the variant's default")
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--variant", default="official", choices=("official", "corrected"))
+  p.add_argument("--table", action="store_true",
+                 help="tiny, ViT-S/16 and ViT-B/16 at batch 16, both variants")
+  a = p.parse_args(argv)
+  peak = matmul_throughput()
+  rows = []
+  if a.table:
+    for model in ("tiny", "ViT-S/16", "ViT-B/16"):
+      for variant in ("official", "corrected"):
+        rows += run_one(model, 0, 0, 16, a.steps, variant, peak)
+  else:
+    rows = run_one(a.model, a.depth, a.image_size, a.batch, a.steps, a.variant, peak)
+  print_rows(rows, peak)
+  return rows
+
+
+if __name__ == "__main__":
+  main()

