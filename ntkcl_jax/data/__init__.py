@@ -1,0 +1,93 @@
+"""Class-incremental data: `build_stream(config, process_index, process_count)` -> TaskStream.
+
+`config.data.name` picks the dataset (ntkcl_jax/data/benchmarks.py lists them) and
+`config.data.source` where its images come from: `folder` (official `{train,test}/<class>/`
+layout under data_dir), `zip` (the ../shared/data archives), `tfds` (tensorflow-datasets),
+`mock` (tfds under `tfds.testing.mock_data`: tests), `digits`, `synthetic`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from ntkcl_jax.data import benchmarks, sources
+from ntkcl_jax.data.sources import DataError
+from ntkcl_jax.data.stream import TaskStream
+
+__all__ = ["build_stream", "load_splits", "TaskStream", "DataError"]
+
+SOURCES = ("folder", "zip", "tfds", "mock", "digits", "synthetic")
+
+
+def _folder_root(data_dir: str, ds: benchmarks.Dataset, name: str) -> str:
+  cands = [os.path.join(data_dir, ds.folder or name), data_dir]
+  for c in cands:
+    if os.path.isdir(os.path.join(c, "train")) and os.path.isdir(os.path.join(c, "test")):
+      return c
+  raise FileNotFoundError(
+      f"{name}: no image folders found. Expected `{cands[0]}/train/<class>/<image>` and "
+      f"`{cands[0]}/test/<class>/<image>` ({ds.num_classes} class folders each; the layout the "
+      f"official NTK-CL code reads). Set --config.data.data_dir to the folder that contains "
+      f"`{ds.folder or name}/`" + (f" ({ds.note})" if ds.note else ""))
+
+
+def load_splits(config):
+  """(train ImageSet, test ImageSet, description) for config.data."""
+  d = config.data
+  ds = benchmarks.get(d.name)
+  src = d.source
+  if src not in SOURCES:
+    raise ValueError(f"data.source={src!r}; one of {SOURCES}")
+  if src == "synthetic":
+    per_train, per_test = (d.max_per_class_train or 12), (d.max_per_class_test or 8)
+    size = config.model.image_size
+    return (sources.synthetic_images("train", d.num_classes, size, per_train),
+            sources.synthetic_images("test", d.num_classes, size, per_test),
+            f"synthetic class templates ({d.num_classes} classes)")
+  if src == "digits":
+    return (sources.digits_images("train"), sources.digits_images("test"),
+            "scikit-learn bundled digits (8x8, upsampled)")
+  if src == "zip":
+    if not ds.zip_files:
+      raise ValueError(f"{d.name} has no ZIP archives; use source 'folder' or 'tfds'")
+    sets = []
+    for f in ds.zip_files:
+      path = os.path.join(d.data_dir, f)
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {d.name} expects {list(ds.zip_files)} in "
+                                f"data.data_dir={d.data_dir!r} (the ../shared/data archives)")
+      key = f"{os.path.basename(os.path.normpath(d.data_dir))}/{f}"
+      sources.verify_sha256(path, os.path.join(os.path.dirname(os.path.normpath(d.data_dir)),
+                                               "MANIFEST.json"), key)
+      sets.append(sources.zip_images(path))
+    return sets[0], sets[1], f"{d.name} from {d.data_dir} (ZIP archives, sha256 verified)"
+  if src == "folder":
+    root = _folder_root(d.data_dir, ds, d.name)
+    return (sources.folder_images(os.path.join(root, "train")),
+            sources.folder_images(os.path.join(root, "test")), f"{d.name} folders at {root}")
+  # tfds / mock
+  if not ds.tfds:
+    raise ValueError(f"{d.name} has no tensorflow-datasets builder ({ds.note or 'use folders'})")
+  ctx = contextlib.nullcontext()
+  if src == "mock":
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    ctx = tfds.testing.mock_data(num_examples=max(4 * d.num_classes, 32))
+  with ctx:
+    train = sources.tfds_images(ds.tfds, ds.tfds_splits[0], d.data_dir)
+    test = sources.tfds_images(ds.tfds, ds.tfds_splits[1], d.data_dir)
+    if src == "mock":  # mock sources are lazy: materialise inside the context
+      for s in (train, test):
+        for i in range(len(s)):
+          s.image(i)
+  return train, test, f"tfds {ds.tfds}" + (" (mock data)" if src == "mock" else "")
+
+
+def build_stream(config, process_index: int = 0, process_count: int = 1) -> TaskStream:
+  """The task stream of config.data for one host of `process_count`."""
+  train, test, description = load_splits(config)
+  if config.data.source == "mock":  # mock examples carry random labels: pin the class count
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    c = config.data.num_classes
+    for s in (train, test):
+      s.labels = np.arange(len(s)) % c
+  return TaskStream(config, train, test, process_index, process_count, description)

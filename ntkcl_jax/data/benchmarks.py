@@ -1,0 +1,57 @@
+"""What each dataset name means: classes, where its images come from, known split counts.
+
+The nine NTK-CL benchmarks (shared spec method.md 5.2) read the official `{train,test}/<class>/`
+folders (ImageFolder order = alphabetical class index), or a tensorflow-datasets builder where one
+exists. Offline sets: the ../shared/data archives, scikit-learn digits, synthetic templates.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  num_classes: int
+  folder: Optional[str] = None          # official folder name under data_dir
+  tfds: Optional[str] = None            # tfds builder name
+  tfds_splits: tuple = ("train", "test")
+  zip_files: Optional[tuple] = None     # (train, test) archive names under data_dir
+  counts: Optional[tuple] = None        # (train, test) images, when known
+  note: str = ""
+
+
+DATASETS = {
+    "cifar100": Dataset(100, folder="cifar100", tfds="cifar100", counts=(50000, 10000)),
+    "imagenet_r": Dataset(200, folder="imagenet-r", tfds="imagenet_r",
+                          tfds_splits=("test[:80%]", "test[80%:]"), counts=(24000, 6000),
+                          note="tfds has one split; the official 24,000/6,000 split ships as "
+                               "folders"),
+    "imagenet_a": Dataset(200, folder="imagenet-a", tfds="imagenet_a",
+                          tfds_splits=("test[:80%]", "test[80%:]"), counts=(5981, 1519)),
+    "domainnet": Dataset(345, folder="domainnet", tfds="domainnet/real",
+                         note="the official split lists live on the authors' machine; use "
+                              "`domainnet/{train,test}/<class>/` folders"),
+    "oxford_pets": Dataset(37, folder="OxfordPets", tfds="oxford_iiit_pet",
+                           counts=(3680, 3669)),
+    "eurosat": Dataset(10, folder="EuroSAT", tfds="eurosat/rgb",
+                       tfds_splits=("train[:80%]", "train[80%:]")),
+    "plantvillage": Dataset(15, folder="PlantVillage",
+                            note="the official 15-class version differs from tfds plant_village "
+                                 "(38 classes): folders only"),
+    "vtab": Dataset(50, folder="VTAB"),
+    "kvasir": Dataset(8, folder="Kvasir"),
+    "imagenette_zip": Dataset(10, zip_files=("train.zip", "val.zip"), counts=(3000, 3925)),
+    "cifar10_zip": Dataset(10, zip_files=("train.zip", "test.zip"), counts=(10000, 10000)),
+    "imagenette/160px": Dataset(10, tfds="imagenette/160px", tfds_splits=("train", "validation"),
+                                counts=(9469, 3925)),
+    "cifar10": Dataset(10, tfds="cifar10", counts=(50000, 10000)),
+    "digits": Dataset(10, counts=(1347, 450)),
+    "synthetic": Dataset(0),  # any number of classes
+}
+
+
+def get(name: str) -> Dataset:
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r} (data.name); known: {sorted(DATASETS)}")
+  return DATASETS[name]

@@ -1,0 +1,208 @@
+"""The class-incremental task stream the learner consumes (contract in docs/design.md).
+
+Deterministic and resumable without saved iterator buffers: the shuffle of a task's training
+images depends only on (seed, task, epoch), augmentation only on (seed, epoch, example index),
+so `train_batches(task, epoch, B, start_batch=k)` yields exactly batches k, k+1, ... of the
+uninterrupted iterator, on any number of hosts. Each host materialises only its rows
+[p*B/P, (p+1)*B/P) of every global batch. Partial last batches (kept, as the official loader
+does) are padded by repeating a real example and masked.
+
+Why plain numpy + threads rather than grain or tf.data: there is no TensorFlow in the data path
+(env.md 4), grain's MapDataset would give the same random access but its iterator state is
+replaced here by the three integers the launcher already checkpoints, and the decoded offline
+sets fit in memory; a thread pool (PIL releases the GIL) plus a prefetching thread keep the
+pipeline ahead of the train step (benchmarks/input_pipeline.py measures it).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import os
+import queue
+import threading
+from typing import Iterator, Optional
+
+import numpy as np
+
+from ntkcl_jax import normalization
+from ntkcl_jax.data import benchmarks, protocol, sources, transforms
+
+
+def _subsample(labels: np.ndarray, per_class: int, salt: int) -> np.ndarray:
+  """Indices keeping at most `per_class` images of each class (fixed draw, independent of seed)."""
+  keep = []
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    if per_class and len(idx) > per_class:
+      idx = np.sort(np.random.RandomState([salt, int(c)]).choice(idx, per_class, replace=False))
+    keep.append(idx)
+  return np.sort(np.concatenate(keep))
+
+
+class TaskStream:
+  """Task stream over a train and a test ImageSet (see module docstring)."""
+
+  def __init__(self, config, train: sources.ImageSet, test: sources.ImageSet,
+               process_index: int = 0, process_count: int = 1, description: str = ""):
+    d = config.data
+    self.config = config
+    self.seed = int(config.seed)
+    self.size = int(config.model.image_size)
+    self.normalize = config.model.normalize
+    self.augment = d.train_transform
+    if d.train_transform not in ("official", "none"):
+      raise ValueError(f"data.train_transform={d.train_transform!r}: use 'official' or 'none'")
+    self.pi, self.pc = process_index, process_count
+    self.prefetch = int(d.prefetch)
+    self.num_classes = int(d.num_classes)
+    found = int(max(train.labels.max(), test.labels.max())) + 1
+    if found != self.num_classes:
+      raise sources.DataError(
+          f"{d.name}: the data has {found} classes but data.num_classes={self.num_classes}; "
+          f"fix data.num_classes or point data.data_dir at the right dataset")
+    for split, s in (("train", train), ("test", test)):
+      counts = np.bincount(s.labels, minlength=self.num_classes)
+      if (counts == 0).any():
+        empty = np.flatnonzero(counts == 0).tolist()
+        names = [s.class_names[c] for c in empty] if s.class_names else empty
+        raise sources.DataError(f"{d.name}: class(es) {names} have no {split} images; every "
+                                f"class needs images in both splits")
+    self.class_order = protocol.class_order(self.num_classes, d.class_order, self.seed,
+                                            d.explicit_order)
+    self.tasks = protocol.task_splits(self.num_classes, d.init_cls, d.increment)
+    self.num_tasks = len(self.tasks)
+    self.train_set, self.test_set = train, test
+    self.train_idx = _subsample(train.labels, d.max_per_class_train, 11)
+    self.test_idx = _subsample(test.labels, d.max_per_class_test, 12)
+    self.train_new = protocol.remap(train.labels, self.class_order)  # new label per image
+    self.test_new = protocol.remap(test.labels, self.class_order)
+    self.description = description
+    self.counts = {"train": [int(np.isin(self.train_new[self.train_idx], t).sum())
+                             for t in self.tasks],
+                   "test": [int(np.isin(self.test_new[self.test_idx], t).sum())
+                            for t in self.tasks]}
+    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
+    self._test_cache: dict[tuple[str, int], np.ndarray] = {}
+
+  # -- indices --------------------------------------------------------------------------------
+  def _task_train_indices(self, task: int) -> np.ndarray:
+    idx = self.train_idx[np.isin(self.train_new[self.train_idx], self.tasks[task])]
+    return idx
+
+  def num_train_batches(self, task: int, batch_size: int) -> int:
+    return math.ceil(len(self._task_train_indices(task)) / batch_size)
+
+  def epoch_order(self, task: int, epoch: int) -> np.ndarray:
+    """The task's training image indices in the order of this epoch."""
+    idx = self._task_train_indices(task)
+    return idx[np.random.default_rng([self.seed, task, epoch, 0x5F]).permutation(len(idx))]
+
+  # -- per-image transforms --------------------------------------------------------------------
+  def _train_image(self, i: int, epoch: int) -> np.ndarray:
+    img = self.train_set.image(i)
+    if self.augment == "official":
+      return transforms.train_transform(img, self.size, transforms.example_rng(self.seed, epoch, i))
+    return transforms.resize_only(img, self.size)
+
+  def _eval_image(self, split: str, i: int) -> np.ndarray:
+    key = (split, int(i))
+    out = self._test_cache.get(key)
+    if out is None:
+      s = self.train_set if split == "proto" else self.test_set
+      img = s.image(i)
+      out = (transforms.test_transform(img, self.size) if self.augment == "official"
+             else transforms.resize_only(img, self.size))
+      self._test_cache[key] = out
+    return out
+
+  # -- batches ---------------------------------------------------------------------------------
+  def _host_rows(self, rows: np.ndarray, batch_size: int):
+    if batch_size % self.pc:
+      raise ValueError(f"batch size {batch_size} is not divisible by {self.pc} processes")
+    mask = np.zeros(batch_size, bool)
+    mask[:len(rows)] = True
+    rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
+    per = batch_size // self.pc
+    sl = slice(self.pi * per, (self.pi + 1) * per)
+    return rows[sl], mask[sl]
+
+  def _make(self, rows, mask, labels_of, image_fn) -> dict:
+    images = list(self._pool.map(image_fn, rows))
+    x = normalization.normalize(np.stack(images).astype(np.float32), self.normalize)
+    return {"image": np.asarray(x, np.float32), "label": labels_of[rows].astype(np.int32),
+            "mask": mask}
+
+  def _prefetched(self, jobs) -> Iterator[dict]:
+    """Runs the batch builders one or more ahead of the consumer (data.prefetch)."""
+    if self.prefetch <= 0:
+      for job in jobs:
+        yield job()
+      return
+    q: queue.Queue = queue.Queue(self.prefetch)
+    stop = threading.Event()
+
+    def worker():
+      try:
+        for job in jobs:
+          if stop.is_set():
+            return
+          q.put(("ok", job()))
+        q.put(("end", None))
+      except BaseException as e:  # pylint: disable=broad-except
+        q.put(("err", e))
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    try:
+      while True:
+        kind, item = q.get()
+        if kind == "end":
+          return
+        if kind == "err":
+          raise item
+        yield item
+    finally:
+      stop.set()
+
+  def train_batches(self, task: int, epoch: int, batch_size: int, start_batch: int = 0):
+    """Host-local training batches k = start_batch, ... of (task, epoch)."""
+    order = self.epoch_order(task, epoch)
+    n = math.ceil(len(order) / batch_size)
+
+    def job(b):
+      rows, mask = self._host_rows(order[b * batch_size:(b + 1) * batch_size], batch_size)
+      return self._make(rows, mask, self.train_new, lambda i: self._train_image(i, epoch))
+    return _Resumable(self._prefetched(lambda b=b: job(b) for b in range(start_batch, n)),
+                      task, epoch, start_batch)
+
+  def eval_batches(self, split: str, classes, batch_size: int):
+    """'test': test images of these new labels; 'proto': their training images, test transform."""
+    if split not in ("test", "proto"):
+      raise ValueError(f"eval split {split!r}: use 'test' or 'proto'")
+    idx, new = ((self.test_idx, self.test_new) if split == "test" else
+                (self.train_idx, self.train_new))
+    idx = idx[np.isin(new[idx], list(classes))]
+    n = math.ceil(len(idx) / batch_size)
+
+    def job(b):
+      rows, mask = self._host_rows(idx[b * batch_size:(b + 1) * batch_size], batch_size)
+      return self._make(rows, mask, new, lambda i: self._eval_image(split, i))
+    return self._prefetched(lambda b=b: job(b) for b in range(n))
+
+
+class _Resumable:
+  """An iterator of train batches with a grain-style state {task, epoch, next_batch}."""
+
+  def __init__(self, it, task, epoch, start):
+    self._it, self._state = it, {"task": task, "epoch": epoch, "next_batch": start}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._it)
+    self._state["next_batch"] += 1
+    return batch
+
+  def get_state(self) -> dict:
+    """Pass to `TaskStream.train_batches(task, epoch, B, start_batch=state['next_batch'])`."""
+    return dict(self._state)
