@@ -1,0 +1,87 @@
+r"""Batched-branch forward (vmap over stacked prompt sets) against running the sets one by one.
+
+    python benchmarks/branches.py [--models=tiny,ViT-S/16,ViT-B/16] [--batch=16] [--steps=3]
+
+NTK-CL runs every prompt set of each branch (frozen sets + current) as a separate full ViT pass
+(spec method.md 1.4). `ntkcl.features` batches them with `jax.vmap` over the stacked PEFT trees,
+the backbone closed over, so the backbone matmuls of all sets become one larger matmul. The
+one-by-one path applies the ViT once per set and concatenates. Both are jitted; timed on random
+images, forward only (eval/prototypes) and forward + backward (train), official settings.
+The two paths are also checked to give the same features.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ntkcl_jax import tree_utils  # noqa: E402
+from ntkcl_jax.models import ntkcl, vit  # noqa: E402
+
+
+def one_by_one(spec, backbone, trainable, frozen, images):
+  """Same features as ntkcl.features(train=False), each prompt set in its own ViT pass."""
+  out = {}
+  for b in spec.branches:
+    model = spec.vit_module(b)
+    n = jax.tree_util.tree_leaves(frozen[b])[0].shape[0] if b in frozen else 0
+    sets = [jax.tree_util.tree_map(lambda x, i=i: jax.lax.stop_gradient(x[i]), frozen[b])
+            for i in range(n)] + [trainable[b]]
+    secs = [model.apply({"params": tree_utils.merge(backbone, s)}, images) for s in sets]
+    out[b] = jnp.concatenate(secs, axis=-1)
+  return spec.fusion_module().apply({"params": trainable["fusion"]}, out["channel"],
+                                    out["patch"], deterministic=True)
+
+
+def batched(spec, backbone, trainable, frozen, images):
+  return ntkcl.features(spec, backbone, trainable, frozen, images, train=False)["fused"]
+
+
+def timed(fn, args, steps):
+  compiled = jax.jit(fn).lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  ts = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    ts.append(time.perf_counter() - t)
+  return statistics.median(ts)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--models", default="tiny,ViT-S/16,ViT-B/16")
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--steps", type=int, default=3)
+  a = p.parse_args(argv)
+  print(f"{'model':<12} {'path':<12} {'fwd s':>8} {'img/s':>8} {'fwd+bwd s':>10} {'img/s':>8}")
+  for name in a.models.split(","):
+    cfg = vit.get_config(name, image_size=32) if name.startswith("tiny") else vit.get_config(name)
+    spec = ntkcl.ModelSpec(cfg, method="ntkcl", ffn_num=16, num_prompts=10, frozen_sets=1,
+                           section_weights=(0.3, 0.1))
+    key = jax.random.PRNGKey(0)
+    backbone = vit.init_params(cfg, key)
+    trainable, frozen = ntkcl.init_trainable(spec, key), ntkcl.init_frozen(spec, key)
+    x = jax.random.uniform(key, (a.batch, cfg.image_size, cfg.image_size, 3))
+    ref = np.asarray(jax.jit(batched, static_argnums=0)(spec, backbone, trainable, frozen, x))
+    got = np.asarray(jax.jit(one_by_one, static_argnums=0)(spec, backbone, trainable, frozen, x))
+    assert np.allclose(ref, got, rtol=1e-4, atol=1e-4), np.abs(ref - got).max()
+    for label, fn in (("vmap", batched), ("one-by-one", one_by_one)):
+      fwd = timed(lambda b, t, f, x, fn=fn: fn(spec, b, t, f, x), (backbone, trainable, frozen, x),
+                  a.steps)
+      grad = jax.grad(lambda t, b, f, x, fn=fn: jnp.sum(fn(spec, b, t, f, x) ** 2))
+      bwd = timed(grad, (trainable, backbone, frozen, x), a.steps)
+      print(f"{name:<12} {label:<12} {fwd:>8.3f} {a.batch / fwd:>8.1f} {bwd:>10.3f} "
+            f"{a.batch / bwd:>8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
