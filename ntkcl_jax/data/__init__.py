@@ -14,7 +14,7 @@ from ntkcl_jax.data import benchmarks, sources
 from ntkcl_jax.data.sources import DataError
 from ntkcl_jax.data.stream import TaskStream
 
-__all__ = ["build_stream", "load_splits", "TaskStream", "DataError"]
+__all__ = ["build_stream", "load_splits", "split_summary", "TaskStream", "DataError"]
 
 SOURCES = ("folder", "zip", "tfds", "mock", "digits", "synthetic")
 
@@ -31,6 +31,23 @@ def _folder_root(data_dir: str, ds: benchmarks.Dataset, name: str) -> str:
       f"`{ds.folder or name}/`" + (f" ({ds.note})" if ds.note else ""))
 
 
+def check_num_classes(config) -> None:
+  """data.num_classes must be the benchmark's class count (synthetic: any)."""
+  ds = benchmarks.get(config.data.name)
+  if ds.num_classes and int(config.data.num_classes) != ds.num_classes:
+    raise DataError(f"data.num_classes={config.data.num_classes} but {config.data.name} has "
+                    f"{ds.num_classes} classes; set --config.data.num_classes={ds.num_classes}")
+
+
+def check_same_classes(train, test, where: str) -> None:
+  """Train and test class folders must be the same set, or class ids would not agree."""
+  if train.class_names != test.class_names:
+    a, b = set(train.class_names), set(test.class_names)
+    raise DataError(f"{where}: train and test have different class folders (only in train: "
+                    f"{sorted(a - b)}, only in test: {sorted(b - a)}); every class needs a folder "
+                    f"with images in both splits")
+
+
 def load_splits(config):
   """(train ImageSet, test ImageSet, description) for config.data."""
   d = config.data
@@ -38,6 +55,7 @@ def load_splits(config):
   src = d.source
   if src not in SOURCES:
     raise ValueError(f"data.source={src!r}; one of {SOURCES}")
+  check_num_classes(config)
   if src == "synthetic":
     per_train, per_test = (d.max_per_class_train or 12), (d.max_per_class_test or 8)
     size = config.model.image_size
@@ -50,21 +68,25 @@ def load_splits(config):
   if src == "zip":
     if not ds.zip_files:
       raise ValueError(f"{d.name} has no ZIP archives; use source 'folder' or 'tfds'")
-    sets = []
+    sets, verified = [], []
     for f in ds.zip_files:
       path = os.path.join(d.data_dir, f)
       if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {d.name} expects {list(ds.zip_files)} in "
                                 f"data.data_dir={d.data_dir!r} (the ../shared/data archives)")
       key = f"{os.path.basename(os.path.normpath(d.data_dir))}/{f}"
-      sources.verify_sha256(path, os.path.join(os.path.dirname(os.path.normpath(d.data_dir)),
-                                               "MANIFEST.json"), key)
+      verified.append(sources.verify_sha256(
+          path, os.path.join(os.path.dirname(os.path.normpath(d.data_dir)), "MANIFEST.json"), key))
       sets.append(sources.zip_images(path))
-    return sets[0], sets[1], f"{d.name} from {d.data_dir} (ZIP archives, sha256 verified)"
+    check_same_classes(sets[0], sets[1], d.data_dir)
+    check = "sha256 verified" if all(verified) else "no MANIFEST.json entry: sha256 not checked"
+    return sets[0], sets[1], f"{d.name} from {d.data_dir} (ZIP archives, {check})"
   if src == "folder":
     root = _folder_root(d.data_dir, ds, d.name)
-    return (sources.folder_images(os.path.join(root, "train")),
-            sources.folder_images(os.path.join(root, "test")), f"{d.name} folders at {root}")
+    train = sources.folder_images(os.path.join(root, "train"))
+    test = sources.folder_images(os.path.join(root, "test"))
+    check_same_classes(train, test, root)
+    return train, test, f"{d.name} folders at {root}"
   # tfds / mock
   if not ds.tfds:
     raise ValueError(f"{d.name} has no tensorflow-datasets builder ({ds.note or 'use folders'})")
@@ -73,8 +95,8 @@ def load_splits(config):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     ctx = tfds.testing.mock_data(num_examples=max(4 * d.num_classes, 32))
   with ctx:
-    train = sources.tfds_images(ds.tfds, ds.tfds_splits[0], d.data_dir)
-    test = sources.tfds_images(ds.tfds, ds.tfds_splits[1], d.data_dir)
+    train, test = (sources.tfds_images(ds.tfds, split, d.data_dir,
+                                       skip_decoding=src != "mock") for split in ds.tfds_splits)
     if src == "mock":  # mock sources are lazy: materialise inside the context
       for s in (train, test):
         for i in range(len(s)):
@@ -91,3 +113,9 @@ def build_stream(config, process_index: int = 0, process_count: int = 1) -> Task
     for s in (train, test):
       s.labels = np.arange(len(s)) % c
   return TaskStream(config, train, test, process_index, process_count, description)
+
+
+def split_summary(config) -> dict:
+  """Class order, tasks and image counts of config.data without decoding images (summary.py)."""
+  from ntkcl_jax.data import summary  # pylint: disable=g-import-not-at-top
+  return summary.split_summary(config)

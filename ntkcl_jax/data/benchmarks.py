@@ -18,11 +18,13 @@ class Dataset:
   tfds_splits: tuple = ("train", "test")
   zip_files: Optional[tuple] = None     # (train, test) archive names under data_dir
   counts: Optional[tuple] = None        # (train, test) images, when known
+  per_class: Optional[tuple] = None     # (train, test) images of EVERY class, when balanced
   note: str = ""
 
 
 DATASETS = {
-    "cifar100": Dataset(100, folder="cifar100", tfds="cifar100", counts=(50000, 10000)),
+    "cifar100": Dataset(100, folder="cifar100", tfds="cifar100", counts=(50000, 10000),
+                        per_class=(500, 100)),
     "imagenet_r": Dataset(200, folder="imagenet-r", tfds="imagenet_r",
                           tfds_splits=("test[:80%]", "test[80%:]"), counts=(24000, 6000),
                           note="tfds has one split; the official 24,000/6,000 split ships as "
@@ -42,10 +44,11 @@ DATASETS = {
     "vtab": Dataset(50, folder="VTAB"),
     "kvasir": Dataset(8, folder="Kvasir"),
     "imagenette_zip": Dataset(10, zip_files=("train.zip", "val.zip"), counts=(3000, 3925)),
-    "cifar10_zip": Dataset(10, zip_files=("train.zip", "test.zip"), counts=(10000, 10000)),
+    "cifar10_zip": Dataset(10, zip_files=("train.zip", "test.zip"), counts=(10000, 10000),
+                           per_class=(1000, 1000)),
     "imagenette/160px": Dataset(10, tfds="imagenette/160px", tfds_splits=("train", "validation"),
                                 counts=(9469, 3925)),
-    "cifar10": Dataset(10, tfds="cifar10", counts=(50000, 10000)),
+    "cifar10": Dataset(10, tfds="cifar10", counts=(50000, 10000), per_class=(5000, 1000)),
     "digits": Dataset(10, counts=(1347, 450)),
     "synthetic": Dataset(0),  # any number of classes
 }

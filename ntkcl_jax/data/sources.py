@@ -25,17 +25,26 @@ class DataError(ValueError):
   """Data that cannot be used as configured; the message says what to do."""
 
 
+def cache_budget_bytes() -> int:
+  """Memory for decoded images per image set: $NTKCL_DATA_CACHE_MB (default 2048 MB)."""
+  return int(float(os.environ.get("NTKCL_DATA_CACHE_MB", "2048")) * 2 ** 20)
+
+
 class ImageSet:
-  """labels: original class ids (int64, one per image); image(i): uint8 (H, W, 3)."""
+  """labels: original class ids (int64, one per image); image(i): uint8 (H, W, 3).
+
+  Decoded images are kept in memory until `cache_bytes` is used up (small sets are decoded
+  once; large benchmarks are decoded on every access instead of exhausting RAM)."""
 
   def __init__(self, labels: np.ndarray, loader: Callable[[int], np.ndarray], names=None,
-               class_names=None, description: str = ""):
+               class_names=None, description: str = "", cache_bytes: Optional[int] = None):
     self.labels = np.asarray(labels, np.int64)
     self._loader = loader
     self.names = names
     self.class_names = class_names
     self.description = description
     self._cache: dict[int, np.ndarray] = {}
+    self._cache_left = cache_budget_bytes() if cache_bytes is None else cache_bytes
     self._lock = threading.Lock()
 
   def __len__(self):
@@ -47,7 +56,9 @@ class ImageSet:
     if img is None:
       img = self._loader(i)
       with self._lock:
-        self._cache[i] = img
+        if img.nbytes <= self._cache_left and i not in self._cache:
+          self._cache[i] = img
+          self._cache_left -= img.nbytes
     return img
 
 
@@ -59,14 +70,25 @@ def _decode(data: bytes, name: str) -> np.ndarray:
     raise DataError(f"cannot decode image {name!r} ({e}); remove or replace the file") from e
 
 
-def _by_class(names: list[str], where: str) -> tuple[list[str], np.ndarray, list[str]]:
-  """`class/file` paths -> (kept names, labels by alphabetical class index, class names)."""
-  names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTS) and "/" in n.strip("/"))
-  classes = sorted({n.strip("/").split("/")[-2] for n in names})
+def _by_class(names: list[str], where: str,
+              classes: Optional[list[str]] = None) -> tuple[list[str], np.ndarray, list[str]]:
+  """`class/.../file` paths -> (kept names, labels, class names), as torchvision's ImageFolder:
+  the class is the top-level folder, ids follow the alphabetical class order. `classes` (all
+  class folders, including empty ones) makes an empty class an error instead of a silent shift
+  of every later class id."""
+  names = sorted(n.strip("/") for n in names
+                 if n.lower().endswith(IMAGE_EXTS) and "/" in n.strip("/"))
+  found = sorted({n.split("/")[0] for n in names})
+  classes = sorted(classes) if classes is not None else found
   if not classes:
-    raise DataError(f"{where}: no images in a `<class>/<image file>` layout found")
+    raise DataError(f"{where}: no images in a `<class>/<image file>` layout found; put each "
+                    "class's images in its own folder")
+  empty = sorted(set(classes) - set(found))
+  if empty:
+    raise DataError(f"{where}: class folder(s) {empty} contain no images ({IMAGE_EXTS}); add "
+                    "images or remove the folder(s) from every split")
   index = {c: i for i, c in enumerate(classes)}
-  return names, np.array([index[n.strip("/").split("/")[-2]] for n in names]), classes
+  return names, np.array([index[n.split("/")[0]] for n in names], np.int64), classes
 
 
 def zip_images(path: str) -> ImageSet:
@@ -84,14 +106,33 @@ def zip_images(path: str) -> ImageSet:
                   f"zip {path}")
 
 
-def folder_images(root: str) -> ImageSet:
-  """An image folder `root/<class>/<file>` (torchvision ImageFolder layout, alphabetical ids)."""
+def zip_labels(path: str) -> tuple[np.ndarray, list[str]]:
+  """(original labels, class names) of a `<class>/<file>` ZIP from its directory alone."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: expected a ZIP archive of `<class>/<image>` "
+                            "entries (see docs/design.md, Data)")
+  with zipfile.ZipFile(path) as zf:
+    return _by_class(zf.namelist(), path)[1:]
+
+
+def _list_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
   if not os.path.isdir(root):
     raise FileNotFoundError(f"image folder {root} not found: expected `{root}/<class>/<image>`")
   files = []
-  for dirpath, _, fnames in os.walk(root):
+  for dirpath, _, fnames in os.walk(root, followlinks=True):
     files += [os.path.relpath(os.path.join(dirpath, f), root) for f in fnames]
-  names, labels, classes = _by_class([f.replace(os.sep, "/") for f in files], root)
+  classes = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+  return _by_class([f.replace(os.sep, "/") for f in files], root, classes)
+
+
+def folder_labels(root: str) -> tuple[np.ndarray, list[str]]:
+  """(original labels, class names) of an image folder from its file names alone."""
+  return _list_folder(root)[1:]
+
+
+def folder_images(root: str) -> ImageSet:
+  """An image folder `root/<class>/<file>` (torchvision ImageFolder layout, alphabetical ids)."""
+  names, labels, classes = _list_folder(root)
 
   def load(i):
     p = os.path.join(root, names[i])
@@ -103,7 +144,7 @@ def folder_images(root: str) -> ImageSet:
 def array_images(images: np.ndarray, labels: np.ndarray, description: str,
                  class_names=None) -> ImageSet:
   images = np.asarray(images)
-  return ImageSet(labels, lambda i: images[i], None, class_names, description)
+  return ImageSet(labels, lambda i: images[i], None, class_names, description, cache_bytes=0)
 
 
 def digits_images(split: str) -> ImageSet:
@@ -129,38 +170,50 @@ def synthetic_images(split: str, num_classes: int, size: int, per_class: int) ->
 
 
 def tfds_images(name: str, split: str, data_dir: Optional[str] = None,
-                download: bool = True) -> ImageSet:
-  """A tensorflow-datasets data source (random access; prepared with TensorFlow if needed)."""
+                download: bool = True, skip_decoding: bool = True) -> ImageSet:
+  """A tensorflow-datasets data source (random access, no TensorFlow; shared spec env.md 4).
+
+  Images are read undecoded (`SkipDecoding`), so listing the labels touches no pixels and the
+  JPEG/PNG decoding happens in the stream's threads, with the same cache and errors as ZIPs.
+  `skip_decoding=False` for `tfds.testing.mock_data` (its random examples are arrays already)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  decoders = {"image": tfds.decode.SkipDecoding()} if skip_decoding else None
   try:
-    src = tfds.data_source(name, split=split, data_dir=data_dir or None, download=download)
+    src = tfds.data_source(name, split=split, data_dir=data_dir or None, download=download,
+                           decoders=decoders)
   except Exception as e:  # pylint: disable=broad-except
     raise FileNotFoundError(
         f"tfds dataset {name!r} (split {split!r}) is not available under "
-        f"{data_dir or tfds.core.constants.DATA_DIR} and could not be prepared ({type(e).__name__}: "
-        f"{e}). Prepare it on a machine with internet access (`tfds build {name}`) and pass "
+        f"{data_dir or tfds.core.constants.DATA_DIR} and could not be prepared "
+        f"({type(e).__name__}: {e}). Prepare it on a machine with internet access (`tfds build {name}`) and pass "
         f"--config.data.data_dir") from e
   n = len(src)
   labels = np.array([int(src[i]["label"]) for i in range(n)], np.int64)
 
   def load(i):
-    img = np.asarray(src[i]["image"], np.uint8)
+    img = src[i]["image"]
+    if isinstance(img, np.ndarray) and img.dtype.kind in "SO":
+      img = img.item()
+    if isinstance(img, (bytes, np.bytes_)):
+      img = _decode(bytes(img), f"tfds {name} {split} example {i}")
+    img = np.asarray(img, np.uint8)
     return np.repeat(img, 3, -1) if img.shape[-1] == 1 else img
   return ImageSet(labels, load, None, None, f"tfds {name} ({split})")
 
 
-def verify_sha256(path: str, manifest: str, key: str) -> None:
-  """Checks an archive against MANIFEST.json once (the result is cached beside the archive)."""
+def verify_sha256(path: str, manifest: str, key: str) -> bool:
+  """Checks an archive against MANIFEST.json once (a stamp under ~/.cache/ntkcl_jax records a
+  verified hash). False when there is no manifest entry to check against."""
   if not os.path.exists(manifest):
-    return
+    return False
   with open(manifest) as f:
     want = json.load(f).get(key, {}).get("sha256")
   if not want:
-    return
+    return False
   stamp = os.path.join(os.path.expanduser("~"), ".cache", "ntkcl_jax", "verified",
                        want + ".ok")
   if os.path.exists(stamp):
-    return
+    return True
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -170,3 +223,4 @@ def verify_sha256(path: str, manifest: str, key: str) -> None:
                     "archive is corrupt or was changed: copy it again")
   os.makedirs(os.path.dirname(stamp), exist_ok=True)
   open(stamp, "w").close()
+  return True

@@ -20,12 +20,12 @@ import math
 import os
 import queue
 import threading
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 
 from ntkcl_jax import normalization
-from ntkcl_jax.data import benchmarks, protocol, sources, transforms
+from ntkcl_jax.data import protocol, sources, transforms
 
 
 def _subsample(labels: np.ndarray, per_class: int, salt: int) -> np.ndarray:
@@ -83,6 +83,7 @@ class TaskStream:
                             for t in self.tasks]}
     self._pool = concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
     self._test_cache: dict[tuple[str, int], np.ndarray] = {}
+    self._test_cache_left = sources.cache_budget_bytes()
 
   # -- indices --------------------------------------------------------------------------------
   def _task_train_indices(self, task: int) -> np.ndarray:
@@ -105,15 +106,18 @@ class TaskStream:
     return transforms.resize_only(img, self.size)
 
   def _eval_image(self, split: str, i: int) -> np.ndarray:
+    """Test-transformed image; deterministic, so kept (as uint8) within the cache budget."""
     key = (split, int(i))
     out = self._test_cache.get(key)
     if out is None:
       s = self.train_set if split == "proto" else self.test_set
       img = s.image(i)
-      out = (transforms.test_transform(img, self.size) if self.augment == "official"
-             else transforms.resize_only(img, self.size))
-      self._test_cache[key] = out
-    return out
+      out = (transforms.test_transform_uint8(img, self.size) if self.augment == "official"
+             else transforms.resize_only_uint8(img, self.size))
+      if out.nbytes <= self._test_cache_left:
+        self._test_cache[key] = out
+        self._test_cache_left -= out.nbytes
+    return out.astype(np.float32) / 255.0
 
   # -- batches ---------------------------------------------------------------------------------
   def _host_rows(self, rows: np.ndarray, batch_size: int):
@@ -141,15 +145,23 @@ class TaskStream:
     q: queue.Queue = queue.Queue(self.prefetch)
     stop = threading.Event()
 
+    def put(item) -> bool:  # gives up when the consumer has gone (no thread left blocked)
+      while not stop.is_set():
+        try:
+          q.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          continue
+      return False
+
     def worker():
       try:
         for job in jobs:
-          if stop.is_set():
+          if stop.is_set() or not put(("ok", job())):
             return
-          q.put(("ok", job()))
-        q.put(("end", None))
+        put(("end", None))
       except BaseException as e:  # pylint: disable=broad-except
-        q.put(("err", e))
+        put(("err", e))
     t = threading.Thread(target=worker, daemon=True)
     t.start()
     try:
@@ -167,12 +179,17 @@ class TaskStream:
     """Host-local training batches k = start_batch, ... of (task, epoch)."""
     order = self.epoch_order(task, epoch)
     n = math.ceil(len(order) / batch_size)
+    if not 0 <= start_batch <= n:
+      raise ValueError(f"start_batch={start_batch} outside [0, {n}] for task {task} "
+                       f"(batch size {batch_size})")
 
     def job(b):
       rows, mask = self._host_rows(order[b * batch_size:(b + 1) * batch_size], batch_size)
       return self._make(rows, mask, self.train_new, lambda i: self._train_image(i, epoch))
-    return _Resumable(self._prefetched(lambda b=b: job(b) for b in range(start_batch, n)),
-                      task, epoch, start_batch)
+
+    def batches_from(k):
+      return self._prefetched(lambda b=b: job(b) for b in range(k, n))
+    return _Resumable(batches_from, task, epoch, start_batch)
 
   def eval_batches(self, split: str, classes, batch_size: int):
     """'test': test images of these new labels; 'proto': their training images, test transform."""
@@ -192,8 +209,10 @@ class TaskStream:
 class _Resumable:
   """An iterator of train batches with a grain-style state {task, epoch, next_batch}."""
 
-  def __init__(self, it, task, epoch, start):
-    self._it, self._state = it, {"task": task, "epoch": epoch, "next_batch": start}
+  def __init__(self, batches_from, task, epoch, start):
+    self._batches_from = batches_from
+    self._it = batches_from(start)
+    self._state = {"task": task, "epoch": epoch, "next_batch": start}
 
   def __iter__(self):
     return self
@@ -204,5 +223,16 @@ class _Resumable:
     return batch
 
   def get_state(self) -> dict:
-    """Pass to `TaskStream.train_batches(task, epoch, B, start_batch=state['next_batch'])`."""
+    """Pass to `set_state`, or to `train_batches(task, epoch, B, start_batch=s['next_batch'])`."""
     return dict(self._state)
+
+  def set_state(self, state: dict) -> None:
+    """Repositions this iterator at `state['next_batch']` (same task and epoch only)."""
+    if (state.get("task"), state.get("epoch")) != (self._state["task"], self._state["epoch"]):
+      raise ValueError(f"iterator state {state} belongs to another (task, epoch) than "
+                       f"{self._state}; call stream.train_batches for that task and epoch")
+    close = getattr(self._it, "close", None)
+    if close:
+      close()
+    self._it = self._batches_from(int(state["next_batch"]))
+    self._state = dict(state)

@@ -51,7 +51,9 @@ def train_transform(image: np.ndarray, size: int, rng: np.random.Generator) -> n
   """uint8 (H, W, 3) -> float32 (size, size, 3) in [0, 1]."""
   img = to_pil(image)
   top, left, h, w = random_resized_crop_box(img.width, img.height, rng)
-  img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+  # crop, then resize: what torchvision's F.resized_crop does on PIL images (resizing with
+  # `box=` would also read pixels outside the crop at its border).
+  img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
   out = np.asarray(img, np.float32) / 255.0
   if rng.uniform() < 0.5:
     out = out[:, ::-1]
@@ -59,7 +61,13 @@ def train_transform(image: np.ndarray, size: int, rng: np.random.Generator) -> n
 
 
 def test_transform(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 (H, W, 3) -> float32 (size, size, 3): short side to size*256/224 (bicubic), centre crop."""
+  """uint8 (H, W, 3) -> float32 (size, size, 3) in [0, 1]: short side to size*256/224 (bicubic),
+  centre crop size (torchvision Resize(256) + CenterCrop(224) at size 224)."""
+  return test_transform_uint8(image, size).astype(np.float32) / 255.0
+
+
+def test_transform_uint8(image: np.ndarray, size: int) -> np.ndarray:
+  """The test transform before ToTensor's /255 (uint8: 4x smaller to cache)."""
   img = to_pil(image)
   short = int(round(size * 256 / 224))
   w, h = img.width, img.height
@@ -70,12 +78,16 @@ def test_transform(image: np.ndarray, size: int) -> np.ndarray:
   img = img.resize((nw, nh), Image.BICUBIC)
   top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
   img = img.crop((left, top, left + size, top + size))
-  return np.asarray(img, np.float32) / 255.0
+  return np.asarray(img, np.uint8)
 
 
 def resize_only(image: np.ndarray, size: int) -> np.ndarray:
   """No augmentation (train_transform='none'): bilinear resize to (size, size)."""
+  return resize_only_uint8(image, size).astype(np.float32) / 255.0
+
+
+def resize_only_uint8(image: np.ndarray, size: int) -> np.ndarray:
   img = to_pil(image)
   if img.size != (size, size):
     img = img.resize((size, size), Image.BILINEAR)
-  return np.asarray(img, np.float32) / 255.0
+  return np.asarray(img, np.uint8)
