@@ -1,8 +1,6 @@
 """Pretrained-checkpoint loaders: parity with timm's own ViT and .npz loader, every format's
 round trip, the key report, position-embedding resizing against torch, and the error cases."""
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -90,6 +88,33 @@ def test_timm_state_dict_loads_to_the_same_features(npz_file, tmp_path, ext):
   assert np.abs(ours - _timm_features(model, x)).max() < 1e-5
 
 
+def test_dinov2_style_layerscale_state_dict_matches_timm(tmp_path):
+  """A timm ViT with LayerScale (the DINOv2 block: `ls1/ls2.gamma`) and random weights, saved
+  as a state dict and loaded into our layerscale ViT, gives timm's pre-logits features."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("timm")
+  from timm.models.vision_transformer import VisionTransformer  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = VisionTransformer(img_size=28, patch_size=14, embed_dim=64, depth=2, num_heads=4,
+                            mlp_ratio=2.0, num_classes=0, global_pool="token",
+                            init_values=1.0).eval()
+  with torch.no_grad():
+    for p in model.parameters():  # every tensor random, LayerScale gammas included
+      p.copy_(0.2 * torch.randn_like(p))
+  torch.save(model.state_dict(), tmp_path / "ls.pth")
+  cfg = vit.get_config("tiny-ls", image_size=28, patch_size=14, hidden_size=64, num_layers=2,
+                       num_heads=4, mlp_dim=128)
+  params, report = checkpoints.load_pretrained(str(tmp_path / "ls.pth"), cfg)
+  assert report["format"] == "timm" and not report["unexpected"], report
+  x = np.random.RandomState(5).rand(3, 28, 28, 3).astype(np.float32)
+  ref = _timm_features(model, x)
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(vit.ViT(cfg).apply({"params": params}, x))
+  err = np.abs(ours - ref).max()
+  print(f"timm parity (LayerScale state dict): max abs diff {err:.2e}")
+  assert err < 1e-5
+
+
 # -- round trips -----------------------------------------------------------------------------
 def _equal(params, flat):
   got = tree_utils.flatten(params)
@@ -141,6 +166,33 @@ def test_round_trip_big_vision_including_scanned_blocks(tmp_path):
         [bv[k], bv[k.replace("encoderblock_0", "encoderblock_1")]])
   np.savez(tmp_path / "scan.npz", **scanned)
   params, _ = checkpoints.load_pretrained(str(tmp_path / "scan.npz"), CFG)
+  _equal(params, flat)
+
+
+def test_big_vision_without_prefix_and_with_old_posemb_layouts(tmp_path):
+  """Plain big_vision param files (no `params/`), the pre-2022 `Transformer/pos_embedding`
+  and the old combined CLS+grid posemb (g*g+1 rows, kept as is: big_vision vit.py
+  fix_old_checkpoints)."""
+  flat = random_flat()
+  inv = {v: k for k, v in google_npz._BV_BLOCK.items()}  # pylint: disable=protected-access
+  bv = {}
+  for k, v in flat.items():
+    parts = k.split("/")
+    if parts[0] == "Transformer" and parts[1].startswith("encoderblock_"):
+      parts[2] = inv[parts[2]]
+    bv["/".join(parts)] = v
+  pe = bv.pop(checkpoints.POSEMB)
+  bv["Transformer/pos_embedding"] = pe  # 4*4 + 1 rows: CLS slot included
+  np.savez(tmp_path / "old.npz", **bv)
+  params, report = checkpoints.load_pretrained(str(tmp_path / "old.npz"), CFG)
+  assert report["format"] == "big_vision"
+  _equal(params, flat)
+  del bv["Transformer/pos_embedding"]
+  bv["pos_embedding"] = pe[:, 1:]  # current layout: grid only
+  np.savez(tmp_path / "new.npz", **bv)
+  params, _ = checkpoints.load_pretrained(str(tmp_path / "new.npz"), CFG)
+  np.testing.assert_array_equal(params["Transformer"]["posembed_input"]["pos_embedding"][:, 0], 0)
+  flat[checkpoints.POSEMB][:, 0] = 0.0
   _equal(params, flat)
 
 
@@ -226,8 +278,9 @@ def test_missing_key_and_missing_file_and_unknown_format(npz_file, tmp_path):
   np.savez(tmp_path / "partial.npz", **flat)
   with pytest.raises(checkpoints.CheckpointError, match="encoder_norm/scale"):
     checkpoints.load_pretrained(str(tmp_path / "partial.npz"), CFG)
-  with pytest.raises(FileNotFoundError, match="nowhere.npz"):
+  with pytest.raises(checkpoints.CheckpointError, match="nowhere.npz") as e:
     checkpoints.load_pretrained(str(tmp_path / "nowhere.npz"), CFG)
+  assert isinstance(e.value, FileNotFoundError)
   with pytest.raises(checkpoints.CheckpointError, match="unknown checkpoint format"):
     checkpoints.load_pretrained(str(path), CFG, format="keras")
 
@@ -240,19 +293,35 @@ def test_more_layers_in_file_are_reported_as_unexpected(npz_file):
   assert report["unexpected"] and all("encoderblock_1" in k for k in report["unexpected"])
 
 
-# -- feature extraction tool -----------------------------------------------------------------
-def test_extract_features_cli_matches_direct_apply(npz_file, tmp_path):
+def test_explicit_format_that_contradicts_the_file_is_refused(npz_file, tmp_path):
   path, flat = npz_file
-  x = np.random.RandomState(3).rand(7, 32, 32, 3).astype(np.float32)  # 7: not a batch multiple
-  np.save(tmp_path / "in.npy", x)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  p = subprocess.run([sys.executable, "-m", "ntkcl_jax.tools.extract_features",
-                      f"--checkpoint={path}", "--model=tiny", f"--images={tmp_path / 'in.npy'}",
-                      f"--output={tmp_path / 'out.npy'}", "--normalize=none", "--batch_size=3",
-                      "--model_overrides=patch_size=8,num_layers=2,hidden_size=64,mlp_dim=128"],
-                     cwd=root, capture_output=True, text=True, timeout=300,
-                     env=dict(os.environ, XLA_FLAGS=""))
-  assert p.returncode == 0, p.stderr[-3000:]
-  got = np.load(tmp_path / "out.npy")
-  assert got.shape == (7, 64) and got.dtype == np.float32
-  np.testing.assert_allclose(got, apply(flat, CFG, x), atol=1e-4)
+  with pytest.raises(checkpoints.CheckpointError, match=r"format='timm'.*'vit_jax'"):
+    checkpoints.load_pretrained(str(path), CFG, format="timm")
+  with pytest.raises(checkpoints.CheckpointError, match=r"format='ntkcl'"):
+    checkpoints.load_pretrained(str(path), CFG, format="ntkcl")
+  params, report = checkpoints.load_pretrained(str(path), CFG, format="augreg")
+  assert report["format"] == "augreg"  # same layout as vit_jax: accepted and reported as asked
+  _equal(params, flat)
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file(torch_state.from_ours_timm(flat), str(tmp_path / "t.safetensors"))
+  with pytest.raises(checkpoints.CheckpointError, match=r"format='hf'.*'timm'"):
+    checkpoints.load_pretrained(str(tmp_path / "t.safetensors"), CFG, format="hf")
+
+
+@pytest.mark.parametrize("ext", [".safetensors", ".pth"])
+def test_truncated_state_dict_names_the_file(npz_file, tmp_path, ext):
+  torch = pytest.importorskip("torch")
+  _, flat = npz_file
+  sd = torch_state.from_ours_timm(flat)
+  good = tmp_path / f"good{ext}"
+  if ext == ".safetensors":
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file(sd, str(good))
+  else:
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, good)
+  params, _ = checkpoints.load_pretrained(str(good), CFG)
+  _equal(params, flat)
+  bad = tmp_path / f"cut{ext}"
+  bad.write_bytes(good.read_bytes()[: os.path.getsize(good) // 2])
+  with pytest.raises(checkpoints.CheckpointError, match=f"cut{ext}.*corrupt or truncated"):
+    checkpoints.load_pretrained(str(bad), CFG)

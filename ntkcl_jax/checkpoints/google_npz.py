@@ -18,11 +18,16 @@ _BV_BLOCK = {"LayerNorm_0": "LayerNorm_0", "MultiHeadDotProductAttention_0":
 
 
 def kind(keys) -> str:
-  """'big_vision' | 'vit_jax' (Linen and pre-Linen names are the same keys)."""
+  """'big_vision' | 'vit_jax' (Linen and pre-Linen vit_jax files share one key layout).
+
+  big_vision files are recognised by a `params/` prefix, a top-level (or Encoder-level)
+  `pos_embedding`, Linen block numbering or a scanned `encoderblock` (big_vision vit.py).
+  """
   keys = list(keys)
-  if any(k.startswith("params/") for k in keys):
-    return "big_vision"
-  return "vit_jax"
+  return "big_vision" if any(
+      k.startswith(("params/", "Transformer/encoderblock/")) or k in (
+          "pos_embedding", "Transformer/pos_embedding") or
+      "/MultiHeadDotProductAttention_0/" in k for k in keys) else "vit_jax"
 
 
 def to_ours(arrays: dict) -> dict:
@@ -38,15 +43,18 @@ def to_ours(arrays: dict) -> dict:
 
 def _big_vision(arrays: dict) -> dict:
   out = {}
-  prefix = "params/img/" if any(k.startswith("params/img/") for k in arrays) else "params/"
+  prefix = next((p for p in ("params/img/", "params/") if any(k.startswith(p) for k in arrays)),
+                "")
   for k, v in arrays.items():
     if not k.startswith(prefix):
       out[k] = v
       continue
     k = k[len(prefix):]
-    if k == "pos_embedding":  # (1, N, D) without the CLS slot: CLS gets a zero position
-      v = np.concatenate([np.zeros_like(v[:, :1]), v], axis=1)
-      out["Transformer/posembed_input/pos_embedding"] = v
+    if k in ("pos_embedding", "Transformer/pos_embedding"):
+      n = v.shape[1]
+      if int(np.sqrt(n)) ** 2 == n:  # (1, g*g, D), added before the CLS is prepended: the CLS
+        v = np.concatenate([np.zeros_like(v[:, :1]), v], axis=1)  # gets a zero position
+      out["Transformer/posembed_input/pos_embedding"] = v  # else g*g+1: old layout, CLS slot kept
       continue
     m = re.match(r"Transformer/encoderblock(_\d+)?/([^/]+)/(.*)", k)
     if m:

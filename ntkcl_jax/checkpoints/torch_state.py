@@ -19,10 +19,26 @@ from ntkcl_jax.checkpoints.errors import CheckpointError
 
 
 def read(path: str) -> dict:
+  """A state dict as numpy float32 arrays; a corrupt or truncated file -> CheckpointError."""
+  try:
+    return _read(path)
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (torch/safetensors raise many types)
+    raise CheckpointError(f"{path}: cannot be read as a state dict ({type(e).__name__}: "
+                          f"{str(e)[:200]}); the file is corrupt or truncated: download it "
+                          "again") from e
+
+
+def _read(path: str) -> dict:
   """A state dict as numpy float32 arrays (torch imported only for .pth/.bin)."""
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+    try:  # torch reads bfloat16 files too; plain numpy is enough for float16/32
+      from safetensors.torch import load_file as load_torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+      return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+    return {k: v.float().numpy() for k, v in load_torch(path).items()}
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
