@@ -1,0 +1,60 @@
+"""Linearised predictors from kernel blocks (spec ntk_analysis.md 3.4), host float64.
+
+kernel_ridge     f(x*) = f0(x*) + K(x*,X) (K + lam I)^-1 (Y - f0(X))
+gd_mse           discrete GD on the sum-of-squares loss, step eta, t steps (train and test)
+function_space_gd  f_{t+1}(X) = f_t(X) - eta K(X,X) grad_f L(f_t(X)): exact for the linearised
+                 model under any loss (CE included)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _f64(*xs):
+  return [np.asarray(x, np.float64) for x in xs]
+
+
+def kernel_ridge(k_train, k_test_train, y, f0_train=None, f0_test=None, lam=1e-6):
+  k, kx, y = _f64(k_train, k_test_train, y)
+  f0_train = np.zeros_like(y) if f0_train is None else np.asarray(f0_train, np.float64)
+  f0_test = np.zeros((kx.shape[0],) + y.shape[1:]) if f0_test is None else np.asarray(f0_test,
+                                                                                      np.float64)
+  alpha = np.linalg.solve(k + lam * np.eye(len(k)), y - f0_train)
+  return f0_test + kx @ alpha
+
+
+def gd_mse(k_train, k_test_train, y, f0_train, f0_test, eta: float, steps: int):
+  """(train outputs, test outputs) after `steps` of GD on 0.5 * ||f(X) - Y||^2 (sum loss)."""
+  k, kx, y, f0, f0t = _f64(k_train, k_test_train, y, f0_train, f0_test)
+  w, v = np.linalg.eigh((k + k.T) / 2)
+  if eta * w.max() >= 2:
+    raise ValueError(f"eta={eta} >= 2/lambda_max={2 / w.max():.3g}: GD diverges; lower eta")
+  decay = (1 - eta * w) ** steps
+  r0 = f0 - y
+  train = y + v @ (decay[:, None] * (v.T @ r0))
+  # test: f_t(x*) = f0(x*) - K(x*,X) K^-1 (I - (I - eta K)^t) (f0 - Y), via the eigenbasis
+  with np.errstate(divide="ignore", invalid="ignore"):
+    g = np.where(w > 1e-12 * w.max(), (1 - decay) / w, eta * steps)
+  test = f0t - kx @ (v @ (g[:, None] * (v.T @ r0)))
+  return train, test
+
+
+def softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def function_space_gd(k_train, k_test_train, f0_train, f0_test, labels, eta: float, steps: int,
+                      loss: str = "ce"):
+  """Outputs of the linearised model trained by full-batch GD in function space (sum loss)."""
+  k, kx, ft, fx = _f64(k_train, k_test_train, f0_train, f0_test)
+  y = np.eye(ft.shape[1])[np.asarray(labels)]
+  for _ in range(steps):
+    grad = (softmax(ft) - y) if loss == "ce" else (ft - y)
+    ft, fx = ft - eta * k @ grad, fx - eta * kx @ grad
+  return ft, fx
+
+
+def accuracy(outputs, labels) -> float:
+  return float((np.asarray(outputs).argmax(-1) == np.asarray(labels)).mean() * 100)
