@@ -524,13 +524,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, components: Optional[Co
   # Backbone and data --------------------------------------------------------------------------
   try:
     backbone = components.build_backbone(config)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
     raise LauncherError(f"backbone checkpoint: {e}") from e
   try:
     stream = components.build_stream(config, jax.process_index(), jax.process_count())
   except FileNotFoundError as e:
     raise LauncherError(f"data for {config.data.name!r} not found: {e}. Set data.data_dir / "
                         f"data.source") from e
+  except ValueError as e:  # ntkcl_jax.data.DataError: unusable data, explained
+    raise LauncherError(f"data for {config.data.name!r}: {e}") from e
   class_order = [int(c) for c in np.asarray(stream.class_order).reshape(-1)]
   task_classes = [[class_order[int(c)] for c in np.asarray(t).reshape(-1)] for t in stream.tasks]
   if is_main:
