@@ -97,21 +97,18 @@ def reference_steps(vcfg, batch: int):
 
 
 def ntkcl_step(vcfg, batch: int, variant: str):
-  """The learner's jitted train step with its arguments, or None if the learner offers none.
+  """The learner's jitted train step (`Learner._step`) with its arguments, state carried.
 
-  Uses `Learner.benchmark_step(batch_size)` -> (jitted, args, carry_index) when the learner
-  provides it (see the report in the launcher issue)."""
-  try:
-    from ntkcl_jax import learner as learner_lib  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  if not hasattr(learner_lib.Learner, "benchmark_step"):
-    return None
+  Settings of the official code (method.md 3.1): ffn_num 16, P = 10, one frozen set, no init-PTM;
+  `variant='corrected'` turns all six switches on. Tasks of 10 classes; random images and labels.
+  """
+  from ntkcl_jax import learner as learner_lib  # pylint: disable=g-import-not-at-top
   from ntkcl_jax import sharding, train  # pylint: disable=g-import-not-at-top
   config = train.load_config_file(os.path.join(train.REPO_ROOT, "configs", "tiny.py"))
   config.model.name = vcfg.name
   config.model.image_size = vcfg.image_size
-  config.model.overrides = {"num_layers": vcfg.num_layers}
+  config.model.overrides = {k: getattr(vcfg, k) for k in (
+      "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")}
   config.method.variant = variant
   for k in ("fix_fusion", "fix_nce_sign", "fix_orth", "fix_l2_all", "fix_ema", "fix_patch_init"):
     config.method[k] = variant == "corrected"
@@ -122,7 +119,15 @@ def ntkcl_step(vcfg, batch: int, variant: str):
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   params = vit.init_params(vcfg, jax.random.PRNGKey(0))
   learner = learner_lib.Learner(config, params, mesh)
-  return learner.benchmark_step(batch)
+  if hasattr(learner, "benchmark_step"):
+    return learner.benchmark_step(batch)
+  state = learner._new_task(learner.init_state(jax.random.PRNGKey(0)))  # pylint: disable=protected-access
+  rng = np.random.RandomState(0)
+  host = {"image": rng.rand(batch, vcfg.image_size, vcfg.image_size, 3).astype(np.float32),
+          "label": rng.randint(0, 10, batch).astype(np.int32), "mask": np.ones(batch, bool)}
+  args = (state, learner.backbone, sharding.global_batch(host, mesh), jnp.float32(0.01),
+          jnp.int32(0), jnp.int32(10))
+  return learner._step, args, 0  # pylint: disable=protected-access
 
 
 def run_one(model, depth, image_size, batch, steps, variant, peak) -> list[dict]:
