@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.method.fix_l2_all = False
   c.method.fix_ema = False
   c.method.fix_patch_init = False
+  # Fusion module: attention (official AttentionFusion) | mlp | multimodal (the plain alternatives
+  # shipped, unused, in the official fusion_nets.py; ablations only).
+  c.method.fusion = "attention"
   c.method.ema_decay = 0.9           # used when fix_ema
   c.method.ffn_num = 16
   c.method.ffn_scalar = 0.1
