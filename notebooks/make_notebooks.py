@@ -65,7 +65,7 @@ for key in ("check_a_overlap_vs_forgetting", "check_c_views"):
         display(__import__("pandas").DataFrame(c["table"]))"""
 
 COMPARE = """# (b) official vs corrected orthogonality term: inter-task alignment of two runs.
-from ntk_analysis import experiments
+from ntk_analysis import checks
 runs = {}
 for name, overrides in (("official", {}), ("fix_orth", {"variant": "corrected", "fix_orth": True})):
     c = train.load_config_file(os.path.join(repo, "configs", cfg_file))
@@ -76,7 +76,7 @@ for name, overrides in (("official", {}), ("fix_orth", {"variant": "corrected", 
     train.run(c, wd, progress=False)
     r = ntk_run.analyse(wd, n_per_task=4 if SCALE == "tiny" else 32, views=("fused",))
     runs[name] = joint.JointKernel.load(os.path.join(wd, "ntk", "kernel_fused.npz"))
-out = experiments.compare_runs(runs)
+out = checks.compare_runs(runs)
 print("prediction:", out["prediction"])
 __import__("pandas").DataFrame(out["table"])"""
 
