@@ -2,4 +2,7 @@
 
     from ntk_analysis import kernels
     K = kernels.empirical_ntk(f, peft_params, x1, x2)      # f(params, x) -> (N, O)
+
+Modules: kernels, nt_compat/nt_backend (neural-tangents), readouts, peft, joint, metrics,
+linearized, experiments, plots, benchmark.
 """

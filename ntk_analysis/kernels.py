@@ -51,11 +51,17 @@ def check_memory(n1, n2, outputs, n_params, chunk, trace, limit=DEFAULT_MEMORY_L
 
 
 def _flat_jac(f, params, x):
-  """(n, O, P) Jacobian of f(params, x) w.r.t. params, flattened over the parameter tree."""
-  jac = jax.jacrev(f)(params, x)
-  leaves = jax.tree_util.tree_leaves(jac)
-  n, o = leaves[0].shape[:2]
-  return jnp.concatenate([l.reshape(n, o, -1) for l in leaves], axis=-1)
+  """(n, O, P) Jacobian of f(params, x) w.r.t. params, flattened over the parameter tree.
+
+  Per-sample jacrev under vmap (NT's vmap_axes=0): O backward passes of one sample each, not O
+  passes over the whole chunk (f must treat samples independently, as inference-mode nets do).
+  """
+  def one(xi):
+    jac = jax.jacrev(lambda p: f(p, jax.tree_util.tree_map(lambda t: t[None], xi))[0])(params)
+    leaves = jax.tree_util.tree_leaves(jac)
+    o = leaves[0].shape[0]
+    return jnp.concatenate([l.reshape(o, -1) for l in leaves], axis=-1)
+  return jax.vmap(one)(x)
 
 
 def _contract(j1, j2, trace):
@@ -71,17 +77,59 @@ def _chunks(n, chunk):
 
 def empirical_ntk(f: Callable, params, x1, x2=None, *, method: str = "jacobian",
                   trace: bool = True, chunk: int = 16, probes=None, key=None,
-                  num_probes: int = 8, backend: str = "jax", implementation: int = 1,
-                  dtype=np.float64, memory_limit: int = DEFAULT_MEMORY_LIMIT) -> np.ndarray:
-  """The empirical NTK of f at params between x1 and x2 (x2=None: x1), as a host numpy array."""
+                  num_probes: int = 8, groups=None, backend: str = "jax",
+                  implementation: int = 1, dtype=np.float32,
+                  memory_limit: int = DEFAULT_MEMORY_LIMIT):
+  """The empirical NTK of f at params between x1 and x2 (x2=None: x1), as a float64 host array.
+
+  `dtype`: the compute dtype (float64 needs `with jax.enable_x64(True):` or jax_enable_x64).
+  `groups`: a peft labeler (function of the path, or {regex: group}); then returns
+  (K, {group: K_g}) with K = sum_g K_g (spec 5, T5).
+  """
   if method not in METHODS:
     raise ValueError(f"method={method!r}; one of {METHODS}")
+  if np.dtype(dtype) == np.float64:
+    if not jax.config.jax_enable_x64:
+      raise ValueError("dtype=float64 needs 64-bit JAX: wrap the call in `with "
+                       "jax.enable_x64(True):` or set jax.config.update('jax_enable_x64', True)")
+    cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
+    params, x1 = cast(params), cast(x1)
+    x2 = None if x2 is None else cast(x2)
+    probes = None if probes is None else cast(probes)
+  elif np.dtype(dtype) != np.float32:
+    raise ValueError(f"dtype={dtype}: float32 or float64")
+  kw = dict(method=method, trace=trace, chunk=chunk, probes=probes, key=key,
+            num_probes=num_probes, backend=backend, implementation=implementation,
+            memory_limit=memory_limit)
+  if groups is not None:
+    from ntk_analysis import peft  # pylint: disable=g-import-not-at-top
+    parts = peft.split_groups(params, groups)
+    per = {}
+    for name, q in parts.items():
+      others = peft.complement(params, q)
+      per[name] = _ntk(peft.restrict(f, others), q, x1, x2, **kw)
+    return sum(per.values()), per
+  return _ntk(f, params, x1, x2, **kw)
+
+
+def _ntk(f, params, x1, x2, *, method, trace, chunk, probes, key, num_probes, backend,
+         implementation, memory_limit, dtype=np.float64):
+  """empirical_ntk without the dtype / groups handling."""
   same = x2 is None
   x2 = x1 if same else x2
   n1, n2 = len(jax.tree_util.tree_leaves(x1)[0]), len(jax.tree_util.tree_leaves(x2)[0])
   out_shape = jax.eval_shape(f, params, jax.tree_util.tree_map(lambda a: a[:1], x1)).shape
+  if len(out_shape) == 3 and method in ("jacobian", "ntvp"):  # (B, V, O) views -> (N,N,V,V)
+    v, o = out_shape[1:]
+    flat = lambda p, x: f(p, x).reshape(-1, v * o)
+    full = _ntk(flat, params, x1, None if same else x2, method=method, trace=False, chunk=chunk,
+                probes=None, key=None, num_probes=num_probes, backend=backend,
+                implementation=implementation, memory_limit=memory_limit, dtype=dtype)
+    full = full.reshape(full.shape[:2] + (v, o, v, o))
+    return np.einsum("abvowo->abvw", full) / o if trace else full
   if len(out_shape) != 2:
-    raise ValueError(f"f(params, x) must return (N, O); got shape {out_shape} for one sample")
+    raise ValueError(f"f(params, x) must return (N, O) (or (N, V, O) with method 'jacobian' or "
+                     f"'ntvp'); got shape {out_shape} for one sample")
   o = out_shape[1]
   g = f
   if method == "sum_of_logits":
@@ -190,8 +238,14 @@ def _ntvp_kernel(g, params, x1, x2, trace, dtype):
 
 
 def _nt_kernel(g, params, x1, x2, trace, implementation, chunk, dtype):
-  from ntk_analysis import nt_compat  # pylint: disable=g-import-not-at-top
-  nt = nt_compat.import_neural_tangents()
-  fn = nt.empirical_ntk_fn(g, trace_axes=(-1,) if trace else (), vmap_axes=0,
-                           implementation=implementation)
-  return np.asarray(fn(x1, x2, params), dtype)
+  del chunk  # neural-tangents vmaps over the whole batch; wrap x in nt.batch for tiling
+  from ntk_analysis import nt_backend  # pylint: disable=g-import-not-at-top
+  return nt_backend.empirical_ntk(g, params, x1, x2, trace=trace, implementation=implementation,
+                                  dtype=dtype)
+
+
+def multiview_matrix(k) -> np.ndarray:
+  """(N, N, V, V) -> the (N V, N V) kernel over (sample, view) pairs, sample-major."""
+  k = np.asarray(k)
+  n1, n2, v, w = k.shape
+  return k.transpose(0, 2, 1, 3).reshape(n1 * v, n2 * w)

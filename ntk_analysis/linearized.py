@@ -26,6 +26,9 @@ def kernel_ridge(k_train, k_test_train, y, f0_train=None, f0_test=None, lam=1e-6
 def gd_mse(k_train, k_test_train, y, f0_train, f0_test, eta: float, steps: int):
   """(train outputs, test outputs) after `steps` of GD on 0.5 * ||f(X) - Y||^2 (sum loss)."""
   k, kx, y, f0, f0t = _f64(k_train, k_test_train, y, f0_train, f0_test)
+  if y.ndim == 1:  # one output: solve as a column
+    train, test = gd_mse(k, kx, y[:, None], f0[:, None], f0t[:, None], eta, steps)
+    return train[:, 0], test[:, 0]
   w, v = np.linalg.eigh((k + k.T) / 2)
   if eta * w.max() >= 2:
     raise ValueError(f"eta={eta} >= 2/lambda_max={2 / w.max():.3g}: GD diverges; lower eta")
@@ -58,3 +61,51 @@ def function_space_gd(k_train, k_test_train, f0_train, f0_test, labels, eta: flo
 
 def accuracy(outputs, labels) -> float:
   return float((np.asarray(outputs).argmax(-1) == np.asarray(labels)).mean() * 100)
+
+
+def gd_mse_continuous(k_train, k_test_train, y, f0_train, f0_test, eta: float, time: float):
+  """Gradient flow on 0.5 * ||f(X) - Y||^2 / |Y| (neural-tangents' `gradient_descent_mse`
+  normalisation): f_t(X) = Y + exp(-eta t K / |Y|)(f0 - Y), test via K(x*,X) K^-1 (I - e^..)."""
+  k, kx, y, f0, f0t = _f64(k_train, k_test_train, y, f0_train, f0_test)
+  if y.ndim == 1:  # one output: solve as a column
+    train, test = gd_mse(k, kx, y[:, None], f0[:, None], f0t[:, None], eta, steps)
+    return train[:, 0], test[:, 0]
+  w, v = np.linalg.eigh((k + k.T) / 2)
+  rate = eta * time / y.size
+  decay = np.exp(-rate * np.clip(w, 0, None))
+  r0 = f0 - y
+  train = y + v @ (decay[:, None] * (v.T @ r0))
+  with np.errstate(divide="ignore", invalid="ignore"):
+    g = np.where(w > 1e-12 * w.max(), (1 - decay) / w, rate)
+  test = f0t - kx @ (v @ (g[:, None] * (v.T @ r0)))
+  return train, test
+
+
+def recursive_cl(kernels_per_task, train_rows, test_rows, targets, f0, *, lam: float = 1e-3,
+                 mode: str = "ridge", eta: float = 0.1, steps: int = 100) -> np.ndarray:
+  """Predicted accuracy matrix A_hat[t, tau] (spec 3.4, Bennani/Doan recursion).
+
+  kernels_per_task[t]: a joint kernel over all rows (train and test subsets of every task) taken
+  at theta_t^0 (pass the same kernel T times for the lazy picture, refreshed ones for semi-lazy).
+  Task t moves every row's output by K(., X_t)(K_tt + lam I)^-1 R_t (mode='ridge', MSE) or by
+  function-space CE GD on X_t (mode='ce'). targets: (rows, C) one-hot; f0: (rows, C).
+  """
+  f = np.asarray(f0, np.float64).copy()
+  y = np.asarray(targets, np.float64)
+  tasks = len(train_rows)
+  acc = np.zeros((tasks, tasks))
+  for t in range(tasks):
+    k = np.asarray(kernels_per_task[t], np.float64)
+    tr = np.asarray(train_rows[t])
+    k_tt, k_all_t = k[np.ix_(tr, tr)], k[:, tr]
+    if mode == "ridge":
+      f = f + k_all_t @ np.linalg.solve(k_tt + lam * np.eye(len(tr)), y[tr] - f[tr])
+    elif mode == "ce":
+      for _ in range(steps):
+        f = f - eta * k_all_t @ (softmax(f[tr]) - y[tr])
+    else:
+      raise ValueError(f"mode={mode!r}: 'ridge' or 'ce'")
+    for s in range(tasks):
+      te = np.asarray(test_rows[s])
+      acc[t, s] = accuracy(f[te], y[te].argmax(-1))
+  return acc

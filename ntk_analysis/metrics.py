@@ -100,3 +100,70 @@ def block_report(k_joint, task_index, labels=None) -> dict:
                                                 k[np.ix_(idx[t], idx[t])], kst),
             "mean_cos_principal_angle": float(ang.mean()) if ang.size else 0.0}
   return {"tasks": per_task, "pairs": pairs}
+
+
+def effective_rank_trace(k) -> float:
+  """r_eff = (tr K)^2 / ||K||_F^2 (spec 2.2); r_eff(I_n) = n."""
+  k = np.asarray(k, np.float64)
+  f = frob(k)
+  return float(np.trace(k) ** 2 / f ** 2) if f > 0 else 0.0
+
+
+def condition_number(k) -> float:
+  w = spectrum(k)
+  return float(w[0] / w[-1]) if w[-1] > 0 else float("inf")
+
+
+def tangent_cosines(k_joint) -> np.ndarray:
+  """c(x, x') = K(x, x') / sqrt(K(x, x) K(x', x')) (spec 2.2)."""
+  k = np.asarray(k_joint, np.float64)
+  d = np.sqrt(np.clip(np.diag(k), 1e-300, None))
+  return k / np.outer(d, d)
+
+
+def principal_angles_blocks(k_ss, k_tt, k_st, rank: int = None, eps: float = 1e-10) -> np.ndarray:
+  """cos theta_i = sigma_i(M), M = L_s^-1/2 U_s^T K_st U_t L_t^-1/2 from the top-r eigenpairs of
+  K_ss and K_tt (spec 2.2): Doan et al.'s overlap V_s^T V_t without P-dim vectors."""
+  def top(k):
+    w, u = np.linalg.eigh((np.asarray(k, np.float64) + np.asarray(k, np.float64).T) / 2)
+    w, u = w[::-1], u[:, ::-1]
+    keep = w > eps * max(w[0], 1e-300)
+    if rank is not None:
+      keep[rank:] = False
+    return w[keep], u[:, keep]
+  ws, us = top(k_ss)
+  wt, ut = top(k_tt)
+  m = (us / np.sqrt(ws)).T @ np.asarray(k_st, np.float64) @ (ut / np.sqrt(wt))
+  return np.clip(np.linalg.svd(m, compute_uv=False), 0, 1)
+
+
+def predicted_interference(k_st, k_tt, residual_t, lam: float) -> tuple[np.ndarray, float]:
+  """D(s<-t) = K_st (K_tt + lam I)^-1 R_t and F_hat = ||D||^2 / n_s (spec 2.2, MSE ridge)."""
+  k_tt = np.asarray(k_tt, np.float64)
+  r = np.asarray(residual_t, np.float64)
+  d = np.asarray(k_st, np.float64) @ np.linalg.solve(k_tt + lam * np.eye(len(k_tt)), r)
+  return d, float((d ** 2).sum() / d.shape[0])
+
+
+def complexity(k_tt, residual_t, lam: float) -> float:
+  """C_t(lam) = (1/n) sqrt(R^T (K+lam I)^-1 K (K+lam I)^-1 R * tr K) (spec 2.2)."""
+  k = np.asarray(k_tt, np.float64)
+  r = np.asarray(residual_t, np.float64).reshape(len(k), -1)
+  a = np.linalg.solve(k + lam * np.eye(len(k)), r)
+  return float(np.sqrt(max(np.einsum("ic,ij,jc->", a, k, a), 0.0) * np.trace(k)) / len(k))
+
+
+def relative_change(k_old, k_new) -> float:
+  """||K' - K||_F / ||K||_F (Bennani's NTK variation)."""
+  return frob(np.asarray(k_new, np.float64) - np.asarray(k_old, np.float64)) / frob(k_old)
+
+
+def linearisation_error(f, params_0, params_1, x) -> float:
+  """e_lin = ||f(p1) - f(p0) - J(p0)(p1 - p0)|| / ||f(p1) - f(p0)|| (spec 2.2): one JVP."""
+  import jax  # pylint: disable=g-import-not-at-top
+  delta = jax.tree_util.tree_map(lambda a, b: b - a, params_0, params_1)
+  y0, jd = jax.jvp(lambda p: f(p, x), (params_0,), (delta,))
+  y1 = f(params_1, x)
+  num = np.linalg.norm(np.asarray(y1 - y0 - jd, np.float64))
+  den = np.linalg.norm(np.asarray(y1 - y0, np.float64))
+  return float(num / den) if den > 0 else 0.0

@@ -52,7 +52,11 @@ def analyse(workdir: str, n_per_task: int = 16, num_probes: int = 8, views=("fus
                        checkpoint=str(meta["checkpoint_id"]), readout=f"feature_sketch/{view}",
                        probe_seed=seed, groups=sorted(params), method="jacobian", trace=True,
                        chunk=chunk, backend=backend, implementation=implementation)
-    jk.meta.update(view=view, seconds=time.time() - t)
+    # feature sketch (spec 3.2): the sum, not the mean, over the R probes (x3 views for 'all'),
+    # so that with probes N(0, I/(D R)) the kernel estimates the traced feature NTK
+    outputs = num_probes * (3 if view == "all" else 1)
+    jk.k = jk.k * outputs
+    jk.meta.update(view=view, seconds=time.time() - t, sketch_outputs=outputs)
     y = np.concatenate([labels[t][jk.indices[t]] for t in jk.tasks])
     log(f"  view {view}: {jk.k.shape[0]}x{jk.k.shape[1]} kernel over {jk.meta['P']:,} "
         f"parameters in {jk.meta['seconds']:.1f} s")

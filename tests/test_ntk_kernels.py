@@ -1,15 +1,13 @@
 """ntk_analysis kernels against closed forms, finite differences and neural-tangents (spec
-ntk_analysis.md section 5: T1-T5, T6, T7, T10, T12)."""
-import dataclasses
-
-import flax.linen as nn
+ntk_analysis.md section 5: T1-T6, T10; T7 and T12 are in test_ntk_nt_backend.py)."""
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntk_analysis import kernels, nt_compat
+from ntk_analysis import kernels
+import _ntk_models
 from ntkcl_jax import tree_utils
 from ntkcl_jax.models import ntkcl, vit
 
@@ -24,22 +22,7 @@ def linear(params, x):
 @pytest.fixture(scope="module")
 def tiny_vit_adapter():
   """A tiny frozen ViT with NTK-CL channel adapters: f(peft, x) -> (N, O=5) logits."""
-  cfg = vit.get_config("tiny", image_size=8, patch_size=4, hidden_size=16, num_layers=2,
-                       num_heads=2, mlp_dim=32)
-  spec = ntkcl.ModelSpec(cfg, method="channel", ffn_num=4, frozen_sets=0, section_weights=(1.0,))
-  key = jax.random.PRNGKey(0)
-  backbone = vit.init_params(cfg, key)
-  peft = ntkcl.init_trainable(spec, key)["channel"]
-  peft = jax.tree_util.tree_map(  # non-zero up-projections so every group has gradient
-      lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), peft)
-  head = jax.random.normal(jax.random.PRNGKey(3), (16, 5))
-
-  def make_f(dtype=jnp.float32):
-    s = dataclasses.replace(spec, vit=dataclasses.replace(cfg, dtype=dtype))
-    model = s.vit_module("channel")
-    bb = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), backbone)
-    return lambda p, x: model.apply({"params": tree_utils.merge(bb, p)}, x) @ head.astype(dtype)
-  x = jax.random.uniform(jax.random.PRNGKey(4), (6, 8, 8, 3))
+  make_f, peft, x = _ntk_models.tiny_vit_adapter()
   _MAKE_F[0] = make_f
   return make_f(), peft, x
 
@@ -125,43 +108,6 @@ def test_t6_zero_up_projection_gives_down_projection_no_share():
   assert np.trace(kernels.empirical_ntk(g, up, x)) > 0
 
 
-def test_t7_wide_relu_mlp_converges_to_the_analytic_ntk():
-  nt = nt_compat.import_neural_tangents()
-  stax = nt.stax
-  x = np.random.RandomState(0).randn(8, 6).astype(np.float32)
-  errs = {}
-  for width in (64, 1024):
-    init, apply, kernel_fn = stax.serial(stax.Dense(width), stax.Relu(), stax.Dense(width),
-                                         stax.Relu(), stax.Dense(1))
-    analytic = np.asarray(kernel_fn(x, None, "ntk"))
-    e = []
-    for seed in range(3):
-      _, params = init(jax.random.PRNGKey(seed), x.shape)
-      emp = kernels.empirical_ntk(apply, params, x)
-      e.append(np.linalg.norm(emp - analytic) / np.linalg.norm(analytic))
-    errs[width] = np.mean(e)
-  assert errs[1024] < 0.12 and errs[1024] < errs[64], errs
-  # and our own arc-cosine recursion (Jacot et al. 2018) equals stax's analytic kernel
-  # (stax computes in float32: arccos near cos = 1 costs it ~1e-4 on the diagonal)
-  np.testing.assert_allclose(arccos_ntk(x, depth=2), analytic, rtol=1e-3, atol=1e-5)
-
-
-def arccos_ntk(x, depth):
-  """NTK of Dense-ReLU networks in NTK parameterisation (W_std=1, b_std=0), closed form."""
-  x = np.asarray(x, np.float64)
-  sigma = x @ x.T / x.shape[1]
-  theta = sigma.copy()
-  for _ in range(depth):
-    d = np.sqrt(np.diag(sigma))
-    cos = np.clip(sigma / np.outer(d, d), -1, 1)
-    ang = np.arccos(cos)
-    new_sigma = np.outer(d, d) * (np.sin(ang) + (np.pi - ang) * cos) / (2 * np.pi)
-    dot = (np.pi - ang) / (2 * np.pi)
-    theta = new_sigma + theta * dot
-    sigma = new_sigma
-  return theta
-
-
 def test_t10_chunking_jit_and_x2_none_invariance(tiny_vit_adapter):
   f, p, x = tiny_vit_adapter
   a = kernels.empirical_ntk(f, p, x, chunk=6)
@@ -178,12 +124,27 @@ def test_memory_guard_refuses_with_what_to_shrink(tiny_vit_adapter):
     kernels.empirical_ntk(f, p, x, memory_limit=1000)
 
 
-@pytest.mark.parametrize("impl", [1, 2, 3, 0])
-def test_t12_neural_tangents_implementations_agree_with_ours(tiny_vit_adapter, impl):
-  f, p, x = tiny_vit_adapter
-  ours = kernels.empirical_ntk(f, p, x[:4], x[4:])
-  theirs = kernels.empirical_ntk(f, p, x[:4], x[4:], backend="neural_tangents",
-                                 implementation=impl)
-  err = np.abs(ours - theirs).max() / np.abs(ours).max()
-  print(f"neural-tangents implementation {impl} vs ours: max relative diff {err:.1e}")
-  assert err < 1e-5
+def _mlp(p, x):
+  return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+
+def test_ntk_matvec_equals_full_kernel_times_vector():
+  p = {"w1": jax.random.normal(jax.random.PRNGKey(0), (3, 16)),
+       "w2": jax.random.normal(jax.random.PRNGKey(1), (16, 2))}
+  x = np.random.RandomState(0).randn(5, 3).astype(np.float32)
+  full = kernels.empirical_ntk(_mlp, p, x, trace=False)
+  v = np.random.RandomState(1).randn(5, 2).astype(np.float32)
+  got = kernels.ntk_matvec(_mlp, p, x)(jnp.asarray(v))
+  expect = np.einsum("aboq,bq->ao", full, v)
+  np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
+
+
+def test_float64_needs_x64_and_then_matches_float32():
+  p = {"w1": jax.random.normal(jax.random.PRNGKey(0), (3, 16)),
+       "w2": jax.random.normal(jax.random.PRNGKey(1), (16, 2))}
+  x = np.random.RandomState(0).randn(4, 3).astype(np.float32)
+  with pytest.raises(ValueError, match="enable_x64"):
+    kernels.empirical_ntk(_mlp, p, x, dtype=np.float64)
+  with jax.enable_x64(True):
+    k64 = kernels.empirical_ntk(_mlp, p, x, dtype=np.float64)
+  np.testing.assert_allclose(kernels.empirical_ntk(_mlp, p, x), k64, rtol=1e-5)
