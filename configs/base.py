@@ -76,5 +76,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 200
   c.train.keep_checkpoints = 2
   c.train.log_every_steps = 10
-  c.train.record_ntk = False         # ntk_analysis kernels at task boundaries
+  c.train.record_ntk = False         # ntk_analysis kernels at task boundaries (WORKDIR/ntk/task<t>)
+  c.train.record_ntk_per_task = 8    # images per task in those kernels
   return c

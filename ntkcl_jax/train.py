@@ -468,8 +468,22 @@ class _Hooks:
       print(f"task {task + 1}/{self.stream.num_tasks}: accuracy on all seen classes "
             f"{rec['top1']:.2f}%, per task {[round(v, 2) for v in rec['per_task']]}", flush=True)
     self.save(state, position)
+    self._record_ntk(task)
     self._maybe_kill()
     self._maybe_stop(state, position)
+
+  def _record_ntk(self, task: int) -> None:
+    """train.record_ntk: joint NTKs (fused view) of the checkpoint just saved at this task
+    boundary, into WORKDIR/ntk/task<t>/. Reads the saved state in a separate learner, so the
+    run's own state and results are untouched (tests/test_record_ntk.py)."""
+    if not self.config.train.record_ntk or not self.is_main or jax.process_count() > 1:
+      return
+    from ntk_analysis import run as ntk_run  # pylint: disable=g-import-not-at-top
+    self.ckpt.wait()
+    workdir = os.path.dirname(self.jsonl_path)
+    ntk_run.analyse(workdir, n_per_task=self.config.train.record_ntk_per_task,
+                    views=("fused",), checkpoint=self.counters["event"],
+                    out_dir=os.path.join(workdir, "ntk", f"task{task}"), log=logging.info)
 
   def close(self) -> None:
     if self.bar is not None:
