@@ -53,7 +53,7 @@ for name in ("kernel_fused.png", "alignment_fused.png", "spectra_fused.png"):
 BLOCKS = """# The intra-task K(X_t, X_t) and inter-task K(X_t, X_s) blocks of the saved joint kernel.
 from ntk_analysis import joint, metrics
 jk = joint.JointKernel.load(os.path.join(workdir, "ntk", "kernel_fused.npz"))
-for t in range(jk.num_tasks):
+for t in jk.tasks:
     print(f"task {t}: effective rank of K(X_t, X_t) = {metrics.effective_rank(jk.block(t, t)):.2f}")
 print("K(X_0, X_1) shape:", jk.block(0, 1).shape)"""
 
@@ -65,7 +65,7 @@ for key in ("check_a_overlap_vs_forgetting", "check_c_views"):
         display(__import__("pandas").DataFrame(c["table"]))"""
 
 COMPARE = """# (b) official vs corrected orthogonality term: inter-task alignment of two runs.
-from ntk_analysis import checks
+from ntk_analysis import checks, joint
 runs = {}
 for name, overrides in (("official", {}), ("fix_orth", {"variant": "corrected", "fix_orth": True})):
     c = train.load_config_file(os.path.join(repo, "configs", cfg_file))

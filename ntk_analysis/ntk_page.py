@@ -12,8 +12,6 @@ import shutil
 
 from absl import app, flags
 
-flags.DEFINE_list("runs", [], "name=workdir pairs of analysed runs")
-flags.DEFINE_string("output", "docs/ntk.md", "markdown page")
 FLAGS = flags.FLAGS
 
 
@@ -94,5 +92,13 @@ def main(_):
   print("wrote", page(runs, FLAGS.output))
 
 
+def _define_flags() -> None:
+  """Registers this CLI's flags; only when run as a program, so importing the module
+  next to other CLIs (tests, notebooks) never clashes on a flag name."""
+  flags.DEFINE_list("runs", [], "name=workdir pairs of analysed runs")
+  flags.DEFINE_string("output", "docs/ntk.md", "markdown page")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

