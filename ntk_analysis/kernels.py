@@ -13,7 +13,7 @@ Backends: 'jax' (ours, always available) or 'neural_tangents' (through nt_compat
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -68,7 +68,7 @@ def gd_mse_continuous(k_train, k_test_train, y, f0_train, f0_test, eta: float, t
   normalisation): f_t(X) = Y + exp(-eta t K / |Y|)(f0 - Y), test via K(x*,X) K^-1 (I - e^..)."""
   k, kx, y, f0, f0t = _f64(k_train, k_test_train, y, f0_train, f0_test)
   if y.ndim == 1:  # one output: solve as a column
-    train, test = gd_mse(k, kx, y[:, None], f0[:, None], f0t[:, None], eta, steps)
+    train, test = gd_mse_continuous(k, kx, y[:, None], f0[:, None], f0t[:, None], eta, time)
     return train[:, 0], test[:, 0]
   w, v = np.linalg.eigh((k + k.T) / 2)
   rate = eta * time / y.size

@@ -37,11 +37,11 @@ def load_run(workdir: str, checkpoint_id: Optional[int] = None):
   if not os.path.isdir(ckdir):
     raise FileNotFoundError(f"{ckdir} not found: point --workdir at a training run's workdir "
                             "(python -m ntkcl_jax.train --workdir=...)")
-  ckpt = run_state.RunCheckpointer(ckdir, keep=100, async_save=False)
+  ckpt = run_state.RunCheckpointer(ckdir, keep=100000, async_save=False)
   ids = ckpt.all_ids()
   if not ids:
     raise FileNotFoundError(f"{ckdir} holds no complete checkpoint")
-  cid = ids[-1] if checkpoint_id is None else checkpoint_id
+  cid = int(ids[-1] if checkpoint_id is None else checkpoint_id)
   with open(os.path.join(ckdir, str(cid), "meta", "metadata")) as f:
     meta_cfg = json.load(f)["config"]
   config = config_from_json(meta_cfg)
@@ -49,15 +49,27 @@ def load_run(workdir: str, checkpoint_id: Optional[int] = None):
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   backbone = train.build_backbone(config)
   learner = learner_lib.Learner(config, backbone, mesh)
-  abstract = jax.eval_shape(learner.init_state, jax.random.PRNGKey(config.seed))
-  abstract = run_state.with_shardings(abstract, sharding.replicated(mesh))
-  state, meta = ckpt.restore(cid, abstract)
   ckpt.close()
+  state, meta = restore_state(workdir, learner, cid)
   if os.path.exists(results):
     with open(results) as f:
       meta["results"] = json.load(f)
   meta["checkpoint_id"] = cid
   return config, learner, state, meta
+
+
+def restore_state(workdir: str, learner, checkpoint_id: int):
+  """(state, meta) of one checkpoint of a run, for a learner already built (load_run)."""
+  from ntkcl_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ntkcl_jax.checkpoints import run_state  # pylint: disable=g-import-not-at-top
+  ckpt = run_state.RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=100000,
+                                   async_save=False)
+  abstract = jax.eval_shape(learner.init_state, jax.random.PRNGKey(learner.config.seed))
+  abstract = run_state.with_shardings(abstract, sharding.replicated(learner.mesh))
+  state, meta = ckpt.restore(int(checkpoint_id), abstract)
+  ckpt.close()
+  meta["checkpoint_id"] = int(checkpoint_id)
+  return state, meta
 
 
 def task_data(stream):

@@ -144,6 +144,11 @@ def test_continuous_gd_is_the_small_step_limit_of_discrete_gd():
   tr_c, te_c = linearized.gd_mse_continuous(k, kx, y, f0, f0t, 1.0, t)
   np.testing.assert_allclose(tr_c, tr_d, atol=1e-4)
   np.testing.assert_allclose(te_c, te_d, atol=1e-4)
+  # one output given as a vector: the same as the (N, 1) column
+  tr_1, te_1 = linearized.gd_mse_continuous(k, kx, y[:, 0], f0[:, 0], f0t[:, 0], 1.0, t)
+  tr_col, te_col = linearized.gd_mse_continuous(k, kx, y[:, :1], f0[:, :1], f0t[:, :1], 1.0, t)
+  np.testing.assert_allclose(tr_1, tr_col[:, 0], atol=1e-12)
+  np.testing.assert_allclose(te_1, te_col[:, 0], atol=1e-12)
 
 
 def test_recursive_cl_ridge_with_orthogonal_tasks_never_forgets():
