@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.method.fix_l2_all = False
   c.method.fix_ema = False
   c.method.fix_patch_init = False
+  c.method.fix_old_pool = False     # NCE samples only earlier tasks' prototypes (init_cls != increment)
   # Fusion module: attention (official AttentionFusion) | mlp | multimodal (the plain alternatives
   # shipped, unused, in the official fusion_nets.py; ablations only).
   c.method.fusion = "attention"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -146,6 +147,21 @@ def _plot(path: str, draw: Callable) -> str:
   return path
 
 
+def _sweep_plot(path: str, g: pd.DataFrame, group: str, x: str, curves, ylabels) -> str:
+  """Two panels over a log-scaled sweep variable x (0 drawn at 1e-5), one line per group value
+  and curve (axis, column, style, label format)."""
+  def draw(axes):
+    for value, d in g.groupby(group):
+      for ax, col, style, label in curves:
+        axes[ax].plot(np.maximum(d[x], 1e-5), d[col], style, label=label.format(value))
+    for ax, yl in zip(axes, ylabels):
+      ax.set_xscale("log")
+      ax.set_xlabel(f"{x} (0 plotted at 1e-5)")
+      ax.set_ylabel(yl)
+      ax.legend(fontsize=7)
+  return _plot(path, draw)
+
+
 def _result(key: str, table: pd.DataFrame, measured: str, holds, plot: Optional[str]) -> dict:
   return {"experiment": key, "prediction": PREDICTIONS[key], "measured": measured,
           "holds": holds, "table": table.to_dict("records"),
@@ -210,19 +226,11 @@ def orthogonality(runs: Mapping[str, Mapping[str, object]], plot_path: Optional[
                    float(d["forgetting"].iloc[-1] - d["forgetting"].iloc[0]))
             for sign, d in g.groupby("nce_sign")}
   if plot_path:
-    def draw(axes):
-      for sign, d in g.groupby("nce_sign"):
-        x = np.maximum(d["dis_temp"], 1e-5)
-        axes[0].plot(x, d["mean_rho"], "o-", label=f"NCE sign {sign}")
-        axes[1].plot(x, d["forgetting"], "o-", label=f"NCE sign {sign}")
-      for ax, yl in zip(axes, ("mean inter-task rho at theta_T", "forgetting (points)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("dis_temp (0 plotted at 1e-5)")
-        ax.set_ylabel(yl)
-        ax.legend(fontsize=7)
-    _plot(plot_path, draw)
+    _sweep_plot(plot_path, g, "nce_sign", "dis_temp",
+                [(0, "mean_rho", "o-", "NCE sign {}"), (1, "forgetting", "o-", "NCE sign {}")],
+                ("mean inter-task rho at theta_T", "forgetting (points)"))
   measured = "; ".join(f"NCE sign {s}: dis_temp 0 -> {g['dis_temp'].max():g} changes mean rho "
-                       f"by {dr:+.4f} and forgetting by {df_:+.2f} points"
+                       f"by {dr:+.2g} and forgetting by {df_:+.2f} points"
                        for s, (dr, df_) in effect.items())
   holds = bool(all(dr < 0 for dr, _ in effect.values())) if effect else None
   return _result("b", df, measured, holds, plot_path)
@@ -340,6 +348,8 @@ def lazy_regime(workdir: str, n_per_task: int = 8, num_probes: int = 4, seed: in
   for cid in map(int, ids):
     state, meta = runs.restore_state(workdir, learner, cid)
     task = len(meta["task_records"])  # tasks finished; this checkpoint is within task `task`
+    if task >= len(images):
+      break  # the checkpoint after the last task
     f, params = runs.readout(learner, state, "fused", probe)
     jk = joint.compute(f, params, images, n=n_per_task, seed=seed, method="jacobian",
                        trace=True, chunk=max(n_per_task, 8))
@@ -366,8 +376,8 @@ def lazy_regime(workdir: str, n_per_task: int = 8, num_probes: int = 4, seed: in
         ax.set_xlabel("global step (grey: task starts)")
         ax.set_ylabel(yl)
     _plot(plot_path, draw)
-  measured = ("S at task end per task: " + ", ".join(f"{v:.3f}" for v in s_end) +
-              f"; median e_lin between checkpoints {e_med:.3f}")
+  measured = ("S at task end per task: " + ", ".join(f"{v:.2g}" for v in s_end) +
+              f"; median e_lin between checkpoints {e_med:.2g}")
   holds = bool(s_end.max() < 0.1 and e_med < 0.1) if np.isfinite(e_med) else None
   return _result("d", df, measured, holds, plot_path)
 
@@ -409,15 +419,14 @@ def spectra_and_drift(workdir: str, plot_path: Optional[str] = None) -> dict:
     _plot(plot_path, draw)
   n = int(df["n"].iloc[0])
   return _result("e", df, f"top-3 eigenvalues hold {100 * top3:.0f}% of the trace of a {n}x{n} "
-                 f"task kernel; mean old-task drift S = {drift:.3f}",
+                 f"task kernel; mean old-task drift S = {drift:.2g}",
                  bool(top3 > 0.5 and drift < 0.1), plot_path)
 
 
 # ----------------------------------------------------------------------------------------------
 # (f) regularisation and EMA
 # ----------------------------------------------------------------------------------------------
-REG_GRID = [{"method.reg_temp": r, "method.frozen_sets": f}
-            for f in (1, 0) for r in (0.0, 1e-4, 1e-3, 1e-2)]
+REG_TEMPS = (0.0, 1e-4, 1e-3, 1e-2)
 
 
 def regularisation_ema(runs: Mapping[str, Mapping[str, object]],
@@ -440,22 +449,15 @@ def regularisation_ema(runs: Mapping[str, Mapping[str, object]],
     u_shape[e] = 0 < i < len(d) - 1
   drift = g.groupby("ema_sets")["old_kernel_drift"].mean().to_dict()
   if plot_path:
-    def draw(axes):
-      for e, d in g.groupby("ema_sets"):
-        x = np.maximum(d["reg_temp"], 1e-5)
-        axes[0].plot(x, d["last_acc"], "o-", label=f"EMA sets {e}: last acc")
-        axes[0].plot(x, d["forgetting"], "s--", label=f"EMA sets {e}: forgetting")
-        axes[1].plot(x, d["old_kernel_drift"], "o-", label=f"EMA sets {e}")
-      for ax, yl in zip(axes, ("percent", "mean old-task kernel drift S")):
-        ax.set_xscale("log")
-        ax.set_xlabel("reg_temp (0 plotted at 1e-5)")
-        ax.set_ylabel(yl)
-        ax.legend(fontsize=7)
-    _plot(plot_path, draw)
+    _sweep_plot(plot_path, g, "ema_sets", "reg_temp",
+                [(0, "last_acc", "o-", "EMA sets {}: last acc"),
+                 (0, "forgetting", "s--", "EMA sets {}: forgetting"),
+                 (1, "old_kernel_drift", "o-", "EMA sets {}")],
+                ("percent", "mean old-task kernel drift S"))
   measured = ("best final accuracy at an interior reg_temp: " +
               ", ".join(f"EMA sets {e}: {'yes' if u else 'no'}" for e, u in u_shape.items()) +
               "; mean old-kernel drift: " +
-              ", ".join(f"EMA sets {e}: {v:.3f}" for e, v in drift.items()))
+              ", ".join(f"EMA sets {e}: {v:.2g}" for e, v in drift.items()))
   holds = None
   if 0 in drift and 1 in drift:
     holds = bool(drift[1] < drift[0] and any(u_shape.values()))
@@ -466,39 +468,54 @@ def regularisation_ema(runs: Mapping[str, Mapping[str, object]],
 # All of them
 # ----------------------------------------------------------------------------------------------
 def run_all(config, root: str, seeds: Sequence[int] = (0,), experiments: str = "abcdef",
-            n_per_class: Sequence[int] = (), log=print) -> dict:
-  """Trains what the chosen experiments need and returns {key: result}; writes theory.json."""
+            n_per_class: Sequence[int] = (), reg_temps: Sequence[float] = REG_TEMPS,
+            log=print) -> dict:
+  """Trains what the chosen experiments need and returns {key: result}; ROOT/theory.json is
+  rewritten after each experiment, so an interrupted sweep keeps what it finished."""
   os.makedirs(root, exist_ok=True)
   out: dict = {}
-  base = {}
   quick = {"train.checkpoint_every_steps": 0}  # sweep runs checkpoint at task ends only
   png = lambda k: os.path.join(root, f"theory_{k}.png")  # noqa: E731
-  base_runs = [train_run(config, root, base, s, quick, log=log) for s in seeds]
+
+  def save():
+    from ntk_analysis import run as ntk_run  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(root, "theory.json"), "w") as f:
+      json.dump(ntk_run._clean({k: out[k] for k in sorted(out)}), f, indent=1)  # pylint: disable=protected-access
+
+  def grid_runs(grid, extra=lambda ov: quick):
+    return {train_run(config, root, ov, s, extra(ov), log=log): ov for ov in grid for s in seeds}
+
+  base_runs = [train_run(config, root, {}, s, quick, log=log) for s in seeds]
   if "a" in experiments:
     out["a"] = overlap_vs_forgetting(base_runs, png("a"))
   if "e" in experiments:
     out["e"] = spectra_and_drift(base_runs[0], png("e"))
+  save()
   if "b" in experiments:
-    runs = {train_run(config, root, ov, s, quick, log=log): ov for ov in ORTH_GRID for s in seeds}
-    out["b"] = orthogonality(runs, png("b"))
+    out["b"] = orthogonality(grid_runs(ORTH_GRID), png("b"))
+    save()
+  if "d" in experiments:
+    wd = train_run(config, root, {"train.checkpoint_every_steps": 1}, seeds[0],
+                   extra_train={"train.keep_checkpoints": 100000}, log=log)
+    out["d"] = lazy_regime(wd, plot_path=png("d"))
+    save()
   if "f" in experiments:
-    runs = {train_run(config, root, ov, s, quick, log=log): ov for ov in REG_GRID for s in seeds}
-    out["f"] = regularisation_ema(runs, png("f"))
+    grid = [{"method.reg_temp": float(r), "method.frozen_sets": f}
+            for f in (1, 0) for r in reg_temps]
+    out["f"] = regularisation_ema(grid_runs(grid), png("f"))
+    save()
   if "c" in experiments:
     full = int(config.data.max_per_class_train)
     ns = list(n_per_class) or [max(1, full // 4), max(1, full // 2), full]
     grid = [{"method.name": m, "data.max_per_class_train": n}
             for m in ("channel", "patch", "ntkcl") for n in ns]
-    runs = {train_run(config, root, ov, s, quick, log=log): ov for ov in grid for s in seeds}
+    # kernels of at most as many images per task as the smallest task has
+    runs = grid_runs(grid, lambda ov: dict(quick, **{"train.record_ntk_per_task": min(
+        int(config.train.record_ntk_per_task),
+        int(ov["data.max_per_class_train"]) * int(config.data.increment))}))
     ratio = views_rank_ratio(base_runs[0])
     out["c"] = sample_size_and_views(runs, ratio, png("c"))
-  if "d" in experiments:
-    wd = train_run(config, root, {"train.checkpoint_every_steps": 1}, seeds[0],
-                   extra_train={"train.keep_checkpoints": 100000}, log=log)
-    out["d"] = lazy_regime(wd, plot_path=png("d"))
-  with open(os.path.join(root, "theory.json"), "w") as f:
-    from ntk_analysis import run as ntk_run  # pylint: disable=g-import-not-at-top
-    json.dump(ntk_run._clean({k: out[k] for k in sorted(out)}), f, indent=1)  # pylint: disable=protected-access
+    save()
   return out
 
 
@@ -535,6 +552,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("root", "", "directory of the runs, theory.json and the plots")
   flags.DEFINE_list("seeds", ["0"], "seeds of every run")
   flags.DEFINE_string("experiments", "abcdef", "which of a-f to run")
+  flags.DEFINE_bool("compilation_cache", False, "persistent XLA cache under ROOT/.jax_cache "
+                    "(later runs of the grid skip most compiles; XLA logs each cache load)")
+  flags.DEFINE_list("reg_temps", [str(r) for r in REG_TEMPS], "(f): reg_temp values")
   flags.DEFINE_list("n_per_class", [], "(c): training images per class (default: 1/4, 1/2, 1 "
                     "of the config's data.max_per_class_train)")
 
@@ -550,9 +570,13 @@ def main(_) -> None:
   if bad:
     raise app.UsageError(f"--experiments={fl.experiments}: unknown {sorted(bad)}; use letters a-f")
   fl.config.train.mesh_data, fl.config.train.mesh_model = 1, 1
-  enable_compilation_cache(os.path.join(fl.root, ".jax_cache"))
+  if fl.compilation_cache:
+    enable_compilation_cache(os.path.join(fl.root, ".jax_cache"))
+  os.makedirs(fl.root, exist_ok=True)
+  with open(os.path.join(fl.root, "command.txt"), "w") as f:  # for docs/ntk.md
+    f.write("python -m ntk_analysis.theory " + " ".join(sys.argv[1:]) + "\n")
   out = run_all(fl.config, fl.root, [int(s) for s in fl.seeds], fl.experiments,
-                [int(n) for n in fl.n_per_class])
+                [int(n) for n in fl.n_per_class], [float(r) for r in fl.reg_temps])
   for k, r in sorted(out.items()):
     print(f"({k}) prediction: {r['prediction']}\n    measured: {r['measured']}\n"
           f"    holds: {r['holds']}")

@@ -28,7 +28,8 @@ from ntkcl_jax import train
 from ntkcl_jax.models import ntkcl
 from ntkcl_jax.models import peft
 
-SWITCHES = ("fix_fusion", "fix_nce_sign", "fix_orth", "fix_l2_all", "fix_ema", "fix_patch_init")
+SWITCHES = ("fix_fusion", "fix_nce_sign", "fix_orth", "fix_l2_all", "fix_ema", "fix_patch_init",
+            "fix_old_pool")
 LOSS_TERMS = ("loss", "ce_channel", "ce_patch", "ce_fused", "nce", "orth", "reg")
 
 
@@ -37,12 +38,23 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def method_flags(config) -> dict:
-  """The six corrected-mode switches (spec 10). variant='official' forces all off;
+  """The corrected-mode switches (spec 10, plus fix_old_pool for spec 9 item 7).
+  variant='official' forces all off;
   variant='corrected' honours each fix_* as set (all off == official)."""
   m = config.method
   if m.variant not in ("official", "corrected"):
     raise ValueError(f"method.variant must be 'official' or 'corrected', got {m.variant!r}")
   return {s: bool(m[s]) and m.variant == "corrected" for s in SWITCHES}
+
+
+def old_pool_size(lo, n_new, increment: int, fixed: bool):
+  """How many prototypes the NCE term samples from (spec 2.3, 9 item 7). Official:
+  `fc.weight[:-increment]`, i.e. seen classes minus `increment`; at task 0 with
+  init_cls > increment that is init_cls - increment current-task (zero) rows. Fixed: the classes
+  of earlier tasks, `lo`."""
+  if fixed:
+    return lo
+  return jnp.maximum(lo + n_new - increment, 0)
 
 
 def cosine_lr(lr0: float, epoch: int, epochs: int) -> float:
@@ -140,10 +152,11 @@ class Learner:
       terms["ce_fused"], logits = ce(f["fused"])
       # NCE over [fused ; sampled old prototypes] (spec 2.3)
       kk = self.config.optim.batch_size
-      old = jnp.arange(self.c) < lo
+      n_old = old_pool_size(lo, n_new, self.config.data.increment, self.flags["fix_old_pool"])
+      old = jnp.arange(self.c) < n_old
       order = jnp.argsort(jnp.where(old, jax.random.uniform(keys[1], (self.c,)), 2.0))
       j = order[:kk] if kk <= self.c else jnp.pad(order, (0, kk - self.c))
-      jvalid = jnp.arange(kk) < jnp.minimum(kk, lo)
+      jvalid = jnp.arange(kk) < jnp.minimum(kk, n_old)
       z = jnp.concatenate([f["fused"], jax.lax.stop_gradient(state["prototypes"][j])])
       nce_val, _ = losses.nce(z, jnp.concatenate([labels, j.astype(labels.dtype)]),
                               jnp.concatenate([mask, jvalid]), m.nce_tau)

@@ -218,3 +218,45 @@ def test_resume_from_a_saved_position_is_bit_identical(which):
   resumed, hist2 = lrn.run(stream, state, position=pos, hooks=Recorder())
   _assert_trees_identical(_flat_state(resumed), _flat_state(final))
   assert hist2 == history[1:]
+
+
+def test_old_pool_size_closed_forms():
+  """fc.weight[:-increment] (official) vs earlier tasks only (fix_old_pool), spec 9 item 7."""
+  size = learner_lib.old_pool_size
+  assert int(size(0, 7, 5, False)) == 2    # Oxford Pets task 0: 2 zero rows
+  assert int(size(0, 2, 2, False)) == 0    # init_cls == increment: none
+  assert int(size(7, 5, 5, False)) == 7    # later tasks: the earlier classes
+  assert int(size(0, 7, 5, True)) == 0
+  assert int(size(12, 5, 5, True)) == 12
+
+
+@pytest.mark.parametrize("fix", [False, True])
+def test_nce_at_task0_with_init_cls_above_increment(fix):
+  """init_cls 4, increment 2: the official NCE term at task 0 is the NCE of the fused features
+  plus two zero prototypes labelled 0 and 1; with fix_old_pool it has no prototype rows."""
+  from ntkcl_jax import losses
+  from ntkcl_jax.models import ntkcl
+  cfg = make_config("ntkcl", "corrected", fix_old_pool=fix, adapter_dropout=0.0,
+                    fusion_dropout=0.0)
+  cfg.data.num_classes, cfg.data.init_cls, cfg.data.increment = 6, 4, 2
+  backbone = vit.init_params(train.vit_config(cfg), jax.random.PRNGKey(0))
+  lrn = learner_lib.Learner(cfg, backbone, sharding.make_mesh())
+  state = lrn._new_task(lrn.init_state(jax.random.PRNGKey(3)))
+  rng = np.random.RandomState(0)
+  batch = {"image": jnp.asarray(rng.rand(8, 16, 16, 3), jnp.float32),
+           "label": jnp.asarray([0, 0, 1, 1, 2, 2, 3, 3], jnp.int32),
+           "mask": jnp.ones(8, bool)}
+  keys = tuple(jax.random.split(jax.random.PRNGKey(5), 2))
+  _, (terms, _) = lrn._loss(state["params"], state, lrn.backbone, batch, keys, jnp.int32(0),
+                            jnp.int32(4))
+  trainable = {k: v for k, v in state["params"].items() if k != "proxy"}
+  fused = ntkcl.features(lrn.spec, lrn.backbone, trainable, state["frozen"], batch["image"],
+                         train=False)["fused"]
+  if fix:
+    z, y = fused, batch["label"]
+  else:
+    assert not np.any(np.asarray(state["prototypes"][:2]))  # untouched rows are zeros
+    z = jnp.concatenate([fused, jnp.zeros((2, fused.shape[1]))])
+    y = jnp.concatenate([batch["label"], jnp.asarray([0, 1], jnp.int32)])
+  want, _ = losses.nce(z, y, jnp.ones(len(y), bool), cfg.method.nce_tau)
+  np.testing.assert_allclose(float(terms["nce"]), -float(want), rtol=1e-5, atol=1e-5)

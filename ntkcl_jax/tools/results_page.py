@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# fix_old_pool is left out: with init_cls = increment (both benchmarks here) it changes nothing
 FIXES = ("fix_fusion", "fix_nce_sign", "fix_orth", "fix_l2_all", "fix_ema", "fix_patch_init")
 
 # name -> (label, config overrides)
@@ -42,7 +43,7 @@ METHODS = {
 }
 DEFAULT_METHODS = "official,corrected,channel,patch,simplecil,seq_adapter"
 DATASETS = {"imagenette": "configs/imagenette_dinov2s.py", "cifar10": "configs/cifar10_dinov2s.py"}
-DEFAULT_SCALE = "size=56,per_class=30,test_per_class=50,epochs=2"
+DEFAULT_SCALE = "size=56,per_class=20,test_per_class=50,epochs=2"
 
 
 def command(dataset: str, method: str, seed: int, scale: str, workdir: str) -> list[str]:
@@ -99,7 +100,10 @@ def page(results: dict, seeds, scale: str, base: str) -> str:
                    f"{fmt([r['forgetting'] for r in runs])} | "
                    f"{np.mean([r['wall_time_s'] for r in runs]):.0f} s |")
     lines.append("")
-  lines += ["## Commands", "", "Each row's runs (seed s = each of the seeds above):", "", "```"]
+  lines += ["## Commands", "", "This page (runs that exist are reused, unfinished ones resume):",
+            "", "```", f"python -m ntkcl_jax.tools.results_page --datasets={','.join(results)} "
+            f"--seeds={','.join(map(str, seeds))} --scale={scale}", "```", "",
+            "Each row's runs (seed S = each of the seeds above):", "", "```"]
   for dataset, by_method in results.items():
     for method in by_method:
       cmd = command(dataset, method, "S", scale, os.path.join(base, dataset, method, "seedS"))
