@@ -82,6 +82,11 @@ def summary(lines: list) -> list:
   return out + [""]
 
 
+def write(path: str, header: list, body: list) -> None:
+  with open(path, "w") as f:
+    f.write("\n".join(header + summary(body) + body))
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--models", default="tiny,ViT-S/16,ViT-B/16")
@@ -128,8 +133,8 @@ def main(argv=None):
     out, secs = run(cmd)
     body += [f"## {title}", "", "```", "$ python " + " ".join(cmd[1:]), out, "```",
              f"({secs:.0f} s wall, {datetime.date.today().isoformat()})", ""]
-    with open(a.output, "w") as f:  # written after every section: nothing lost on a crash
-      f.write("\n".join(lines + summary(body) + body))
+    write(a.output, lines, body)  # after every section: nothing lost on a crash
+  write(a.output, lines, body)
   print(f"wrote {a.output}")
 
 
