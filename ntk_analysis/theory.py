@@ -86,6 +86,15 @@ def train_run(config, root: str, overrides: Mapping[str, object], seed: int,
   return wd
 
 
+def max_checkpoints(config) -> int:
+  """Checkpoints of a run saved at every step: steps plus task ends (bounds keep_checkpoints,
+  which the launcher's free-disk check multiplies by the checkpoint size)."""
+  d, o = config.data, config.optim
+  tasks = 1 + -(-(d.num_classes - d.init_cls) // d.increment)
+  per_task = (d.max_per_class_train or 1000) * max(d.init_cls, d.increment)
+  return tasks * o.epochs * -(-per_task // o.batch_size) + tasks + 2
+
+
 def results(workdir: str) -> dict:
   with open(os.path.join(workdir, "results.json")) as f:
     return json.load(f)
@@ -270,13 +279,12 @@ def views_rank_ratio(workdir: str, n_per_task: int = 8, num_probes: int = 4) -> 
   tasks): the 'N -> 3N' reading of the tripled features needs about 3."""
   from ntk_analysis import run as ntk_run  # pylint: disable=g-import-not-at-top
   out = os.path.join(workdir, "ntk", "views")
-  rep = ntk_run.analyse(workdir, n_per_task=n_per_task, num_probes=num_probes,
-                        views=("fused", "channel", "all"), out_dir=out, log=lambda *_: None)
+  ntk_run.analyse(workdir, n_per_task=n_per_task, num_probes=num_probes,
+                  views=("fused", "channel", "all"), out_dir=out, log=lambda *_: None)
   ranks = {}
   for view in ("fused", "channel", "all"):
     jk = joint.JointKernel.load(os.path.join(out, f"kernel_{view}.npz"))
     ranks[view] = float(np.mean([metrics.effective_rank(jk.block(t, t)) for t in jk.tasks]))
-  del rep
   return {"r_eff": ranks, "ratio_all_over_fused": ranks["all"] / ranks["fused"]}
 
 
@@ -496,7 +504,7 @@ def run_all(config, root: str, seeds: Sequence[int] = (0,), experiments: str = "
     save()
   if "d" in experiments:
     wd = train_run(config, root, {"train.checkpoint_every_steps": 1}, seeds[0],
-                   extra_train={"train.keep_checkpoints": 100000}, log=log)
+                   extra_train={"train.keep_checkpoints": max_checkpoints(config)}, log=log)
     out["d"] = lazy_regime(wd, plot_path=png("d"))
     save()
   if "f" in experiments:

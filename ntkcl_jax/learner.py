@@ -44,7 +44,8 @@ def method_flags(config) -> dict:
   m = config.method
   if m.variant not in ("official", "corrected"):
     raise ValueError(f"method.variant must be 'official' or 'corrected', got {m.variant!r}")
-  return {s: bool(m[s]) and m.variant == "corrected" for s in SWITCHES}
+  # .get: configs saved before a switch existed (older runs' checkpoints) read it as off
+  return {s: bool(m.get(s, False)) and m.variant == "corrected" for s in SWITCHES}
 
 
 def old_pool_size(lo, n_new, increment: int, fixed: bool):

@@ -508,8 +508,13 @@ def _abstract_state(learner, key, mesh):
 
 
 def _comparable(cfg_json: dict) -> dict:
-  """The parts of a config that must match to resume (logging/checkpoint cadence may change)."""
-  return {k: v for k, v in cfg_json.items() if k != "train"}
+  """The parts of a config that must match to resume (logging/checkpoint cadence may change).
+  A corrected-mode switch that is off compares equal to one a checkpoint predates."""
+  out = {k: v for k, v in cfg_json.items() if k != "train"}
+  if isinstance(out.get("method"), dict):
+    out["method"] = {k: v for k, v in out["method"].items()
+                     if not (k.startswith("fix_") and v is False)}
+  return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, components: Optional[Components] = None,

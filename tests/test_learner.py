@@ -260,3 +260,18 @@ def test_nce_at_task0_with_init_cls_above_increment(fix):
     y = jnp.concatenate([batch["label"], jnp.asarray([0, 1], jnp.int32)])
   want, _ = losses.nce(z, y, jnp.ones(len(y), bool), cfg.method.nce_tau)
   np.testing.assert_allclose(float(terms["nce"]), -float(want), rtol=1e-5, atol=1e-5)
+
+
+def test_configs_saved_before_a_switch_existed_still_load_and_resume():
+  """A run saved before fix_old_pool existed: its switches read as off, and its config compares
+  equal to today's for resuming (train._comparable)."""
+  new = make_config("ntkcl", "corrected")
+  old = new.to_dict()
+  del old["method"]["fix_old_pool"]
+  import ml_collections
+  assert learner_lib.method_flags(ml_collections.ConfigDict(old))["fix_old_pool"] is False
+  as_json = lambda c: __import__("json").loads(__import__("json").dumps(c, default=list))  # noqa: E731
+  assert train._comparable(as_json(old)) == train._comparable(as_json(new.to_dict()))
+  on = new.to_dict()
+  on["method"]["fix_old_pool"] = True
+  assert train._comparable(as_json(old)) != train._comparable(as_json(on))
