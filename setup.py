@@ -54,6 +54,7 @@ EXTRAS = {
         "timm==1.0.31",
         "safetensors>=0.4",
         "onnxruntime>=1.20",
+        "easydict>=1.10",  # imported by the official NTK-CL code (benchmarks/official_torch_step.py)
     ],
 }
 

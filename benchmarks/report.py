@@ -55,20 +55,60 @@ def existing_sections(path: str) -> dict:
   """{title: lines} of a page written by this script (for --rerun)."""
   if not os.path.exists(path):
     return {}
-  out, title = {}, None
   with open(path) as f:
-    for line in f.read().split("\n"):
-      if line.startswith("## "):
-        title = line[3:]
-        out[title] = []
-      elif title is not None:
-        out[title].append(line)
+    return existing_sections_from(f.read().split("\n"))
+
+
+def existing_sections_from(lines: list) -> dict:
+  out, title = {}, None
+  for line in lines:
+    if line.startswith("## "):
+      title = line[3:]
+      out[title] = []
+    elif title is not None:
+      out[title].append(line)
   return out
+
+
+HEAD_TO_HEAD = "ViT-B/16, batch 8, one frozen set"
+THEIRS, OURS = HEAD_TO_HEAD + ": the official PyTorch code", HEAD_TO_HEAD + ": ntkcl-jax"
+
+
+def head_to_head(lines: list) -> list:
+  """Ours against the official PyTorch step at the issue's reference shape, from the outputs."""
+  sec = lambda title: (existing_sections_from(lines).get(title) or [])
+  theirs, mine = sec(THEIRS), sec(OURS)
+  torch_row = next((l for l in theirs if re.match(r"\s*[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+"
+                                                 r"[\d.]+%\s+[\d.]", l)), None)
+  torch_peak = next((l for l in theirs if l.startswith("official code:")), None)
+  ours = next((l for l in mine if "NTK-CL train step (official)" in l), None)
+  xla_peak = next((l for l in mine if l.startswith("machine float32 matmul")), None)
+  if not (torch_row and ours and torch_peak and xla_peak):
+    return []
+  t_ips, t_s, t_gf = (float(v) for v in torch_row.split()[:3])
+  o = re.match(r".+?NTK-CL train step \(official\)\s+8\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", ours)
+  o_ips, o_s, o_gf = (float(v) for v in o.groups())
+  tp = float(re.search(r"([\d.]+) GFLOP/s", torch_peak).group(1))
+  xp = float(re.search(r"([\d.]+) GFLOP/s", xla_peak).group(1))
+  best = max(tp, xp)
+  row = lambda name, ips, s, gf, own: (
+      f"| {name} | {ips:.2f} | {s:.2f} | {gf:.0f} | {gf / s:.0f} | {100 * gf / s / own:.1f}% | "
+      f"{100 * gf / s / best:.1f}% |")
+  return ["## Head to head: ViT-B/16, batch 8, one frozen set", "",
+          "| code | img/s | s/step | GFLOP/step | GFLOP/s | of its own library's matmul | "
+          f"of the best matmul measured here ({best:.0f} GFLOP/s) |", "|---|---|---|---|---|---|---|",
+          row("official PyTorch (FlopCounterMode)", t_ips, t_s, t_gf, tp),
+          row("ntkcl-jax (XLA cost analysis)", o_ips, o_s, o_gf, xp), "",
+          f"ntkcl-jax is {o_ips / t_ips:.2f}x the official code's images per second here.", ""]
 
 
 def summary(lines: list) -> list:
   """The NTK-CL train-step rows of all sections in one table (parsed from the outputs above)."""
-  rows = [l for l in lines if "NTK-CL train step" in l]
+  rows, title = [], ""
+  for l in lines:
+    title = l[3:] if l.startswith("## ") else title
+    if "NTK-CL train step" in l and not title.startswith("Where the time goes"):
+      rows.append(l)  # (the profile section repeats a timing row: not a separate measurement)
   if not rows:
     return []
   out = ["## Summary: NTK-CL training step", "",
@@ -83,8 +123,9 @@ def summary(lines: list) -> list:
 
 
 def write(path: str, header: list, body: list) -> None:
+  lines = "\n".join(body).split("\n")  # command outputs are multi-line strings
   with open(path, "w") as f:
-    f.write("\n".join(header + summary(body) + body))
+    f.write("\n".join(header + head_to_head(lines) + summary(lines) + lines))
 
 
 def main(argv=None):
@@ -94,14 +135,27 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--output", default=os.path.join(ROOT, "docs", "benchmarks.md"))
   ap.add_argument("--rerun", default="", help="regex: rerun only matching sections, keep others")
+  ap.add_argument("--official_repo", default=os.environ.get("NTKCL_OFFICIAL_REPO", ""),
+                  help="checkout of github.com/Programmergg/NTK-CL for the head-to-head section "
+                       "(default $NTKCL_OFFICIAL_REPO; skipped when empty)")
   a = ap.parse_args(argv)
   py = sys.executable
   sections = []
+  if a.official_repo:
+    sections.append((THEIRS, [py, "benchmarks/official_torch_step.py",
+                              f"--official_repo={a.official_repo}", "--batch=8",
+                              f"--steps={max(a.steps, 4)}"]))
+  sections.append((OURS, [py, "benchmarks/train_step.py", "--model=ViT-B/16", "--batch=8",
+                          f"--steps={max(a.steps, 4)}", "--variant=official"]))
   for model in a.models.split(","):
     for variant in ("official", "corrected"):
       cmd = [py, "benchmarks/train_step.py", f"--model={model}", f"--batch={a.batch}",
              f"--steps={a.steps}", f"--variant={variant}"]
       sections.append((f"Training step: {model}, {variant}", cmd))
+  big = a.models.split(",")[-1]
+  sections.append((f"Where the time goes: {big}, batch {a.batch}, official",
+                   [py, "benchmarks/train_step.py", f"--model={big}", f"--batch={a.batch}",
+                    "--steps=1", "--profile"]))
   sections.append(("Batched (vmap) prompt sets against one-by-one passes",
                    [py, "benchmarks/branches.py", f"--models={a.models}", f"--batch={a.batch}",
                     "--steps=2"]))
@@ -109,20 +163,25 @@ def main(argv=None):
   sections.append(("Empirical NTK: joint kernel of 5 tasks x 64 images, tiny config",
                    [py, "-m", "ntk_analysis.benchmark", "--tasks=5", "--n=64",
                     "--skip=jax:ntvp:1,neural_tangents:jacobian:2"]))
-  lines = ["# Speed benchmarks (regenerated by `python benchmarks/report.py`)", "",
+  flag = f" --official_repo={a.official_repo}" if a.official_repo else ""
+  lines = [f"# Speed benchmarks (regenerated by `python benchmarks/report.py{flag}`)", "",
            f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}.", "",
            "Each table is the verbatim output of the command above it. `of peak` divides the "
-           "achieved FLOP/s (XLA's own cost analysis of the compiled step) by the float32 "
-           "matmul throughput measured in the same process, so background load on this shared "
-           "machine lowers both. Reference point from the issue: the official PyTorch code "
-           "trains NTK-CL at ViT-B/16 shapes (batch 8, one frozen set) at about 0.8 images/s, "
-           "about 46% of this machine's measured matmul throughput. Our step does the work of "
-           "about six ViT forward passes per image (two current-set branches with activation "
-           "gradients only, the backbone's weights get none, and two frozen-set branches "
-           "forward only): compare its GFLOP with the `reference: 1 ViT forward` row. At that "
-           "work per image, 0.8 images/s on a 180 GFLOP/s machine would be over 90% of peak, "
-           "so the reference's 46% seems to count a multiply-add as one FLOP, where XLA's cost "
-           "analysis counts two; images/s is the comparison that does not depend on that.", ""]
+           "achieved FLOP/s (the framework's own count of the compiled step: XLA's cost analysis "
+           "for ours, PyTorch's FlopCounterMode for the official code, both 2 FLOPs per "
+           "multiply-add) by the float32 matmul throughput of the same library measured in the "
+           "same process, so background load on this shared machine lowers both. The NTK-CL "
+           "step does the work of about six ViT forward passes per image (two current-set "
+           "branches with activation gradients only, the backbone's weights get none, and two "
+           "frozen-set branches forward only): compare its GFLOP with the `reference: 1 ViT "
+           "forward` row. The issue's reference point is the official PyTorch code at ViT-B/16 "
+           "shapes, batch 8, one frozen set: about 0.8 images/s, about 46% of the machine's "
+           "matmul throughput; the head-to-head table runs that code here (it needs a checkout "
+           "of github.com/Programmergg/NTK-CL: `--official_repo=PATH`). The two libraries' "
+           "matmul throughputs differ on this CPU (compare their throughput lines), so that "
+           "table also divides both steps by the best matmul measured here. Where a step stays "
+           "below peak, the `Where the time goes` section traces one step and sums XLA's op "
+           "times by kind of op and by model code.", ""]
   keep = existing_sections(a.output) if a.rerun else {}
   body = []
   for title, cmd in sections:

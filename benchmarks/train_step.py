@@ -4,6 +4,7 @@ throughput that the NTK-CL train step achieves (issue 7, item 3).
     python benchmarks/train_step.py --model=ViT-B/16 --batch=8 --steps=3 --variant=official
     python benchmarks/train_step.py --model=tiny --batch=16 --steps=20
     python benchmarks/train_step.py --table          # tiny, ViT-S/16, ViT-B/16 x variants
+    python benchmarks/train_step.py --model=ViT-B/16 --batch=16 --profile   # + where time goes
 
 What is timed: one jitted train step of the learner (all NTK-CL branch passes, losses, gradients,
 optimiser update) on random images, after a warm-up step that compiles it; the median over
@@ -130,6 +131,94 @@ def ntkcl_step(vcfg, batch: int, variant: str):
   return learner._step, args, 0  # pylint: disable=protected-access
 
 
+def _kind(name: str, hlo_line: str) -> str:
+  """Coarse class of one executed XLA:CPU op (thunk) from its name and HLO text."""
+  if name.startswith(("ynn_fusion", "dot", "onednn", "xnn", "convolution")) or \
+      "custom_call_target=\"__onednn" in hlo_line:
+    return "matmul / conv (GEMM libraries, XLA dot)"
+  if name.startswith(("copy", "transpose")) or "_copy_fusion" in name or "copy_bitcast" in name:
+    return "copies and layout transposes"
+  if "reduce" in name:
+    return "reductions (LayerNorm, softmax sums)"
+  if "fusion" in name or name.startswith("wrapped_"):
+    return "elementwise fusions (GELU, softmax exp, residual adds, ...)"
+  return "other (control flow, small ops)"
+
+
+def profile_step(jitted, args, carry_index=None, top: int = 12) -> list[str]:
+  """Where one step's time goes: the XLA:CPU ops of one traced step, summed by kind and by the
+  model code they come from (HLO op_name metadata). Op times overlap when XLA runs independent
+  ops on both threads, so they can sum to more than the step's wall time."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  compiled = jitted.lower(*args).compile()
+  args = list(args)
+  for _ in range(2):
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    if carry_index is not None:
+      args[carry_index] = out[0]
+  hlo, comp_src, current = {}, {}, None
+  for line in compiled.as_text().splitlines():
+    head = re.match(r"\s*%?([\w.\-]+) .*\{\s*$", line)
+    if head and " = " not in line:  # a computation's header: remember its first op_name
+      current = head.group(1)
+      continue
+    m = re.match(r"\s*%?([\w.\-]+) = ", line)
+    if m:
+      hlo[m.group(1)] = line
+      src = re.search(r'op_name="([^"]+)"', line)
+      if current and src and current not in comp_src:
+        comp_src[current] = src.group(1)
+  with tempfile.TemporaryDirectory() as d:
+    jax.profiler.start_trace(d)
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    wall = time.perf_counter() - t
+    jax.profiler.stop_trace()
+    files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+      return ["(no trace written: profiler plugin unavailable)"]
+    with gzip.open(files[0]) as f:
+      events = json.load(f)["traceEvents"]
+  by_kind, by_src, n_kind = collections.Counter(), collections.Counter(), collections.Counter()
+  by_dir = collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or name not in hlo:
+      continue
+    line = hlo[name]
+    kind = _kind(name, line)
+    m = re.search(r'op_name="([^"]+)"', line)
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    src = m.group(1) if m else comp_src.get(called.group(1) if called else "", None)
+    src = src or "(no source: " + re.sub(r"\.\d+$", "", name) + ")"
+    direction = "backward" if "transpose(jvp" in src else "forward"
+    src = re.sub(r"encoderblock_\d+", "block*", src)
+    src = src.split("block*/", 1)[1] if "block*/" in src else "/".join(src.split("/")[-2:])
+    by_kind[kind] += e["dur"]
+    n_kind[kind] += 1
+    by_dir[direction] += e["dur"]
+    by_src[(kind.split(" ")[0], direction, src)] += e["dur"]
+  total = sum(by_kind.values())
+  lines = [f"one traced step: {wall:.3f} s wall; XLA:CPU op time {total / 1e6:.3f} s "
+           "(ops on the two threads overlap)", "",
+           f"{'kind of op':<60} {'op time s':>9} {'share':>6} {'ops':>6}"]
+  for k, v in by_kind.most_common():
+    lines.append(f"{k:<60} {v / 1e6:>9.3f} {100 * v / total:>5.1f}% {n_kind[k]:>6}")
+  lines += ["", "  ".join(f"{d} pass ops {v / 1e6:.3f} s ({100 * v / total:.1f}%)"
+                          for d, v in sorted(by_dir.items())),
+            "", f"top {top} sources (model code; the 12 blocks and the passes merged):",
+            f"{'kind':<12} {'pass':<9} {'source':<60} {'op time s':>9} {'share':>6}"]
+  for (k, d, src), v in by_src.most_common(top):
+    lines.append(f"{k:<12} {d:<9} {src[-60:]:<60} {v / 1e6:>9.3f} {100 * v / total:>5.1f}%")
+  return lines
+
+
 def run_one(model, depth, image_size, batch, steps, variant, peak) -> list[dict]:
   vcfg = vit_config(model, depth, image_size)
   rows = []
@@ -174,7 +263,15 @@ def main(argv=None):
   p.add_argument("--variant", default="official", choices=("official", "corrected"))
   p.add_argument("--table", action="store_true",
                  help="tiny, ViT-S/16 and ViT-B/16 at batch 16, both variants")
+  p.add_argument("--profile", action="store_true",
+                 help="also trace one NTK-CL step and print where its time goes")
   a = p.parse_args(argv)
+  if a.profile:
+    vcfg = vit_config(a.model, a.depth, a.image_size)
+    jitted, args, carry = ntkcl_step(vcfg, a.batch, a.variant)
+    print(f"where the time goes: NTK-CL train step ({a.variant}), {vcfg.name} "
+          f"d{vcfg.num_layers} {vcfg.image_size}px, batch {a.batch}")
+    print("\n".join(profile_step(jitted, args, carry)), flush=True)
   peak = matmul_throughput()
   rows = []
   if a.table:

@@ -31,7 +31,39 @@ def _table(rows):
   return out
 
 
-def theory_section(root: str, img_dir: str) -> list:  # pylint: disable=too-many-locals
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def same_run_as(root: str, runs: dict) -> str:
+  """A sentence saying which analysed run (if any) the sweep's base run repeats: same config up
+  to bookkeeping (train.*), and whether it reproduced that run's accuracy matrix exactly."""
+  base = os.path.join(root, "base_seed0", "results.json")
+  if not os.path.exists(base):
+    return ""
+  with open(base) as f:
+    b = json.load(f)
+  core = lambda cfg: {k: v for k, v in _flat(cfg).items() if not k.startswith("train.")}
+  for name, wd in runs.items():
+    path = os.path.join(wd, "results.json")
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      r = json.load(f)
+    if core(r["config"]) == core(b["config"]):
+      same = r["accuracy_matrix"] == b["accuracy_matrix"]
+      return (f" The sweep's base run is the run `{name}` above (`{wd}`) again: the same "
+              f"configuration apart from bookkeeping (`train.*`: kernels recorded, checkpoint "
+              f"cadence), and {'the same' if same else '**not** the same'} accuracy matrix "
+              f"({'reproduced exactly' if same else 'training is not deterministic here'}), so "
+              f"these experiments are on that run and its one-factor variations.")
+  return ""
+
+
+def theory_section(root: str, img_dir: str, runs: dict = None) -> list:  # pylint: disable=too-many-locals
   """Experiments (a)-(f) of `python -m ntk_analysis.theory` (ROOT/theory.json and plots)."""
   from ntk_analysis import theory  # pylint: disable=g-import-not-at-top
   tag = os.path.basename(os.path.normpath(root))
@@ -64,7 +96,7 @@ def theory_section(root: str, img_dir: str) -> list:  # pylint: disable=too-many
           "`train.record_ntk` (fused-view joint kernels with an 8-probe sketch at each task "
           f"boundary). Setting: {what}. The same command with a paper config (e.g. "
           "`--config=configs/cifar100_in21k.py`) runs them at ViT-B/16 scale on a GPU." +
-          _degeneracy(report, random), "",
+          _degeneracy(report, random) + same_run_as(root, runs or {}), "",
           theory.markdown(report, plot_prefix=f"ntk/{tag}_").replace("### (", "#### ("), ""]
 
 
@@ -135,7 +167,7 @@ def page(runs: dict, out_path: str, theory_roots=()) -> str:
         "", f"![{name} spectra](ntk/{name}_spectra_fused.png)",
         f"![{name} alignment](ntk/{name}_alignment_fused.png)", ""]
   for root in theory_roots:
-    lines += theory_section(root, img_dir)
+    lines += theory_section(root, img_dir, runs)
   if not theory_roots:
     lines += ["## (d) Lazy regime and (f) regularisation / EMA sweep", "",
               "Run `python -m ntk_analysis.theory` and pass `--theory=ROOT` to add them.", ""]
