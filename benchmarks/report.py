@@ -76,8 +76,8 @@ THEIRS, OURS = HEAD_TO_HEAD + ": the official PyTorch code", HEAD_TO_HEAD + ": n
 
 def head_to_head(lines: list) -> list:
   """Ours against the official PyTorch step at the issue's reference shape, from the outputs."""
-  sec = lambda title: (existing_sections_from(lines).get(title) or [])
-  theirs, mine = sec(THEIRS), sec(OURS)
+  sections = existing_sections_from(lines)
+  theirs, mine = sections.get(THEIRS, []), sections.get(OURS, [])
   torch_row = next((l for l in theirs if re.match(r"\s*[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+"
                                                  r"[\d.]+%\s+[\d.]", l)), None)
   torch_peak = next((l for l in theirs if l.startswith("official code:")), None)

@@ -44,6 +44,7 @@ METHODS = {
 DEFAULT_METHODS = "official,corrected,channel,patch,simplecil,seq_adapter"
 DATASETS = {"imagenette": "configs/imagenette_dinov2s.py", "cifar10": "configs/cifar10_dinov2s.py"}
 DEFAULT_SCALE = "size=56,per_class=20,test_per_class=50,epochs=2"
+DEFAULT_TITLE = "Results on real images"
 
 
 def command(dataset: str, method: str, seed: int, scale: str, workdir: str) -> list[str]:
@@ -73,7 +74,7 @@ def fmt(values) -> str:
   return f"{v.mean():.2f} ± {v.std(ddof=1) if v.size > 1 else 0.0:.2f}"
 
 
-def page(results: dict, seeds, scale: str, base: str, title: str = "Results on real images",
+def page(results: dict, seeds, scale: str, base: str, title: str = DEFAULT_TITLE,
          extra_args: str = "") -> str:
   """The markdown page; `extra_args` is appended to the page's own regenerate command."""
   lines = [
@@ -93,7 +94,7 @@ def page(results: dict, seeds, scale: str, base: str, title: str = "Results on r
       "Ā = average incremental accuracy, A_T = last accuracy (both over all seen-class test",
       "images, as the official code computes them), F = forgetting (max-based), mean ± std",
       f"(ddof 1) over seeds {list(seeds)}.", ""]
-  if title == "Results on real images":
+  if title == DEFAULT_TITLE:
     lines += ["Each of the six corrections alone, on Split-Imagenette: "
               "[results_corrections.md](results_corrections.md).", ""]
   for dataset, by_method in results.items():
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
   p.add_argument("--scale", default=DEFAULT_SCALE)
   p.add_argument("--workdir", default=os.path.join(REPO, "workdirs", "results"))
   p.add_argument("--output", default=os.path.join(REPO, "docs", "results.md"))
-  p.add_argument("--title", default="Results on real images", help="the page's heading")
+  p.add_argument("--title", default=DEFAULT_TITLE, help="the page's heading")
   a = p.parse_args(argv)
   seeds = [int(s) for s in a.seeds.split(",")]
   methods = a.methods.split(",")
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
       f" --{k}={v!r}" if " " in v else f" --{k}={v}"
       for k, v, default in (("methods", a.methods, DEFAULT_METHODS),
                             ("output", os.path.relpath(a.output, REPO), "docs/results.md"),
-                            ("title", a.title, "Results on real images")) if v != default)
+                            ("title", a.title, DEFAULT_TITLE)) if v != default)
   text = page(results, seeds, a.scale, os.path.relpath(a.workdir, REPO), a.title, extra)
   with open(a.output, "w") as f:
     f.write(text)
