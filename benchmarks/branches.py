@@ -3,7 +3,7 @@ r"""Batched-branch forward (vmap over stacked prompt sets) against running the s
     python benchmarks/branches.py [--models=tiny,ViT-S/16,ViT-B/16] [--batch=16] [--steps=3]
 
 NTK-CL runs every prompt set of each branch (frozen sets + current) as a separate full ViT pass
-(spec method.md 1.4). `ntkcl.features` batches them with `jax.vmap` over the stacked PEFT trees,
+(docs/method.md §1.4). `ntkcl.features` batches them with `jax.vmap` over the stacked PEFT trees,
 the backbone closed over, so the backbone matmuls of all sets become one larger matmul. The
 one-by-one path applies the ViT once per set and concatenates. Both are jitted; timed on random
 images, forward only (eval/prototypes) and forward + backward (train), official settings.
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ntkcl_jax import tree_utils  # noqa: E402
+from ntkcl_jax import cli, tree_utils  # noqa: E402
 from ntkcl_jax.models import ntkcl, vit  # noqa: E402
 
 
@@ -57,11 +57,20 @@ def timed(fn, args, steps):
 
 
 def main(argv=None):
+  return cli.run(_main, argv)
+
+
+def _main(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--models", default="tiny,ViT-S/16,ViT-B/16")
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--steps", type=int, default=3)
   a = p.parse_args(argv)
+  unknown = [m for m in a.models.split(",") if m not in vit.variant_names()]
+  if unknown:
+    raise cli.InputError(f"--models: unknown ViT variants {unknown}; known {vit.variant_names()}")
+  if a.batch < 1 or a.steps < 1:
+    raise cli.InputError("--batch and --steps must be >= 1")
   print(f"{'model':<12} {'path':<12} {'fwd s':>8} {'img/s':>8} {'fwd+bwd s':>10} {'img/s':>8}")
   for name in a.models.split(","):
     cfg = vit.get_config(name, image_size=32) if name.startswith("tiny") else vit.get_config(name)

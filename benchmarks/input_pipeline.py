@@ -1,4 +1,4 @@
-r"""Input-pipeline benchmark: images/s of task-stream batches at 224 px (issue 4, closing note).
+r"""Input-pipeline benchmark: images/s of task-stream batches at 224 px.
 
     python benchmarks/input_pipeline.py                       # real Imagenette ZIP if present
     python benchmarks/input_pipeline.py --synthetic --size=224 --batch=32 --per_class=30
@@ -26,8 +26,9 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from ntkcl_jax import cli  # noqa: E402
+from ntkcl_jax import config_files  # noqa: E402
 from ntkcl_jax import data as data_lib  # noqa: E402
-from ntkcl_jax import train  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "imagenette")
 
@@ -57,6 +58,10 @@ def _time(it) -> tuple[int, float]:
 
 
 def main(argv=None) -> None:
+  cli.run(_main, argv)
+
+
+def _main(argv) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--size", type=int, default=224)
   p.add_argument("--batch", type=int, default=32)
@@ -66,6 +71,12 @@ def main(argv=None) -> None:
   p.add_argument("--prefetch", type=int, default=2)
   p.add_argument("--synthetic", action="store_true", help="synthetic JPEGs even if the ZIPs exist")
   a = p.parse_args(argv)
+  bad = [f"--{k}={v}" for k, v in vars(a).items()
+         if k in ("size", "batch", "per_class", "test_per_class", "epochs") and v < 1]
+  bad += [f"--prefetch={a.prefetch}"] if a.prefetch < 0 else []
+  if bad:
+    raise cli.InputError(f"{', '.join(bad)}: sizes, counts and epochs must be >= 1 and "
+                         "--prefetch >= 0")
 
   tmp = None
   if a.synthetic or not os.path.isdir(SHARED):
@@ -73,7 +84,7 @@ def main(argv=None) -> None:
     data_dir, what = synthetic_jpeg_zips(tmp.name, a.per_class, a.test_per_class), "synthetic JPEG"
   else:
     data_dir, what = SHARED, "Imagenette ZIP"
-  c = train.load_config_file(os.path.join(REPO, "configs", "demo.py"))
+  c = config_files.load_config_file(os.path.join(REPO, "configs", "demo.py"))
   c.model.image_size = a.size
   c.model.normalize = "imagenet"
   c.data.data_dir = data_dir

@@ -1,5 +1,5 @@
 r"""The official PyTorch NTK-CL training step, timed on this machine: the reference that
-`train_step.py` is compared with (issue 7, item 3).
+`train_step.py` is compared with.
 
     python benchmarks/official_torch_step.py --official_repo=PATH/TO/NTK-CL --batch=8 --steps=4
 
@@ -27,6 +27,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from ntkcl_jax import cli
 
 
 def torch_matmul_throughput(n: int = 2048, repeats: int = 5) -> float:
@@ -96,6 +98,10 @@ def build_learner(repo: str, batch: int, frozen: int, task: int):
 
 
 def main(argv=None):
+  return cli.run(_main, argv)
+
+
+def _main(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--official_repo", required=True, help="checkout of Programmergg/NTK-CL")
   p.add_argument("--batch", type=int, default=8)
@@ -105,8 +111,9 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=os.cpu_count())
   a = p.parse_args(argv)
   if not os.path.exists(os.path.join(a.official_repo, "models", "learner.py")):
-    raise SystemExit(f"{a.official_repo} is not a checkout of Programmergg/NTK-CL "
-                     "(models/learner.py missing); clone it and pass its path")
+    raise cli.InputError(f"--official_repo={a.official_repo} is not a checkout of "
+                         "Programmergg/NTK-CL (models/learner.py missing); clone it and pass its "
+                         "path")
   import torch  # pylint: disable=g-import-not-at-top
   from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(a.threads)

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from ntkcl_jax import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -129,6 +131,10 @@ def write(path: str, header: list, body: list) -> None:
 
 
 def main(argv=None):
+  return cli.run(_main, argv)
+
+
+def _main(argv):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--models", default="tiny,ViT-S/16,ViT-B/16")
   ap.add_argument("--batch", type=int, default=16)
@@ -139,6 +145,18 @@ def main(argv=None):
                   help="checkout of github.com/Programmergg/NTK-CL for the head-to-head section "
                        "(default $NTKCL_OFFICIAL_REPO; skipped when empty)")
   a = ap.parse_args(argv)
+  # checked before the first section runs (each takes minutes), not when the page is written
+  if not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
+    raise cli.InputError(f"--output={a.output}: directory {os.path.dirname(a.output)} does not "
+                         "exist")
+  if a.official_repo and not os.path.isfile(os.path.join(a.official_repo, "models", "learner.py")):
+    raise cli.InputError(f"--official_repo={a.official_repo} is not a checkout of "
+                         "Programmergg/NTK-CL (models/learner.py missing); clone it, or leave "
+                         "--official_repo and $NTKCL_OFFICIAL_REPO empty to skip that section")
+  try:
+    re.compile(a.rerun)
+  except re.error as e:
+    raise cli.InputError(f"--rerun={a.rerun!r} is not a regular expression ({e})") from e
   py = sys.executable
   sections = []
   if a.official_repo:

@@ -1,5 +1,5 @@
 r"""Training-step benchmark: images/s, s/step, XLA FLOPs and the fraction of the machine's matmul
-throughput that the NTK-CL train step achieves (issue 7, item 3).
+throughput that the NTK-CL train step achieves.
 
     python benchmarks/train_step.py --model=ViT-B/16 --batch=8 --steps=3 --variant=official
     python benchmarks/train_step.py --model=tiny --batch=16 --steps=20
@@ -17,10 +17,16 @@ the time goes: a single plain ViT forward pass, and a plain ViT forward + backwa
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
 import os
+import re
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -29,6 +35,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ntkcl_jax import cli  # noqa: E402
+from ntkcl_jax import config_files  # noqa: E402
+from ntkcl_jax import learner as learner_lib  # noqa: E402
+from ntkcl_jax import sharding  # noqa: E402
 from ntkcl_jax.models import vit  # noqa: E402
 
 
@@ -106,12 +116,10 @@ def reference_steps(vcfg, batch: int):
 def ntkcl_step(vcfg, batch: int, variant: str):
   """The learner's jitted train step (`Learner._step`) with its arguments, state carried.
 
-  Settings of the official code (method.md 3.1): ffn_num 16, P = 10, one frozen set, no init-PTM;
+  Settings of the official code (docs/method.md §3.1): ffn_num 16, P = 10, one frozen set, no init-PTM;
   `variant='corrected'` turns all six switches on. Tasks of 10 classes; random images and labels.
   """
-  from ntkcl_jax import learner as learner_lib  # pylint: disable=g-import-not-at-top
-  from ntkcl_jax import sharding, train  # pylint: disable=g-import-not-at-top
-  config = train.load_config_file(os.path.join(train.REPO_ROOT, "configs", "tiny.py"))
+  config = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs", "tiny.py"))
   config.model.name = vcfg.name
   config.model.image_size = vcfg.image_size
   config.model.overrides = {k: getattr(vcfg, k) for k in (
@@ -126,8 +134,6 @@ def ntkcl_step(vcfg, batch: int, variant: str):
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   params = vit.init_params(vcfg, jax.random.PRNGKey(0))
   learner = learner_lib.Learner(config, params, mesh)
-  if hasattr(learner, "benchmark_step"):
-    return learner.benchmark_step(batch)
   state = learner._new_task(learner.init_state(jax.random.PRNGKey(0)))  # pylint: disable=protected-access
   rng = np.random.RandomState(0)
   host = {"image": rng.rand(batch, vcfg.image_size, vcfg.image_size, 3).astype(np.float32),
@@ -155,12 +161,6 @@ def profile_step(jitted, args, carry_index=None, top: int = 12) -> list[str]:
   """Where one step's time goes: the XLA:CPU ops of one traced step, summed by kind and by the
   model code they come from (HLO op_name metadata). Op times overlap when XLA runs independent
   ops on both threads, so they can sum to more than the step's wall time."""
-  import collections  # pylint: disable=g-import-not-at-top
-  import glob  # pylint: disable=g-import-not-at-top
-  import gzip  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  import re  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
   compiled, once = compiled_runner(jitted, args, carry_index)
   once()  # warm-up
   once()
@@ -222,14 +222,9 @@ def profile_step(jitted, args, carry_index=None, top: int = 12) -> list[str]:
 def run_one(model, depth, image_size, batch, steps, variant, peak) -> list[dict]:
   vcfg = vit_config(model, depth, image_size)
   rows = []
-  step = ntkcl_step(vcfg, batch, variant)
-  if step is not None:
-    jitted, args, carry = step
-    rows.append({"what": f"NTK-CL train step ({variant})",
-                 **time_step(jitted, args, steps, carry_index=carry)})
-  else:
-    print("note: ntkcl_jax.learner has no benchmark_step yet; only the reference rows are timed",
-          file=sys.stderr)
+  jitted, args, carry = ntkcl_step(vcfg, batch, variant)
+  rows.append({"what": f"NTK-CL train step ({variant})",
+               **time_step(jitted, args, steps, carry_index=carry)})
   (fwd, fargs), (grad, gargs) = reference_steps(vcfg, batch)
   rows.append({"what": "reference: 1 ViT forward", **time_step(fwd, fargs, steps)})
   rows.append({"what": "reference: 1 ViT fwd+bwd", **time_step(grad, gargs, steps)})
@@ -254,6 +249,10 @@ def print_rows(rows, peak):
 
 
 def main(argv=None):
+  return cli.run(_main, argv)
+
+
+def _main(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--model", default="tiny", help=f"ViT variant: {vit.variant_names()}")
   p.add_argument("--depth", type=int, default=0, help="number of blocks (0 = the variant's)")
@@ -266,6 +265,10 @@ def main(argv=None):
   p.add_argument("--profile", action="store_true",
                  help="also trace one NTK-CL step and print where its time goes")
   a = p.parse_args(argv)
+  if a.model not in vit.variant_names():  # checked before the matmul probe, not after it
+    raise cli.InputError(f"--model={a.model}: unknown ViT variant; known {vit.variant_names()}")
+  if a.batch < 1 or a.steps < 1 or a.depth < 0 or a.image_size < 0:
+    raise cli.InputError("--batch and --steps must be >= 1, --depth and --image_size >= 0")
   if a.profile:
     # its own learner: the timing below then reports a real (uncached) compile time
     vcfg = vit_config(a.model, a.depth, a.image_size)

@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict()
   c.method.name = "ntkcl"            # ntkcl | channel | patch | simplecil | seq_adapter
   c.method.variant = "official"      # official | corrected
-  # Corrected-mode switches (spec method.md 10); each fixes one oddity, all off = official.
+  # Corrected-mode switches (docs/method.md §10); each fixes one oddity, all off = official.
   c.method.fix_fusion = False
   c.method.fix_nce_sign = False
   c.method.fix_orth = False
@@ -77,6 +77,4 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 200
   c.train.keep_checkpoints = 2
   c.train.log_every_steps = 10
-  c.train.record_ntk = False         # ntk_analysis kernels at task boundaries (WORKDIR/ntk/task<t>)
-  c.train.record_ntk_per_task = 8    # images per task in those kernels
   return c

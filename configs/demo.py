@@ -8,7 +8,10 @@ for where the images and the backbone come from.
 
 COMMAND:
   python -m ntkcl_jax.train                 # same as --config=configs/demo.py
-Args: `source=zip|tfds` forces the image source (default: the archives when present).
+Args: `source=zip|bundled|tfds` forces the image source. By default (`auto`) the Imagenette
+archives of ../shared/data ($NTKCL_SHARED_DATA) when present, else the same images, downscaled,
+shipped in the package (ntkcl_jax/data/demo_images), so the run works offline anywhere; the
+launcher's `data:` line names the source used.
 """
 from configs import dinov2s_real
 from configs.config_args import parse_arg

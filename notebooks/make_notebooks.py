@@ -27,12 +27,12 @@ import numpy as np
 import jax
 repo = os.path.abspath(os.path.join(os.getcwd(), "..")) if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
 sys.path.insert(0, repo)
-from ntkcl_jax import train
+from ntkcl_jax import config_files, train
 print(jax.devices())"""
 
 TRAIN = """# A class-incremental run: the tiny config (CPU fallback) or the real-image demo.
 cfg_file = "tiny.py" if SCALE == "tiny" else "demo.py"
-config = train.load_config_file(os.path.join(repo, "configs", cfg_file))
+config = config_files.load_config_file(os.path.join(repo, "configs", cfg_file))
 config.train.mesh_data = 1
 workdir = os.environ.get("NTKCL_NB_WORKDIR") or tempfile.mkdtemp(prefix="ntkcl_nb_")
 results = train.run(config, workdir, progress=False)
@@ -40,8 +40,8 @@ print("average incremental accuracy", results["avg_incremental_accuracy"],
       "last accuracy", results["last_accuracy"])"""
 
 NTK = """# Empirical NTKs over the trainable PEFT parameters, one joint kernel per view, sliced by task.
-from ntk_analysis import run as ntk_run
-report = ntk_run.analyse(workdir, n_per_task=4 if SCALE == "tiny" else 32, num_probes=8,
+from ntk_analysis import analyse
+report = analyse.analyse(workdir, n_per_task=4 if SCALE == "tiny" else 32, num_probes=8,
                          views=("fused", "channel", "patch", "all"))
 for pair, m in report["views"]["fused"]["pairs"].items():
     print(f"tasks {pair}: inter-task |K_st| = {m['frob']:.3g}, alignment rho = {m['rho']:.3f}")"""
@@ -64,39 +64,35 @@ for key in ("check_a_overlap_vs_forgetting", "check_c_views"):
         print(key, "\\n  prediction:", c.get("prediction"), "\\n  holds:", c.get("holds"))
         display(__import__("pandas").DataFrame(c["table"]))"""
 
-COMPARE = """# (b) official vs corrected orthogonality term: inter-task alignment of two runs.
-from ntk_analysis import checks, joint
-runs = {}
-for name, overrides in (("official", {}), ("fix_orth", {"variant": "corrected", "fix_orth": True})):
-    c = train.load_config_file(os.path.join(repo, "configs", cfg_file))
-    c.train.mesh_data = 1
-    for k, v in overrides.items():
-        c.method[k] = v
-    wd = os.path.join(workdir + "_" + name)
-    train.run(c, wd, progress=False)
-    r = ntk_run.analyse(wd, n_per_task=4 if SCALE == "tiny" else 32, views=("fused",))
-    runs[name] = joint.JointKernel.load(os.path.join(wd, "ntk", "kernel_fused.npz"))
-out = checks.compare_runs(runs)
-print("prediction:", out["prediction"])
+COMPARE = """# (b) the orthogonality term: two runs with dis_temp 1e-4 (the default) and 1e-3, each with
+# kernels at every task end (computed from the saved task-end checkpoints).
+from ntk_analysis import experiments
+from scripts import theory
+orth_root = workdir + "_orth"
+runs = {theory.train_run(config, orth_root, ov, config.seed, {"train.checkpoint_every_steps": 0},
+                         n_per_task=4 if SCALE == "tiny" else 16): ov
+        for ov in ({}, {"method.dis_temp": 1e-3})}
+out = experiments.orthogonality(runs)
+print("prediction:", out["prediction"], "\\nmeasured:", out["measured"])
 __import__("pandas").DataFrame(out["table"])"""
 
 
 LAZY = """# (d) Lazy regime: a run checkpointed at every step; kernel distance to each task's starting
 # kernel and the linearisation error between consecutive checkpoints.
 from IPython.display import Image, display
-from ntk_analysis import theory
+from ntk_analysis import analyse, experiments
+from scripts import theory
 lazy_root = workdir + "_lazy"
-wd = theory.train_run(config, lazy_root, {"train.checkpoint_every_steps": 1}, config.seed,
-                      extra_train={"train.keep_checkpoints": 100000})
-d = theory.lazy_regime(wd, n_per_task=2 if SCALE == "tiny" else 8,
-                       plot_path=os.path.join(lazy_root, "theory_d.png"))
+wd = theory.train_run(config, lazy_root, {"train.checkpoint_every_steps": 1}, config.seed)
+d = experiments.lazy_regime(analyse.every_checkpoint(wd, n_per_task=2 if SCALE == "tiny" else 8),
+                            plot_path=os.path.join(lazy_root, "theory_d.png"))
 print("prediction:", d["prediction"], "\\nmeasured:", d["measured"], "\\nholds:", d["holds"])
 display(Image(os.path.join(lazy_root, "theory_d.png")))"""
 
 SWEEPS = """# (b), (c), (f) and the rest as sweeps of training runs: one command, resumable, tiny or paper
 # scale by the config (this cell only prints it; each sweep trains 6-9 runs).
-print("python -m ntk_analysis.theory --config=configs/tiny.py:data=digits --root=workdirs/theory_tiny")
-print("python -m ntk_analysis.theory --config=configs/cifar100_in21k.py --root=workdirs/theory_b16 --seeds=0,1,2")"""
+print("python scripts/theory.py --config=configs/tiny.py:data=digits --root=workdirs/theory_tiny")
+print("python scripts/theory.py --config=configs/ntkcl_benchmarks.py:benchmark=cifar100,backbone=in21k --root=workdirs/theory_b16 --seeds=0,1,2")"""
 
 
 def write(name, cells):
@@ -115,7 +111,7 @@ if __name__ == "__main__":
   write("theory_checks.ipynb", [
       "# Theory checks: the paper's generalisation-gap story against training\n\n(a) inter-task "
       "overlap vs forgetting, (b) the orthogonality term's effect, (c) one view vs three views, "
-      "(d) the lazy-regime check, (e) per-task spectra (spec ntk_analysis.md 4); the sweeps of "
-      "(b), (c) and (f) over many runs are `python -m ntk_analysis.theory`.",
+      "(d) the lazy-regime check, (e) per-task spectra (docs/ntk_theory.md §4); the sweeps of "
+      "(b), (c) and (f) over many runs are `python scripts/theory.py`.",
       INSTALL, SETUP, TRAIN, NTK, CHECKS, COMPARE, LAZY, SWEEPS])
   print("wrote notebooks")

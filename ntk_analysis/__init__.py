@@ -1,8 +1,9 @@
 """Empirical NTKs of NTK-CL runs over the trainable PEFT parameters (docs/ntk_design.md).
 
     from ntk_analysis import kernels
-    K = kernels.empirical_ntk(f, peft_params, x1, x2)      # f(params, x) -> (N, O)
+    kernel_fn = kernels.ntk_fn(f, trace=True)     # f(params, x) -> (N, O)
+    K = kernel_fn(peft_params, x1, x2)
 
-Modules: kernels, nt_compat/nt_backend (neural-tangents), readouts, peft, joint, metrics,
-linearized, experiments, plots, benchmark.
+Modules: kernels (ntk_fn), readouts, param_groups, joint, metrics, linearized, experiments (a)-(f),
+plots, analyse (CLI: kernels of a run's checkpoints), nt_compat (neural-tangents), benchmark.
 """

@@ -1,18 +1,25 @@
 """JointKernel: one kernel over stacked per-task subsets, sliced into intra/inter-task blocks.
 
-Spec ntk_analysis.md decision 5 and 3.2 "Data": the subset indices per task are drawn once from
-(seed, task), stored with K and the metadata (checkpoint id, method, readout, probe seed, PEFT
-groups, P), so kernels at different checkpoints are over exactly the same images.
+The subset indices per task are drawn once from (seed, task), stored with K and the metadata
+(checkpoint id, method, readout, probe seed, PEFT groups, P), so kernels at different checkpoints
+are over exactly the same images (docs/ntk_theory.md §3.2 "Data"). A run's task-end kernels live
+at task_end_path(workdir, t).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ntk_analysis import kernels
+from ntk_analysis import kernels, metrics
+
+
+def task_end_path(workdir: str, task: int, view: str = "fused") -> str:
+  """Where `python -m ntk_analysis.analyse --task_ends` writes the kernel at the end of `task`."""
+  return os.path.join(workdir, "ntk", f"task{task}", f"kernel_{view}.npz")
 
 
 def subset_indices(seed: int, task: int, population: int, n: int) -> np.ndarray:
@@ -48,6 +55,15 @@ class JointKernel:
   def inter(self) -> dict:
     return {(s, t): self.block(s, t) for s in self.tasks for t in self.tasks if s < t}
 
+  def alignment(self, s, t) -> float:
+    """rho(s, t) = ||K_st|| / sqrt(||K_ss|| ||K_tt||) (metrics.alignment of the blocks)."""
+    return metrics.alignment(self.block(s, s), self.block(t, t), self.block(s, t))
+
+  def mean_inter_alignment(self) -> float:
+    """Mean rho over the task pairs s < t (NaN with one task)."""
+    rho = [self.alignment(s, t) for s, t in self.inter()]
+    return float(np.mean(rho)) if rho else float("nan")
+
   def save(self, path: str) -> None:
     """.npz with K, task_index, per-task indices and JSON metadata."""
     arrays = {"k": self.k, "task_index": self.task_index}
@@ -65,12 +81,13 @@ class JointKernel:
 def compute(f: Callable, params, task_data: Mapping[int, np.ndarray], *, n: int, seed: int,
             checkpoint: str = "", readout: str = "", probe_seed: Optional[int] = None,
             groups: Sequence[str] = (), **ntk_kwargs) -> JointKernel:
-  """Draws n images per task from (seed, task), stacks them and computes one joint kernel."""
+  """Draws n images per task from (seed, task), stacks them and computes one joint kernel;
+  `ntk_kwargs` configure kernels.ntk_fn."""
   tasks = sorted(task_data)
   indices = {t: subset_indices(seed, t, len(task_data[t]), n) for t in tasks}
   x = np.concatenate([np.asarray(task_data[t])[indices[t]] for t in tasks])
   task_index = np.repeat(np.asarray(tasks), n)
-  k = kernels.empirical_ntk(f, params, x, **ntk_kwargs)
+  k = kernels.ntk_fn(f, **ntk_kwargs)(params, x)
   meta = {"checkpoint": checkpoint, "method": ntk_kwargs.get("method", "jacobian"),
           "trace": ntk_kwargs.get("trace", True), "readout": readout, "probe_seed": probe_seed,
           "groups": list(groups), "P": kernels.num_params(params), "seed": seed, "n": n,

@@ -1,4 +1,4 @@
-"""Linearised predictors from kernel blocks (spec ntk_analysis.md 3.4), host float64.
+"""Linearised predictors from kernel blocks (docs/ntk_theory.md §3.4), host float64.
 
 kernel_ridge     f(x*) = f0(x*) + K(x*,X) (K + lam I)^-1 (Y - f0(X))
 gd_mse           discrete GD on the sum-of-squares loss, step eta, t steps (train and test)
@@ -83,7 +83,7 @@ def gd_mse_continuous(k_train, k_test_train, y, f0_train, f0_test, eta: float, t
 
 def recursive_cl(kernels_per_task, train_rows, test_rows, targets, f0, *, lam: float = 1e-3,
                  mode: str = "ridge", eta: float = 0.1, steps: int = 100) -> np.ndarray:
-  """Predicted accuracy matrix A_hat[t, tau] (spec 3.4, Bennani/Doan recursion).
+  """Predicted accuracy matrix A_hat[t, tau] (docs/ntk_theory.md §3.4, Bennani/Doan recursion).
 
   kernels_per_task[t]: a joint kernel over all rows (train and test subsets of every task) taken
   at theta_t^0 (pass the same kernel T times for the lazy picture, refreshed ones for semi-lazy).

@@ -1,4 +1,4 @@
-"""Kernel metrics (spec ntk_analysis.md 2.2), all on host float64 numpy.
+"""Kernel metrics (docs/ntk_theory.md §2.2), all on host float64 numpy.
 
 Blocks of a joint kernel: K_tt (intra-task), K_st (inter-task). Definitions:
   frob(K)                 Frobenius norm
@@ -7,10 +7,13 @@ Blocks of a joint kernel: K_tt (intra-task), K_st (inter-task). Definitions:
   kernel_distance(K1,K2)  S = 1 - <K1, K2>_F / (||K1|| ||K2||)   (Fort et al. 2020)
   kta(K, y)               kernel-target alignment <K, Y Y^T>_F / (||K|| ||Y Y^T||)
   principal_angles        between the tangent feature spaces of two tasks, from kernel blocks
+and the statistics the experiments share: forgetting_per_task, spearman, loglog_slope.
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
+import pandas as pd
 
 
 def frob(k) -> float:
@@ -103,7 +106,7 @@ def block_report(k_joint, task_index, labels=None) -> dict:
 
 
 def effective_rank_trace(k) -> float:
-  """r_eff = (tr K)^2 / ||K||_F^2 (spec 2.2); r_eff(I_n) = n."""
+  """r_eff = (tr K)^2 / ||K||_F^2 (docs/ntk_theory.md §2.2); r_eff(I_n) = n."""
   k = np.asarray(k, np.float64)
   f = frob(k)
   return float(np.trace(k) ** 2 / f ** 2) if f > 0 else 0.0
@@ -115,7 +118,7 @@ def condition_number(k) -> float:
 
 
 def tangent_cosines(k_joint) -> np.ndarray:
-  """c(x, x') = K(x, x') / sqrt(K(x, x) K(x', x')) (spec 2.2)."""
+  """c(x, x') = K(x, x') / sqrt(K(x, x) K(x', x')) (docs/ntk_theory.md §2.2)."""
   k = np.asarray(k_joint, np.float64)
   d = np.sqrt(np.clip(np.diag(k), 1e-300, None))
   return k / np.outer(d, d)
@@ -123,7 +126,7 @@ def tangent_cosines(k_joint) -> np.ndarray:
 
 def principal_angles_blocks(k_ss, k_tt, k_st, rank: int = None, eps: float = 1e-10) -> np.ndarray:
   """cos theta_i = sigma_i(M), M = L_s^-1/2 U_s^T K_st U_t L_t^-1/2 from the top-r eigenpairs of
-  K_ss and K_tt (spec 2.2): Doan et al.'s overlap V_s^T V_t without P-dim vectors."""
+  K_ss and K_tt (docs/ntk_theory.md §2.2): Doan et al.'s overlap V_s^T V_t without P-dim vectors."""
   def top(k):
     w, u = np.linalg.eigh((np.asarray(k, np.float64) + np.asarray(k, np.float64).T) / 2)
     w, u = w[::-1], u[:, ::-1]
@@ -138,7 +141,7 @@ def principal_angles_blocks(k_ss, k_tt, k_st, rank: int = None, eps: float = 1e-
 
 
 def predicted_interference(k_st, k_tt, residual_t, lam: float) -> tuple[np.ndarray, float]:
-  """D(s<-t) = K_st (K_tt + lam I)^-1 R_t and F_hat = ||D||^2 / n_s (spec 2.2, MSE ridge)."""
+  """D(s<-t) = K_st (K_tt + lam I)^-1 R_t and F_hat = ||D||^2 / n_s (docs/ntk_theory.md §2.2, MSE ridge)."""
   k_tt = np.asarray(k_tt, np.float64)
   r = np.asarray(residual_t, np.float64)
   d = np.asarray(k_st, np.float64) @ np.linalg.solve(k_tt + lam * np.eye(len(k_tt)), r)
@@ -146,7 +149,7 @@ def predicted_interference(k_st, k_tt, residual_t, lam: float) -> tuple[np.ndarr
 
 
 def complexity(k_tt, residual_t, lam: float) -> float:
-  """C_t(lam) = (1/n) sqrt(R^T (K+lam I)^-1 K (K+lam I)^-1 R * tr K) (spec 2.2)."""
+  """C_t(lam) = (1/n) sqrt(R^T (K+lam I)^-1 K (K+lam I)^-1 R * tr K) (docs/ntk_theory.md §2.2)."""
   k = np.asarray(k_tt, np.float64)
   r = np.asarray(residual_t, np.float64).reshape(len(k), -1)
   a = np.linalg.solve(k + lam * np.eye(len(k)), r)
@@ -159,11 +162,34 @@ def relative_change(k_old, k_new) -> float:
 
 
 def linearisation_error(f, params_0, params_1, x) -> float:
-  """e_lin = ||f(p1) - f(p0) - J(p0)(p1 - p0)|| / ||f(p1) - f(p0)|| (spec 2.2): one JVP."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """e_lin = ||f(p1) - f(p0) - J(p0)(p1 - p0)|| / ||f(p1) - f(p0)|| (docs/ntk_theory.md §2.2): one JVP."""
   delta = jax.tree_util.tree_map(lambda a, b: b - a, params_0, params_1)
   y0, jd = jax.jvp(lambda p: f(p, x), (params_0,), (delta,))
   y1 = f(params_1, x)
   num = np.linalg.norm(np.asarray(y1 - y0 - jd, np.float64))
   den = np.linalg.norm(np.asarray(y1 - y0, np.float64))
   return float(num / den) if den > 0 else 0.0
+
+
+def forgetting_per_task(acc) -> np.ndarray:
+  """max_{t < T-1} A[t, s] - A[T-1, s] for each task s < T-1 (max-based, as results.json)."""
+  a = np.asarray(acc, np.float64)
+  last = a.shape[0] - 1
+  return np.array([np.nanmax(a[s:last, s]) - a[last, s] for s in range(last)])
+
+
+def spearman(x, y) -> float:
+  """Spearman rank correlation (average ranks for ties); NaN below 3 points or if constant."""
+  x, y = pd.Series(list(x), dtype=float), pd.Series(list(y), dtype=float)
+  if len(x) < 3 or x.nunique() < 2 or y.nunique() < 2:
+    return float("nan")
+  return float(np.corrcoef(x.rank(), y.rank())[0, 1])
+
+
+def loglog_slope(x, y) -> float:
+  """Least-squares slope of log y on log x over the points with x, y > 0 (NaN if under 2)."""
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  ok = (x > 0) & (y > 0)
+  if ok.sum() < 2 or len(set(x[ok])) < 2:
+    return float("nan")
+  return float(np.polyfit(np.log(x[ok]), np.log(y[ok]), 1)[0])

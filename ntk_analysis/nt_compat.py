@@ -1,4 +1,4 @@
-"""Makes neural-tangents 0.6.5 importable and correct on our pinned jax 0.10.1 (spec env.md App. A).
+"""Makes neural-tangents 0.6.5 importable and correct on our pinned jax 0.10.1.
 
 neural-tangents' last release predates JAX 0.6; importing it fails on (1) jaxpr types removed
 from `jax.core`, (2) `jax.util.safe_map/safe_zip` removed, (4) its TensorFlow bridge
@@ -6,16 +6,23 @@ from `jax.core`, (2) `jax.util.safe_map/safe_zip` removed, (4) its TensorFlow br
 `cost_analysis()` as a list. (3)/(5): STRUCTURED_DERIVATIVES reads JAX internals that moved.
 `import_neural_tangents()` installs the shims (idempotent) and returns the module, or raises
 ImportError saying why. It touches JAX internals: this is why jax is pinned (setup.py).
+`empirical_ntk` is neural-tangents' empirical kernel with our conventions (kernels.ntk_fn's
+backend='neural_tangents'): traced = mean over the last output axis, full = (N1, N2, O, O),
+float64 host array.
 """
 from __future__ import annotations
 
 import builtins
 import sys
 import types
+from typing import Callable
 
 import jax
+import numpy as np
 
 SUPPORTED_JAX = ("0.10.1",)
+IMPLEMENTATIONS = {0: "AUTO", 1: "JACOBIAN_CONTRACTION", 2: "NTK_VECTOR_PRODUCTS",
+                   3: "STRUCTURED_DERIVATIVES"}
 _INSTALLED = False
 
 
@@ -176,6 +183,16 @@ def import_neural_tangents():
   _patch_cost_analysis(nt)
   _patch_structured_derivatives()
   return nt
+
+
+def empirical_ntk(g: Callable, params, x1, x2=None, *, trace: bool = True,
+                  implementation: int = 1, dtype=np.float64) -> np.ndarray:
+  """nt.empirical_ntk_fn(g, trace_axes=(-1,) or (), vmap_axes=0, implementation)(x1, x2, params)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation}; one of {IMPLEMENTATIONS}")
+  fn = import_neural_tangents().empirical_ntk_fn(g, trace_axes=(-1,) if trace else (),
+                                                 vmap_axes=0, implementation=implementation)
+  return np.asarray(fn(x1, x2, params), dtype)
 
 
 del builtins

@@ -1,7 +1,10 @@
-"""Readouts: which f(params, x) to differentiate (spec ntk_analysis.md 3.3).
+"""Readouts: which f(params, x) to differentiate (docs/ntk_theory.md §3.3).
 
-All take a feature function phi(params, x) -> (B, D) (the fused feature m, or c, or p) and return
-f(params, x) -> (B, O) for kernels.empirical_ntk, or (B, V, O) for multi-view stacks.
+Generic ones take a function phi(params, x) -> (B, D) (features or logits) and return
+f(params, x) -> (B, O) for kernels.ntk_fn, or (B, V, O) for multi-view stacks. One probe
+convention for sketches: probes (D, R) with N(0, 1/D) entries (sketch_probes), and the traced
+kernel (mean over the R outputs) of V^T phi, an unbiased estimate of phi's traced NTK; probes = I
+give it exactly. `model_readout` is the feature sketch of an NTK-CL run's learner state.
 """
 from __future__ import annotations
 
@@ -11,6 +14,11 @@ from typing import Callable, Sequence
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from ntkcl_jax.models import ntkcl
+
+VIEWS = ("channel", "patch", "fused")
 
 Readout = Callable[[object, jax.Array], jax.Array]
 
@@ -19,6 +27,12 @@ def sketch_probes(key, dim: int, num_probes: int) -> jax.Array:
   """(D, R) fixed probes with N(0, 1/D) entries, drawn once and shared across tasks and
   checkpoints: the traced (mean over R) kernel of V^T phi is unbiased for the feature-traced NTK."""
   return jax.random.normal(key, (dim, num_probes)) / math.sqrt(dim)
+
+
+def probes(dim: int, num_probes: int, seed: int = 0) -> np.ndarray:
+  """sketch_probes of PRNGKey(seed) as a host array: the probes of one study (every task and
+  checkpoint of a run shares them)."""
+  return np.asarray(sketch_probes(jax.random.PRNGKey(seed), dim, num_probes))
 
 
 def feature_sketch(phi: Readout, probes) -> Readout:
@@ -78,3 +92,37 @@ def multiview(views: Sequence[Readout]) -> Readout:
   def f(params, x):
     return jnp.stack([v(params, x) for v in views], axis=1)
   return f
+
+
+def inert_fusion_parameters(spec) -> tuple:
+  """Trainable leaves whose Jacobian is identically zero: the single-key attention fusion's query
+  and key (softmax over one key is exactly 1, docs/method.md §1.5). Leaving them out of the
+  differentiated tree changes no kernel entry and saves their Jacobian's memory."""
+  if spec.method == "ntkcl" and spec.fusion == "attention" and not spec.switches.fix_fusion:
+    return ("query", "key")
+  return ()
+
+
+def model_readout(learner, state, view: str, probe_matrix):
+  """(f, params) of an NTK-CL learner state: f(params, x) -> (N, R) feature sketch of a view, or
+  (N, 3R) for view='all' (the three views stacked: its traced kernel is the mean of theirs).
+
+  `params` is the trainable PEFT tree minus `inert_fusion_parameters`, which f closes over, as it
+  does the frozen backbone."""
+  spec, backbone, frozen = learner.spec, learner.backbone, learner.frozen(state)
+  params = learner.trainable(state)
+  inert = {k: params["fusion"][k] for k in inert_fusion_parameters(spec)}
+  if inert:
+    params = dict(params, fusion={k: v for k, v in params["fusion"].items() if k not in inert})
+  v = jnp.asarray(probe_matrix)
+  if view != "all" and view not in VIEWS:
+    raise ValueError(f"view={view!r}; one of {VIEWS + ('all',)}")
+
+  def f(p, x):
+    if inert:
+      p = dict(p, fusion=dict(p["fusion"], **inert))
+    feats = ntkcl.features(spec, backbone, p, frozen, x, train=False)
+    if view == "all":
+      return jnp.concatenate([feats[k] @ v for k in VIEWS], axis=-1)
+    return feats[view] @ v
+  return f, params

@@ -1,6 +1,6 @@
-"""NTK-CL loss terms (spec method.md section 2), pure functions with masks for padded rows.
+"""NTK-CL loss terms (docs/method.md section 2), pure functions with masks for padded rows.
 
-L = CE_c + CE_p + CE_m + nce_temp * L_mi + dis_temp * L_orth + reg_temp * L_reg   (spec 2)
+L = CE_c + CE_p + CE_m + nce_temp * L_mi + dis_temp * L_orth + reg_temp * L_reg   (docs/method.md §2)
 Every term takes a boolean `mask` (B,) so padded rows of the last batch do not count.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ def masked_mean(x, mask):
 
 
 def cross_entropy(logits, labels, mask):
-  """Mean CE over valid rows (F.cross_entropy, mean reduction; spec 2.2)."""
+  """Mean CE over valid rows (F.cross_entropy, mean reduction; docs/method.md §2.2)."""
   chex.assert_rank(logits, 2)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
@@ -38,7 +38,7 @@ def _lse_masked(x, m):
 
 
 def nce(z, labels, mask, tau: float = 0.1):
-  """The official nce_loss (spec 2.3), returns (value, has_positive).
+  """The official nce_loss (docs/method.md §2.3), returns (value, has_positive).
 
   NCE = -log sum_{(i,j) in Pos} exp(S_ij) + (1/n) sum_i log sum_{j != i} exp(S_ij), S = cos / tau,
   Pos = ordered pairs i != j with equal labels, n = number of valid rows. Without any positive pair
@@ -63,11 +63,11 @@ def nce(z, labels, mask, tau: float = 0.1):
 
 
 def orth_basis(prototypes, k: int, *, corrected: bool, rtol: float = 1e-6):
-  """B (D, k) for the orthogonality term (spec 2.4), computed once per task.
+  """B (D, k) for the orthogonality term (docs/method.md §2.4), computed once per task.
 
   A = column-normalised prototypes^T (zero rows stay 0); B = first k left singular vectors.
   corrected: columns whose singular value is ~0 (zero prototypes / SVD completion) are zeroed,
-  so B spans only what the prototypes actually span (spec 10 switch 3).
+  so B spans only what the prototypes actually span (docs/method.md §10 switch 3).
   """
   a = peft.l2_normalize(prototypes, axis=-1).T
   u, s, _ = jnp.linalg.svd(a, full_matrices=True)
@@ -81,7 +81,7 @@ def orth_basis(prototypes, k: int, *, corrected: bool, rtol: float = 1e-6):
 
 
 def orth_official(c, p, basis, mask):
-  """Signed element sum of r(x) = x_hat - x_hat B B^T over c and p (spec 2.4; a linear term)."""
+  """Signed element sum of r(x) = x_hat - x_hat B B^T over c and p (docs/method.md §2.4; a linear term)."""
   def r(x):
     xn = peft.l2_normalize(x)
     return xn - (xn @ basis) @ basis.T
@@ -90,7 +90,7 @@ def orth_official(c, p, basis, mask):
 
 
 def orth_corrected(c, p, basis, mask):
-  """Overlap penalty sum_b ||x_hat_b B||^2 for x in {c, p} (our fix_orth form, spec 10 switch 3)."""
+  """Overlap penalty sum_b ||x_hat_b B||^2 for x in {c, p} (our fix_orth form, docs/method.md §10 switch 3)."""
   def ov(x):
     return jnp.sum(jnp.square(peft.l2_normalize(x) @ basis), -1)
   rows = ov(c) + ov(p)
@@ -98,7 +98,7 @@ def orth_corrected(c, p, basis, mask):
 
 
 def is_weight_official(path: str) -> bool:
-  """Official reg selects parameters whose PyTorch name contains 'weight' (spec 2.5): Linear
+  """Official reg selects parameters whose PyTorch name contains 'weight' (docs/method.md §2.5): Linear
   weights (our 'kernel') and LayerNorm weights (our prompt_norm 'scale'); never biases."""
   leaf = path.rsplit("/", 1)[-1]
   return leaf == "kernel" or (leaf == "scale" and "prompt_norm" in path)
@@ -106,7 +106,7 @@ def is_weight_official(path: str) -> bool:
 
 def l2_reg(params, ref, *, all_params: bool,
            selector: Callable[[str], bool] = is_weight_official):
-  """sum ||theta - theta_ref||^2 (no 1/2, no mean; spec 2.5); fix_l2_all includes biases."""
+  """sum ||theta - theta_ref||^2 (no 1/2, no mean; docs/method.md §2.5); fix_l2_all includes biases."""
   fp, fr = tree_utils.flatten(params), tree_utils.flatten(ref)
   total = jnp.zeros(())
   for k, v in fp.items():
@@ -116,7 +116,7 @@ def l2_reg(params, ref, *, all_params: bool,
 
 
 def finite_or_zero(x):
-  """torch.nan_to_num(x, 0, 0, 0) on a scalar loss term (spec 2.3 guard). The gradient is zero
+  """torch.nan_to_num(x, 0, 0, 0) on a scalar loss term (docs/method.md §2.3 guard). The gradient is zero
   where the value is replaced, provided the term's own computation has finite partials (as
   `nce` guarantees with its masked double-where); like torch, it cannot repair inner infs."""
   ok = jnp.isfinite(x)

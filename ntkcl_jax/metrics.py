@@ -1,6 +1,6 @@
 """Continual-learning metrics from the accuracy matrix, with the definitions written down.
 
-Notation (shared spec anchors.md 5). Tasks are indexed from 0. R is a (T, T) array in percent:
+Notation. Tasks are indexed from 0. R is a (T, T) array in percent:
 R[t, s] = top-1 accuracy, with the full class-incremental head over all classes seen so far, on the
 test images of the classes of task s, measured right after training task t. Entries with s > t
 are NaN (not yet seen). A_t is the accuracy after task t over *all* test images of the classes seen

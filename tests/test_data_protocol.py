@@ -1,4 +1,4 @@
-"""Class order and task splits against the official code's numpy draw (spec method.md 3.2)."""
+"""Class order and task splits against the official code's numpy draw (docs/method.md §3.2)."""
 import numpy as np
 import pytest
 
@@ -15,7 +15,7 @@ def test_class_order_equals_official_numpy_draw(seed, num_classes):
 
 
 def test_class_order_seed0_matches_spec_listing():
-  # First classes listed in spec method.md 3.2 (taken from the official runs).
+  # First classes listed in docs/method.md §3.2 (taken from the official runs).
   assert protocol.class_order(100, "seed", 0)[:10].tolist() == [26, 86, 2, 55, 75, 93, 16, 73,
                                                                 54, 95]
   assert protocol.class_order(200, "seed", 0)[:10].tolist() == [18, 170, 107, 98, 177, 182, 5,

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from ntkcl_jax import data as data_lib
-from ntkcl_jax import train
-
+from ntkcl_jax import config_files
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,22 +28,24 @@ def test_tiny_with_seed_override_from_another_directory(tmp_path):
   assert out["class_order"] == order
   assert out["task_classes"] == [order[0:2], order[2:4], order[4:6]]
   # counts equal those of the stream built from the same config
-  c = train.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
+  c = config_files.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
   c.seed = 3
   assert out["counts"] == data_lib.build_stream(c).counts
 
 
 def test_cifar100_counts_known_without_data():
-  r = _show("--config=configs/cifar100_in21k.py", "--config.data.data_dir=/nonexistent")
+  r = _show("--config=configs/ntkcl_benchmarks.py:benchmark=cifar100,backbone=in21k",
+            "--config.data.data_dir=/nonexistent")
   assert r.returncode == 0, r.stderr
   out = json.loads(r.stdout)
-  assert out["class_order"][:10] == [26, 86, 2, 55, 75, 93, 16, 73, 54, 95]  # spec method.md 3.2
+  assert out["class_order"][:10] == [26, 86, 2, 55, 75, 93, 16, 73, 54, 95]  # docs/method.md §3.2
   assert out["counts"] == {"train": [5000] * 10, "test": [1000] * 10}
   assert "no data was read" in out["counts_from"]
 
 
 def test_unknown_per_task_counts_are_null_with_totals():
-  r = _show("--config=configs/imagenet_r_in21k.py", "--config.data.data_dir=/nonexistent")
+  r = _show("--config=configs/ntkcl_benchmarks.py:benchmark=imagenet_r,backbone=in21k",
+            "--config.data.data_dir=/nonexistent")
   assert r.returncode == 0, r.stderr
   out = json.loads(r.stdout)
   assert out["num_tasks"] == 10 and out["counts"]["train"] == [None] * 10
@@ -61,7 +62,7 @@ def test_demo_counts_from_archives(shared_data):
   r = _show("--config=configs/demo.py")
   assert r.returncode == 0, r.stderr
   out = json.loads(r.stdout)
-  c = train.load_config_file(os.path.join(REPO, "configs", "demo.py"))
+  c = config_files.load_config_file(os.path.join(REPO, "configs", "demo.py"))
   if c.data.source != "zip":
     pytest.skip("demo config does not use the archives here")
   assert out["counts"] == data_lib.build_stream(c).counts

@@ -10,14 +10,14 @@ import pytest
 from PIL import Image
 
 from ntkcl_jax import data as data_lib
-from ntkcl_jax import train
+from ntkcl_jax import config_files
 from ntkcl_jax.data import benchmarks, sources, summary, transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(name, source, num_classes, data_dir="", size=16, init=2, inc=2):
-  c = train.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
+  c = config_files.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
   c.model.image_size = size
   c.data.name, c.data.source, c.data.data_dir = name, source, data_dir
   c.data.num_classes, c.data.init_cls, c.data.increment = num_classes, init, inc
@@ -186,7 +186,7 @@ def test_offline_archives_counts(shared_data, folder, name, per_class_train):
   img = s.test_set.image(0)
   assert img.ndim == 3 and img.shape[-1] == 3 and img.dtype == np.uint8
   if folder == "imagenette":
-    assert min(img.shape[:2]) == 224  # short side 224 px (data.md 2)
+    assert min(img.shape[:2]) == 224  # short side 224 px (../shared/data/README.md)
   else:
     assert img.shape == (32, 32, 3)
   b = next(iter(s.train_batches(0, 0, 4)))
@@ -314,3 +314,109 @@ def test_example_rng_depends_on_seed_epoch_and_index_only():
   assert len({box(0, 0, i) for i in range(20)}) == 20  # every example its own crop
   assert len({box(s, 0, 3) for s in range(20)}) == 20
   assert len({box(0, e, 3) for e in range(20)}) == 20
+
+
+# -- the demo images shipped in the package, and how the demo picks its source -----------------
+BUNDLED = os.path.join(REPO, "ntkcl_jax", "data", "demo_images")
+
+
+def _demo(arg, monkeypatch, shared):
+  """configs/demo.py as the launcher loads it, with the archives looked for in `shared`."""
+  from configs import dinov2s_real  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(dinov2s_real, "SHARED_DATA", str(shared))
+  return config_files.load_config_file(os.path.join(REPO, "configs", "demo.py") + (f":{arg}" if arg
+                                                                            else ""))
+
+
+def test_bundled_demo_set_is_what_its_manifest_says():
+  manifest = json.loads(open(os.path.join(BUNDLED, "MANIFEST.json")).read())
+  total = 0
+  for key, per_class, short in (("imagenette/train.zip", 30, 112), ("imagenette/val.zip", 50, 64)):
+    path = os.path.join(BUNDLED, key)
+    blob = open(path, "rb").read()
+    total += len(blob)
+    assert hashlib.sha256(blob).hexdigest() == manifest[key]["sha256"]
+    s = sources.zip_images(path)
+    assert len(s) == manifest[key]["images"] == 10 * per_class
+    assert np.bincount(s.labels).tolist() == [per_class] * 10
+    assert len(s.class_names) == 10 and all(c.startswith("n0") for c in s.class_names)
+    for i in (0, len(s) - 1):
+      assert min(s.image(i).shape[:2]) == short and s.image(i).shape[2] == 3
+  assert total < 5 * 2 ** 20  # small enough to ship inside the package
+
+
+def test_demo_without_archives_uses_the_bundled_set(tmp_path, monkeypatch):
+  c = _demo("", monkeypatch, tmp_path)  # no imagenette/ under tmp_path
+  assert (c.data.name, c.data.source) == ("imagenette_demo", "zip")
+  assert c.data.data_dir == os.path.join(BUNDLED, "imagenette")
+  s = data_lib.build_stream(c)
+  assert "source=bundled" in s.description and "sha256 verified" in s.description
+  # 5 tasks x 2 classes, 30 training / 50 test images per class: the demo's protocol
+  assert s.counts == {"train": [60] * 5, "test": [100] * 5}
+  assert s.counts == summary.split_summary(c)["counts"]
+  assert s.class_order.tolist() == np.random.RandomState(0).permutation(10).tolist()
+  b = next(iter(s.train_batches(0, 0, 4)))
+  assert b["image"].shape == (4, 56, 56, 3) and np.isfinite(b["image"]).all()
+
+
+def test_forced_sources_and_their_errors(tmp_path, monkeypatch):
+  with pytest.raises(FileNotFoundError, match=r"source=zip: no imagenette/ archives in"):
+    _demo("source=zip", monkeypatch, tmp_path)
+  c = _demo("source=bundled", monkeypatch, tmp_path)
+  assert c.data.name == "imagenette_demo"
+  c = _demo("source=tfds", monkeypatch, tmp_path)
+  assert (c.data.name, c.data.source) == ("imagenette/160px", "tfds")
+  with pytest.raises(ValueError, match="source='nope'"):
+    _demo("source=nope", monkeypatch, tmp_path)
+  from configs import dinov2s_real  # pylint: disable=g-import-not-at-top
+  # more images or pixels than the bundled set holds: auto goes to tfds, a forced bundled errs
+  assert dinov2s_real.pick_source("imagenette", "auto", 56, 31, 50) == "tfds"
+  assert dinov2s_real.pick_source("imagenette", "auto", 112, 30, 50) == "tfds"
+  assert dinov2s_real.pick_source("imagenette", "auto", 56, 20, 50) == "bundled"
+  with pytest.raises(ValueError, match="holds 30 train / 50 test images per class"):
+    dinov2s_real.pick_source("imagenette", "bundled", 56, 0, 50)
+  with pytest.raises(ValueError, match="no demo set of cifar10"):
+    dinov2s_real.pick_source("cifar10", "bundled", 56, 30, 50)
+  monkeypatch.setattr(dinov2s_real, "BUNDLED_DATA", str(tmp_path / "gone"))
+  with pytest.raises(FileNotFoundError, match="make_demo_set"):
+    dinov2s_real.pick_source("imagenette", "bundled", 56, 30, 50)
+
+
+def test_bundled_set_holds_the_images_the_archive_demo_draws(shared_data, monkeypatch):
+  full = data_lib.build_stream(_demo("", monkeypatch, shared_data))
+  assert full.config.data.name == "imagenette_zip" and "source=zip" in full.description
+  small = data_lib.build_stream(_demo("source=bundled", monkeypatch, shared_data))
+  assert small.class_order.tolist() == full.class_order.tolist()
+  assert small.counts == full.counts
+  for split, idx, sidx in (("train", full.train_idx, small.train_idx),
+                           ("test", full.test_idx, small.test_idx)):
+    fs, ss = getattr(full, f"{split}_set"), getattr(small, f"{split}_set")
+    assert ss.class_names == fs.class_names
+    assert [ss.names[i] for i in sidx] == [fs.names[i] for i in idx]  # same files, same order
+    assert (ss.labels[sidx] == fs.labels[idx]).all()
+  # After the test transform a bundled test image is the archive's up to JPEG re-encoding.
+  for k in (0, 123, 499):
+    a = full._eval_image("test", full.test_idx[k])  # pylint: disable=protected-access
+    b = small._eval_image("test", small.test_idx[k])  # pylint: disable=protected-access
+    assert np.abs(a - b).mean() < 0.02, k  # JPEG q90 noise; unrelated images differ by ~0.2
+    other = full._eval_image("test", full.test_idx[(k + 250) % 500])  # pylint: disable=protected-access
+    assert np.abs(other - b).mean() > 0.05
+
+
+def test_demo_set_build_is_deterministic_and_matches_the_shipped_files(shared_data):
+  from ntkcl_jax.tools import make_demo_set  # pylint: disable=g-import-not-at-top
+  first, second = make_demo_set.build(str(shared_data)), make_demo_set.build(str(shared_data))
+  assert first == second
+  for rel, blob in first.items():
+    with open(os.path.join(BUNDLED, rel), "rb") as f:
+      assert f.read() == blob, rel
+
+
+def test_tfds_builders_import_what_they_need(tmp_path):
+  """Building/downloading a tfds dataset goes through DatasetBuilder.code_path, which imports
+  importlib_resources (a tfds dependency tfds does not declare); no network is touched."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  b = tfds.builder("imagenette/160px", data_dir=str(tmp_path))
+  assert os.path.exists(str(type(b).code_path))
+  assert any(u.endswith("imagenette-160.tgz") for u in b.url_infos)
+  from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top,unused-import

@@ -7,7 +7,7 @@ import pytest
 
 from ntkcl_jax import data as data_lib
 from ntkcl_jax import normalization
-from ntkcl_jax import train
+from ntkcl_jax import config_files
 from ntkcl_jax.data import protocol, transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _config(transform="official", per_train=9, per_test=5, classes=6, size=12, seed=0,
             normalize="inception"):
-  c = train.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
+  c = config_files.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
   c.seed = seed
   c.model.image_size = size
   c.model.normalize = normalize

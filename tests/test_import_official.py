@@ -75,7 +75,7 @@ def test_export_of_import_is_identity(variables):
 
 
 def test_imported_modules_compute_what_the_torch_linears_compute(variables):
-  """Channel adapter (spec 1.2) and fusion eval output (spec 1.5) from the official tensors with
+  """Channel adapter (docs/method.md §1.2) and fusion eval output (docs/method.md §1.5) from the official tensors with
   torch's F.linear equal our modules applied to the imported parameters."""
   sd = {k: torch.from_numpy(v) for k, v in official.to_official(variables, 4).items()}
   h = np.random.RandomState(2).randn(3, 5, 32).astype(np.float32)

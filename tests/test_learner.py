@@ -1,40 +1,26 @@
-"""The NTK-CL task loop: EMA closed forms, masking, non-finite guard, fixed state shapes, patch
-fixed point, end-to-end accuracy of every method/variant, bit-identical resume."""
+"""The NTK-CL learner's jitted pieces: EMA closed forms, masking, fixed state shapes, patch fixed
+point, NCE pool; and end-to-end accuracy of every method/variant through the launcher (the real
+data stream on separable synthetic class templates)."""
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import _train_standins as standins
 from configs import base
+from ntkcl_jax import data
 from ntkcl_jax import learner as learner_lib
+from ntkcl_jax import losses
 from ntkcl_jax import sharding
 from ntkcl_jax import train
 from ntkcl_jax import tree_utils
+from ntkcl_jax.checkpoints import runs
+from ntkcl_jax.models import ntkcl
 from ntkcl_jax.models import vit
 
-ALL_FIXES = {s: True for s in learner_lib.SWITCHES}
-
-
-class ColourStream(standins.Stream):
-  """The stand-in stream with easily separable classes (colour + pattern templates, low noise)
-  and the 'proto' split (train images) the learner needs for prototypes."""
-
-  def __init__(self, config, process_index=0, process_count=1):
-    super().__init__(config, process_index, process_count)
-    r = np.random.RandomState(7)
-    size = config.model.image_size
-    tmpl = 0.5 * r.rand(self.num_classes, 1, 1, 3) + 0.5 * r.rand(self.num_classes, size, size, 3)
-    self.train_x = (tmpl[self.train_y] + 0.15 * r.randn(*self.train_x.shape)).astype(np.float32)
-    self.test_x = (tmpl[self.test_y] + 0.15 * r.randn(*self.test_x.shape)).astype(np.float32)
-
-  def eval_batches(self, split, classes, batch_size):
-    if split == "proto":
-      return self._batches(self.train_x, self.train_y, self._idx(self.train_y, classes),
-                           batch_size, 0)
-    return super().eval_batches(split, classes, batch_size)
+ALL_FIXES = {s: True for s in ntkcl.SWITCHES}
 
 
 def make_config(method="ntkcl", variant="official", **method_fields):
@@ -43,6 +29,9 @@ def make_config(method="ntkcl", variant="official", **method_fields):
   c.model.overrides.update(dict(patch_size=4, num_layers=2, hidden_size=32, num_heads=2,
                                 mlp_dim=64))
   c.data.num_classes, c.data.init_cls, c.data.increment = 6, 2, 2
+  c.data.name = c.data.source = "synthetic"
+  c.data.max_per_class_train, c.data.max_per_class_test = 12, 8
+  c.data.train_transform = "none"
   c.optim.update(dict(epochs=2, batch_size=8, eval_batch_size=16, lr=0.05))
   c.method.name, c.method.variant = method, variant
   c.method.update(method_fields)
@@ -50,35 +39,33 @@ def make_config(method="ntkcl", variant="official", **method_fields):
   return c
 
 
-class Recorder:
-  """Hooks that keep every (position, state) the learner hands out."""
-
-  def __init__(self):
-    self.steps, self.ends = [], []
-
-  def on_step(self, state, position, metrics):
-    assert np.isfinite(float(metrics["loss"]))
-    self.steps.append((dict(position), state, {k: float(v) for k, v in metrics.items()}))
-
-  def on_task_end(self, state, position, result):
-    self.ends.append((dict(position), state, result))
-
-
 @functools.lru_cache(maxsize=None)
 def _learner(method, variant, fixes):
   cfg = make_config(method, variant, **dict(fixes))
   mesh = sharding.make_mesh()
-  backbone = vit.init_params(train.vit_config(cfg), jax.random.PRNGKey(0))
-  return learner_lib.Learner(cfg, backbone, mesh), ColourStream(cfg)
+  backbone = vit.init_params(ntkcl.vit_config(cfg), jax.random.PRNGKey(0))
+  return learner_lib.Learner(cfg, backbone, mesh), data.build_stream(cfg)
 
 
-@functools.lru_cache(maxsize=None)
-def _run(method="ntkcl", variant="official", fixes=()):
-  lrn, stream = _learner(method, variant, fixes)
-  init = lrn.init_state(jax.random.PRNGKey(1))
-  rec = Recorder()
-  state, history = lrn.run(stream, init, hooks=rec)
-  return lrn, stream, init, state, history, rec
+@pytest.fixture(scope="module")
+def run_of(tmp_path_factory):
+  """run_of(method, variant, fixes) -> (learner, results, metrics.jsonl records, final state) of
+  a whole run through the launcher (each configuration trained once per module)."""
+  cache = {}
+
+  def get(method="ntkcl", variant="official", fixes=()):
+    if (method, variant, fixes) not in cache:
+      cfg = make_config(method, variant, **dict(fixes))
+      cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints = 0, 1
+      cfg.train.log_every_steps = 1  # a metrics line per step
+      wd = tmp_path_factory.mktemp(f"{method}_{variant}")
+      res = train.run(cfg, str(wd), progress=False)
+      with open(wd / "metrics.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+      _, lrn, state, _ = runs.load_run(str(wd))
+      cache[method, variant, fixes] = lrn, res, lines, state
+    return cache[method, variant, fixes]
+  return get
 
 
 def _assert_trees_identical(a, b):
@@ -92,19 +79,23 @@ def _flat_state(state):
   return {"/".join(map(str, p)): v for p, v in jax.tree_util.tree_leaves_with_path(state)}
 
 
-def test_method_flags_official_forces_switches_off():
+def test_switches_official_forces_all_off():
   cfg = make_config(variant="official", **ALL_FIXES)
-  assert not any(learner_lib.method_flags(cfg).values())
+  assert ntkcl.switches(cfg) == ntkcl.Switches()
+  assert not any(vars(ntkcl.switches(cfg)).values())
   cfg.method.variant = "corrected"
-  assert all(learner_lib.method_flags(cfg).values())
+  assert all(vars(ntkcl.switches(cfg)).values())
+  assert ntkcl.spec_from_config(cfg).switches == ntkcl.switches(cfg)
+  cfg.method.fix_orth = False
+  assert not ntkcl.switches(cfg).fix_orth and ntkcl.switches(cfg).fix_ema
   cfg.method.variant = "fixed"
   with pytest.raises(ValueError, match="official"):
-    learner_lib.method_flags(cfg)
+    ntkcl.switches(cfg)
 
 
 @pytest.mark.parametrize("fix_ema", [False, True])
 def test_frozen_sets_follow_closed_form_after_t_tasks(fix_ema):
-  """spec 3.4: running mean of end-of-task values (official), or copy-then-EMA (fix_ema)."""
+  """docs/method.md §3.4: running mean of end-of-task values (official), or copy-then-EMA (fix_ema)."""
   fixes = (("fix_ema", True), ("ema_decay", 0.7)) if fix_ema else ()
   lrn, _ = _learner("ntkcl", "corrected", fixes)
   state = lrn.init_state(jax.random.PRNGKey(3))
@@ -138,43 +129,31 @@ def test_masked_rows_do_not_change_the_step():
   _assert_trees_identical(outs[0][0]["params"], outs[1][0]["params"])
 
 
-def test_non_finite_loss_raises_before_the_step():
-  lrn, stream = _learner("ntkcl", "official", ())
-
-  class Bad(ColourStream):
-    def train_batches(self, task, epoch, batch_size, start_batch=0):
-      for b in super().train_batches(task, epoch, batch_size, start_batch):
-        b["image"] = b["image"] * np.inf
-        yield b
-  bad = Bad(lrn.config)
-  rec = Recorder()
-  with pytest.raises(learner_lib.NonFiniteLossError, match="task 0 epoch 0 step 0"):
-    lrn.run(bad, lrn.init_state(jax.random.PRNGKey(0)), hooks=rec)
-  assert not rec.steps
-  assert issubclass(learner_lib.NonFiniteLossError, FloatingPointError)
-  del stream
-
-
 @pytest.mark.slow
-def test_official_run_keeps_patch_mixing_at_zero_and_state_shapes_fixed():
-  lrn, _, init, state, _, _ = _run()
+def test_official_run_keeps_patch_mixing_at_zero_and_state_shapes_fixed(run_of):
+  lrn, res, _, state = run_of()
+  init = lrn.init_state(jax.random.PRNGKey(lrn.config.seed))
   flat = tree_utils.flatten(state["params"]["patch"])
   for k, v in flat.items():
     if k.endswith("global_patch_prompt/kernel") or k.endswith("global_patch_prompt/bias") or \
         k.endswith("prompt_norm/scale"):
-      assert np.abs(np.asarray(v)).max() == 0.0, k  # spec 1.3 fixed point
+      assert np.abs(np.asarray(v)).max() == 0.0, k  # docs/method.md §1.3 fixed point
   assert max(np.abs(np.asarray(v)).max() for k, v in flat.items()
              if k.endswith("prompt_norm/bias")) > 0  # only LN beta trains
   abstract = jax.eval_shape(lrn.init_state, jax.random.PRNGKey(0))
-  shapes = lambda t: {k: (v.shape, v.dtype) for k, v in _flat_state(t).items()}
+  shapes = lambda t: {k: (v.shape, v.dtype) for k, v in _flat_state(t).items()}  # noqa: E731
   assert shapes(abstract) == shapes(state) == shapes(init)
   acc = np.asarray(state["acc"])
-  assert np.isnan(acc[0, 1:]).all() and np.isfinite(np.diag(acc)).all()
+  assert np.isnan(acc[np.triu_indices(3, 1)]).all() and np.isfinite(np.diag(acc)).all()
+  # the state's accuracy matrix is the one results.json reports
+  np.testing.assert_array_equal(np.nan_to_num(acc, nan=-1), np.nan_to_num(np.array(
+      res["accuracy_matrix"], np.float64).astype(np.float32), nan=-1))
 
 
 @pytest.mark.slow
-def test_fix_patch_init_trains_token_mixing():
-  _, _, init, state, _, _ = _run("ntkcl", "corrected", tuple(ALL_FIXES.items()))
+def test_fix_patch_init_trains_token_mixing(run_of):
+  lrn, _, _, state = run_of("ntkcl", "corrected", tuple(ALL_FIXES.items()))
+  init = lrn.init_state(jax.random.PRNGKey(lrn.config.seed))
   k = "Transformer/encoderblock_1/prompt/global_patch_prompt/kernel"
   a = tree_utils.flatten(init["params"]["patch"])[k]
   b = tree_utils.flatten(state["params"]["patch"])[k]
@@ -190,38 +169,23 @@ def test_fix_patch_init_trains_token_mixing():
     ("simplecil", "official", ()),
     ("seq_adapter", "official", ()),
 ])
-def test_end_to_end_three_tasks_well_above_chance(method, variant, fixes):
-  lrn, stream, _, state, history, rec = _run(method, variant, fixes)
-  assert [h["task"] for h in history] == [0, 1, 2]
+def test_end_to_end_three_tasks_well_above_chance(run_of, method, variant, fixes):
+  _, res, lines, _ = run_of(method, variant, fixes)
+  ends = [line for line in lines if line["event"] == "task_end"]
+  assert [e["task"] for e in ends] == [0, 1, 2]
   chance = 100 / 6
-  assert history[-1]["top1"] > 3 * chance, history[-1]
-  for h in history:
-    assert h["new_accuracy"] > 75, h  # each task's own 2 classes (chance 50%)
-    assert len(h["per_task_accuracy"]) == h["task"] + 1
-  expected_steps = 0 if method == "simplecil" else 3 * 2 * stream.num_train_batches(0, 8)
-  assert len(rec.steps) == expected_steps
+  assert res["last_accuracy"] > 3 * chance, res["accuracy_per_step"]
+  for e in ends:
+    assert e["new"] > 75, e  # each task's own 2 classes (chance 50%)
+    assert len(e["per_task"]) == e["task"] + 1
+  expected_steps = 0 if method == "simplecil" else 3 * 2 * 3  # tasks x epochs x batches
+  assert sum(line["event"] == "step" for line in lines) == expected_steps
   if method == "ntkcl":
-    assert set(history[0]["losses"]) >= {"ce_channel", "ce_patch", "ce_fused", "nce", "orth",
-                                         "reg"}
-  del lrn, state
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("which", ["mid_task", "eval_phase"])
-def test_resume_from_a_saved_position_is_bit_identical(which):
-  lrn, stream, _, final, history, rec = _run()
-  if which == "mid_task":
-    pos, state, _ = next(s for s in rec.steps if s[0]["task"] == 1 and s[0]["epoch"] == 1
-                         and s[0]["batch"] == 1)
-  else:
-    pos, state, _ = next(s for s in rec.steps if s[0]["task"] == 1 and s[0]["phase"] == "eval")
-  resumed, hist2 = lrn.run(stream, state, position=pos, hooks=Recorder())
-  _assert_trees_identical(_flat_state(resumed), _flat_state(final))
-  assert hist2 == history[1:]
+    assert set(res["losses"][0]) >= {"ce_channel", "ce_patch", "ce_fused", "nce", "orth", "reg"}
 
 
 def test_old_pool_size_closed_forms():
-  """fc.weight[:-increment] (official) vs earlier tasks only (fix_old_pool), spec 9 item 7."""
+  """fc.weight[:-increment] (official) vs earlier tasks only (fix_old_pool), docs/method.md §9 item 7."""
   size = learner_lib.old_pool_size
   assert int(size(0, 7, 5, False)) == 2    # Oxford Pets task 0: 2 zero rows
   assert int(size(0, 2, 2, False)) == 0    # init_cls == increment: none
@@ -234,21 +198,20 @@ def test_old_pool_size_closed_forms():
 def test_nce_at_task0_with_init_cls_above_increment(fix):
   """init_cls 4, increment 2: the official NCE term at task 0 is the NCE of the fused features
   plus two zero prototypes labelled 0 and 1; with fix_old_pool it has no prototype rows."""
-  from ntkcl_jax import losses
-  from ntkcl_jax.models import ntkcl
   cfg = make_config("ntkcl", "corrected", fix_old_pool=fix, adapter_dropout=0.0,
                     fusion_dropout=0.0)
   cfg.data.num_classes, cfg.data.init_cls, cfg.data.increment = 6, 4, 2
-  backbone = vit.init_params(train.vit_config(cfg), jax.random.PRNGKey(0))
+  backbone = vit.init_params(ntkcl.vit_config(cfg), jax.random.PRNGKey(0))
   lrn = learner_lib.Learner(cfg, backbone, sharding.make_mesh())
   state = lrn._new_task(lrn.init_state(jax.random.PRNGKey(3)))
   rng = np.random.RandomState(0)
   batch = {"image": jnp.asarray(rng.rand(8, 16, 16, 3), jnp.float32),
            "label": jnp.asarray([0, 0, 1, 1, 2, 2, 3, 3], jnp.int32),
            "mask": jnp.ones(8, bool)}
-  keys = tuple(jax.random.split(jax.random.PRNGKey(5), 2))
-  _, (terms, _) = lrn._loss(state["params"], state, lrn.backbone, batch, keys, jnp.int32(0),
-                            jnp.int32(4))
+  k_drop, k_rows = jax.random.split(jax.random.PRNGKey(5), 2)
+  rows = lrn.nce_rows(k_rows, jnp.int32(0), jnp.int32(4))
+  _, (terms, _) = lrn._loss(state["params"], state, lrn.backbone, batch, k_drop, rows,
+                            jnp.int32(0), jnp.int32(4))
   trainable = {k: v for k, v in state["params"].items() if k != "proxy"}
   fused = ntkcl.features(lrn.spec, lrn.backbone, trainable, state["frozen"], batch["image"],
                          train=False)["fused"]
@@ -260,18 +223,3 @@ def test_nce_at_task0_with_init_cls_above_increment(fix):
     y = jnp.concatenate([batch["label"], jnp.asarray([0, 1], jnp.int32)])
   want, _ = losses.nce(z, y, jnp.ones(len(y), bool), cfg.method.nce_tau)
   np.testing.assert_allclose(float(terms["nce"]), -float(want), rtol=1e-5, atol=1e-5)
-
-
-def test_configs_saved_before_a_switch_existed_still_load_and_resume():
-  """A run saved before fix_old_pool existed: its switches read as off, and its config compares
-  equal to today's for resuming (train._comparable)."""
-  new = make_config("ntkcl", "corrected")
-  old = new.to_dict()
-  del old["method"]["fix_old_pool"]
-  import ml_collections
-  assert learner_lib.method_flags(ml_collections.ConfigDict(old))["fix_old_pool"] is False
-  as_json = lambda c: __import__("json").loads(__import__("json").dumps(c, default=list))  # noqa: E731
-  assert train._comparable(as_json(old)) == train._comparable(as_json(new.to_dict()))
-  on = new.to_dict()
-  on["method"]["fix_old_pool"] = True
-  assert train._comparable(as_json(old)) != train._comparable(as_json(on))

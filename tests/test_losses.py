@@ -24,7 +24,7 @@ def test_cross_entropy_masked_matches_numpy():
 
 
 def _torch_nce(z, labels, tau):
-  """Literal float64 torch rendering of spec 2.3 (global positive LSE, negatives include
+  """Literal float64 torch rendering of docs/method.md §2.3 (global positive LSE, negatives include
   positives), written independently of the JAX version."""
   zn = torch.nn.functional.normalize(z, dim=1)
   s = zn @ zn.T / tau
@@ -70,7 +70,7 @@ def test_nce_without_positive_pair_is_zero_with_finite_gradient():
 
 
 def test_orth_official_equals_closed_form_linear_functional():
-  """spec 2.4: L = sum_b <u, c_hat_b + p_hat_b>, u = (I - B B^T) 1."""
+  """docs/method.md §2.4: L = sum_b <u, c_hat_b + p_hat_b>, u = (I - B B^T) 1."""
   r = np.random.RandomState(4)
   d, k = 12, 5
   protos = np.concatenate([r.randn(3, d), np.zeros((4, d))]).astype(np.float32)
@@ -124,7 +124,7 @@ def test_l2_reg_selects_weights_like_official_names():
 
 
 def test_sgd_matches_torch_sgd_with_coupled_weight_decay():
-  """spec 3.1: v = m v + g + wd p; p -= lr v, with lr changing between steps (epochs)."""
+  """docs/method.md §3.1: v = m v + g + wd p; p -= lr v, with lr changing between steps (epochs)."""
   r = np.random.RandomState(7)
   p0, grads = r.randn(5), [r.randn(5) for _ in range(3)]
   lrs, wd, mom = [0.1, 0.05, 0.01], 5e-3, 0.9

@@ -1,4 +1,4 @@
-"""ntkcl_jax.metrics against values computed by hand from the definitions in anchors.md 5."""
+"""ntkcl_jax.metrics against values computed by hand from the definitions in ntkcl_jax/metrics.py."""
 import math
 
 import numpy as np
@@ -57,17 +57,3 @@ def test_rejects_non_square():
   with pytest.raises(ValueError, match="square"):
     metrics.forgetting(np.zeros((2, 3)))
   assert math.isnan(np.asarray(R)[0, 1])
-
-
-def test_multi_seed_table_mean_and_sample_std():
-  from ntkcl_jax.tools import multi_seed
-  runs = {0: {"avg_incremental_accuracy": 80.0, "last_accuracy": 70.0, "forgetting": 5.0,
-              "backward_transfer": -4.0, "topk_accuracy": {"k": 5, "average": 95.0}},
-          1: {"avg_incremental_accuracy": 84.0, "last_accuracy": 74.0, "forgetting": None,
-              "backward_transfer": -2.0, "topk_accuracy": {"k": 5, "average": 97.0}}}
-  table = multi_seed.markdown_table(runs)
-  # mean 82, sample std sqrt(((80-82)^2 + (84-82)^2) / 1) = 2.83
-  assert "| Ā (avg. incremental acc.) | 80.00 | 84.00 | 82.00 ± 2.83 |" in table
-  assert "| forgetting (max-based) | 5.00 | n/a | n/a |" in table
-  assert "| top-5 Ā | 95.00 | 97.00 | 96.00 ± 1.41 |" in table
-  assert table.splitlines()[1] == "|---|---|---|---|"

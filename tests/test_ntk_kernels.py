@@ -1,12 +1,12 @@
-"""ntk_analysis kernels against closed forms, finite differences and neural-tangents (spec
-ntk_analysis.md section 5: T1-T6, T10; T7 and T12 are in test_ntk_nt_backend.py)."""
+"""ntk_analysis kernels against closed forms, finite differences and neural-tangents
+(docs/ntk_theory.md §5: T1-T6, T10; T7 and T12 are in test_ntk_nt_backend.py)."""
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntk_analysis import kernels
+from ntk_analysis import kernels, readouts
 import _ntk_models
 from ntkcl_jax import tree_utils
 from ntkcl_jax.models import ntkcl, vit
@@ -59,25 +59,24 @@ def test_t2_jacobian_equals_ntvp_equals_finite_differences(tiny_vit_adapter):
 def test_t3_sum_of_logits_identity(tiny_vit_adapter):
   f, p, x = tiny_vit_adapter
   full = kernels.empirical_ntk(f, p, x, trace=False)
-  pntk = kernels.empirical_ntk(f, p, x, method="sum_of_logits")
+  pntk = kernels.empirical_ntk(readouts.sum_of_logits(f), p, x)
   np.testing.assert_allclose(pntk, full.sum((2, 3)) / full.shape[2], rtol=1e-4, atol=1e-6)
 
 
 def test_t4_sketch_exact_with_scaled_identity_and_unbiased_with_random_probes(tiny_vit_adapter):
   f, p, x = tiny_vit_adapter
   traced = kernels.empirical_ntk(f, p, x)
-  exact = kernels.empirical_ntk(f, p, x, method="sketch", probes=np.eye(5) / np.sqrt(5))
+  exact = kernels.empirical_ntk(readouts.feature_sketch(f, np.eye(5)), p, x)
   np.testing.assert_allclose(exact, traced, rtol=1e-4, atol=1e-6)
   full = kernels.empirical_ntk(f, p, x, trace=False)  # sketches from the full kernel, cheaply
   draws = []
-  for s in range(200):
-    v = np.asarray(kernels.default_probes(jax.random.PRNGKey(s), 5, 4), np.float64)
-    draws.append(np.einsum("aboq,or,qr->ab", full, v, v))
+  for s in range(200):  # the traced (mean over R) kernel of V^T f, probes N(0, 1/O)
+    v = np.asarray(readouts.sketch_probes(jax.random.PRNGKey(s), 5, 4), np.float64)
+    draws.append(np.einsum("aboq,or,qr->ab", full, v, v) / v.shape[1])
   draws = np.stack(draws)
   se = draws.std(0) / np.sqrt(len(draws))
   assert (np.abs(draws.mean(0) - traced) <= 3 * se + 1e-6).mean() > 0.95
-  one = kernels.empirical_ntk(f, p, x, method="sketch", probes=np.asarray(
-      kernels.default_probes(jax.random.PRNGKey(0), 5, 4)))
+  one = kernels.empirical_ntk(readouts.feature_sketch(f, readouts.probes(5, 4, seed=0)), p, x)
   np.testing.assert_allclose(one, draws[0], rtol=1e-3, atol=1e-5)
 
 
@@ -93,7 +92,7 @@ def test_t5_kernel_is_additive_over_parameter_groups(tiny_vit_adapter):
 
 
 def test_t6_zero_up_projection_gives_down_projection_no_share():
-  """Official init (spec 1.2): up-proj = 0 -> the down-proj group's kernel is exactly 0."""
+  """Official init (docs/ntk_theory.md §1.2): up-proj = 0 -> the down-proj group's kernel is exactly 0."""
   cfg = vit.get_config("tiny", image_size=8, patch_size=4, hidden_size=16, num_layers=2,
                        num_heads=2, mlp_dim=32)
   spec = ntkcl.ModelSpec(cfg, method="channel", ffn_num=4, frozen_sets=0, section_weights=(1.0,))
@@ -121,7 +120,96 @@ def test_t10_chunking_jit_and_x2_none_invariance(tiny_vit_adapter):
 def test_memory_guard_refuses_with_what_to_shrink(tiny_vit_adapter):
   f, p, x = tiny_vit_adapter
   with pytest.raises(kernels.KernelMemoryError, match="lower `chunk`"):
-    kernels.empirical_ntk(f, p, x, memory_limit=1000)
+    kernels.empirical_ntk(f, p, x, chunk=16, memory_limit=1000)
+  with pytest.raises(kernels.KernelMemoryError, match="even with chunk 1.*memory_limit"):
+    kernels.empirical_ntk(f, p, x, memory_limit=1000)  # automatic chunk: nothing fits
+
+
+def _brute_force_chunk(n1, n2, o, p, trace, limit, same, scratch):
+  """Independent expectation: bytes held are the Jacobian rows of the panels alive at once."""
+  best = None
+  for c in range(1, max(n1, n2) + 1):
+    if same and c > n1:
+      break
+    rows = n1 if (same and c >= n1) else min(c, n1) + min(c, n2)
+    need = rows * o * p * 4 + n1 * n2 * (1 if trace else o * o) * 8 + scratch
+    if need <= limit:
+      best = c
+  return best
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_chunk_choice_is_the_largest_that_fits(same):
+  rng = np.random.RandomState(0)
+  for _ in range(300):
+    n1, n2 = rng.randint(1, 90), rng.randint(1, 90)
+    n2 = n1 if same else n2
+    o, p, trace = rng.randint(1, 30), rng.randint(1, 10**6), bool(rng.randint(2))
+    scratch = rng.randint(0, 10**8)
+    limit = rng.randint(1, 90 * 30 * 10**6 * 4)
+    want = _brute_force_chunk(n1, n2, o, p, trace, limit, same, scratch)
+    got = kernels.choose_chunk(n1, n2, o, p, trace, limit, same=same, activations=scratch)
+    assert got == want, (n1, n2, o, p, trace, limit, scratch)
+    if want is None:
+      with pytest.raises(kernels.KernelMemoryError, match="even with chunk 1"):
+        kernels.check_memory(n1, n2, o, p, None, trace, limit, same=same, activations=scratch)
+    else:
+      assert kernels.check_memory(n1, n2, o, p, None, trace, limit, same=same,
+                                  activations=scratch) <= limit
+
+
+def test_automatic_chunk_equals_explicit_and_skips_unused_parameters(tiny_vit_adapter):
+  """Ample memory: one panel, each Jacobian computed once. A budget for two panels of 2 samples:
+  chunk 2, column panels recomputed, same kernel. A parameter the output never reaches is left
+  out of the Jacobian (not of the parameter count), and the kernel is unchanged."""
+  f, p, x = tiny_vit_adapter
+  n, n_p = len(x), kernels.num_params(p)
+  prof = {}
+  one = kernels.empirical_ntk(f, p, x, profile=prof)
+  assert prof["chunk"] == n and prof["jacobian_samples"] == n and prof["P_active"] == n_p
+  assert prof["output_groups"] == 1
+  limit = kernels.estimate_bytes(n, n, 5, n_p, 2, True, same=True,
+                                 activations=prof["scratch_bytes"])
+  prof2 = {}
+  small = kernels.empirical_ntk(f, dict(p, unused=jnp.ones((1000,))), x, memory_limit=limit,
+                                profile=prof2, output_groups=1)
+  assert prof2["P"] == n_p + 1000 and prof2["P_active"] == n_p
+  assert prof2["chunk"] == 2 and prof2["jacobian_samples"] == 6 + 4 + 2  # (0,2) (2,4) (4,6)
+  np.testing.assert_allclose(small, one, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(small, kernels.empirical_ntk(f, p, x, chunk=2), rtol=1e-5,
+                             atol=1e-7)
+
+
+def test_output_groups_sum_to_the_unsplit_kernel(tiny_vit_adapter):
+  """K = sum_g (|g|/O) K_g: 2 and 3 (uneven) output groups give the one-group kernel; under a
+  budget where one panel of all outputs does not fit but one of half of them does, the automatic
+  choice splits in two and still computes each Jacobian once per group."""
+  f, p, x = tiny_vit_adapter
+  n, n_p = len(x), kernels.num_params(p)
+  prof = {}
+  one = kernels.ntk_fn(f, profile=prof)(p, x)
+  x2 = x[:4] + 0.1
+  one_x2 = kernels.ntk_fn(f, output_groups=1)(p, x, x2)
+  for g in (2, 3, 5):
+    np.testing.assert_allclose(kernels.ntk_fn(f, output_groups=g)(p, x), one, rtol=1e-6)
+    np.testing.assert_allclose(kernels.ntk_fn(f, output_groups=g)(p, x, x2), one_x2, rtol=1e-6)
+  # independent expectation: each output group's traced kernel from a naive jacrev J J^T
+  jac = jax.jacrev(f)(p, x)
+  flat = np.concatenate([np.asarray(l, np.float64).reshape(n, 5, -1)
+                         for l in jax.tree_util.tree_leaves(jac)], -1)
+  k_g = [np.einsum("aop,bop->ab", flat[:, i], flat[:, i]) / len(i)
+         for i in (np.arange(0, 3), np.arange(3, 5))]
+  np.testing.assert_allclose(3 / 5 * k_g[0] + 2 / 5 * k_g[1], one, rtol=1e-4, atol=1e-6)
+  scratch = prof["scratch_bytes"]
+  limit = kernels.estimate_bytes(n, n, 3, n_p, n, True, same=True, activations=scratch)
+  assert limit < kernels.estimate_bytes(n, n, 5, n_p, n, True, same=True, activations=scratch)
+  prof2 = {}
+  split = kernels.ntk_fn(f, memory_limit=limit, profile=prof2)(p, x)
+  assert prof2["output_groups"] == 2 and prof2["chunk"] == n
+  assert prof2["jacobian_samples"] == 2 * n  # each Jacobian once per group
+  np.testing.assert_allclose(split, one, rtol=1e-6)
+  with pytest.raises(ValueError, match="traced kernels only"):
+    kernels.ntk_fn(f, trace=False, output_groups=2)(p, x)
 
 
 def _mlp(p, x):

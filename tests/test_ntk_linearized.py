@@ -1,4 +1,4 @@
-"""Linearised predictors vs explicit training of the jvp-linearised model (spec 5: T8, T11)."""
+"""Linearised predictors vs explicit training of the jvp-linearised model (docs/ntk_theory.md §5: T8, T11)."""
 import jax
 import jax.flatten_util
 import jax.numpy as jnp

@@ -1,10 +1,14 @@
-"""Kernel metrics, joint kernels, readouts and parameter groups (spec 5: T9, plus T5 via groups)."""
+"""Kernel metrics, joint kernels, readouts and parameter groups (docs/ntk_theory.md §5: T9, plus T5 via groups)."""
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 
-from ntk_analysis import joint, kernels, linearized, metrics, peft, readouts
+from ntk_analysis import experiments, joint, kernels, linearized, metrics, param_groups, readouts
 
 
 def _jacobians(seed=0, p=12, ns=5, nt=6):
@@ -104,18 +108,19 @@ def mlp_params():
 
 def test_groups_kernels_sum_to_the_whole_and_shares_sum_to_one(mlp_params):
   x = np.random.RandomState(0).randn(6, 4).astype(np.float32)
-  total, per = kernels.empirical_ntk(mlp, mlp_params, x, groups=peft.prefix_label(1))
+  per = param_groups.group_ntks(mlp, mlp_params, x, labeler=param_groups.prefix_label(1))
+  total = sum(per.values())
   assert set(per) == {"a", "b"}
   np.testing.assert_allclose(total, kernels.empirical_ntk(mlp, mlp_params, x), rtol=1e-5)
   # group b alone, computed independently: the last layer's kernel is (tanh features) Gram
   h = np.tanh(x @ np.asarray(mlp_params["a"]["w"]))
   np.testing.assert_allclose(per["b"], h @ h.T, rtol=1e-4, atol=1e-5)
-  shares = peft.trace_shares(per)
+  shares = param_groups.trace_shares(per)
   assert sum(shares.values()) == pytest.approx(1)
-  tr, fr = peft.partition(mlp_params, "^b/")
+  tr, fr = param_groups.partition(mlp_params, "^b/")
   assert list(tr) == ["b"] and list(fr) == ["a"]
   with pytest.raises(ValueError, match="no parameter matched"):
-    peft.partition(mlp_params, "nothing")
+    param_groups.partition(mlp_params, "nothing")
 
 
 def test_joint_kernel_blocks_metadata_and_npz_roundtrip(tmp_path, mlp_params):
@@ -155,8 +160,8 @@ def test_readouts_sketch_prototype_sum_and_multiview(mlp_params):
   np.testing.assert_allclose(logits, expect, rtol=1e-5, atol=1e-6)
   f = readouts.linear_logits(phi, protos.T)
   k_sol = kernels.empirical_ntk(readouts.sum_of_logits(f), mlp_params, x)
-  np.testing.assert_allclose(k_sol, kernels.empirical_ntk(f, mlp_params, x,
-                                                          method="sum_of_logits"), rtol=1e-5)
+  full = kernels.empirical_ntk(f, mlp_params, x, trace=False)  # (1/O) sum_{o,q} K_oq
+  np.testing.assert_allclose(k_sol, full.sum((2, 3)) / full.shape[2], rtol=1e-5)
   # multi-view: (N, N, V, V) with the diagonal view blocks = each view's own kernel
   g = readouts.linear_logits(phi, protos[::-1].T)
   mv = kernels.empirical_ntk(readouts.multiview([f, g]), mlp_params, x)
@@ -167,9 +172,10 @@ def test_readouts_sketch_prototype_sum_and_multiview(mlp_params):
   assert big.shape == (8, 8)
 
 
-def test_experiment_tables_on_a_controlled_joint_kernel(tmp_path):
-  """Orthogonal tasks 0/1 (block-diagonal), task 2 a copy of task 0: rho 0 vs 1, F_hat 0 vs > 0."""
-  from ntk_analysis import experiments, plots  # pylint: disable=g-import-not-at-top
+def test_overlap_and_interference_on_a_controlled_joint_kernel(tmp_path):
+  """Orthogonal tasks 0/1 (block-diagonal), task 2 a copy of task 0: rho 0 vs 1, F_hat 0 vs > 0;
+  experiment (a)'s table and plot on that kernel; (e)'s spectra sum to 1 and a rescaled kernel
+  has drift 0."""
   rng = np.random.RandomState(0)
   a, b = rng.randn(4, 10), rng.randn(4, 10)
   b[:, :5] = 0
@@ -178,18 +184,28 @@ def test_experiment_tables_on_a_controlled_joint_kernel(tmp_path):
   k = feats @ feats.T
   jk = joint.JointKernel(k=k, task_index=np.repeat([0, 1, 2], 4),
                          indices={t: np.arange(4) for t in range(3)})
-  pairs = experiments.pair_table(jk, residuals={t: rng.randn(4, 2) for t in range(3)})
+  wd = tmp_path / "run"
+  for t, kt in enumerate((k, k, 2 * k)):
+    path = joint.task_end_path(str(wd), t)
+    os.makedirs(os.path.dirname(path))
+    joint.JointKernel(k=kt, task_index=jk.task_index, indices=jk.indices).save(path)
+  acc = [[90.0, None, None], [88.0, 80.0, None], [60.0, 79.0, 75.0]]
+  (wd / "results.json").write_text(json.dumps({"accuracy_matrix": acc}))
+  res = experiments.overlap_vs_forgetting([str(wd)], str(tmp_path / "a.png"), kernel=jk)
+  pairs = pd.DataFrame(res["table"])
   row = lambda s, t: pairs[(pairs.s == s) & (pairs.t == t)].iloc[0]
   assert row(0, 1)["rho"] == pytest.approx(0, abs=1e-12)
   assert row(0, 2)["rho"] == pytest.approx(1)
-  assert row(0, 1)["F_hat"] == pytest.approx(0, abs=1e-12) and row(0, 2)["F_hat"] > 0
   assert row(0, 2)["principal_cos_topk"] == pytest.approx(1)
-  spectra = experiments.spectrum_table({"c0": jk})
-  sums = spectra.groupby("task")["eigenvalue"].sum()
+  assert row(0, 2)["accuracy_drop"] == pytest.approx(28.0)
+  assert (tmp_path / "a.png").stat().st_size > 0
+  r = {t: rng.randn(4, 2) for t in range(3)}
+  f_01 = metrics.predicted_interference(jk.block(0, 1), jk.block(1, 1), r[1], 1e-3)[1]
+  f_02 = metrics.predicted_interference(jk.block(0, 2), jk.block(2, 2), r[2], 1e-3)[1]
+  assert f_01 == pytest.approx(0, abs=1e-12) and f_02 > 0
+  spec = experiments.spectra_and_drift(str(wd), str(tmp_path / "e.png"))
+  sums = pd.DataFrame(spec["spectra"]).groupby(["task", "at"])["eigenvalue"].sum()
   np.testing.assert_allclose(sums, 1)
-  jk2 = joint.JointKernel(k=2 * k, task_index=jk.task_index, indices=jk.indices)
-  drift = experiments.drift_table({"c0": jk, "c1": jk2})
-  assert np.allclose(drift[drift.checkpoint == "c1"]["S"], 0, atol=1e-12)
-  plots.scree(spectra, str(tmp_path / "scree.png"))
-  plots.pair_heatmap(pairs, "rho", str(tmp_path / "rho.png"))
-  assert (tmp_path / "scree.png").stat().st_size > 0
+  drift = [d["drift_S"] for d in spec["table"] if d["at"] == "theta_T"]
+  np.testing.assert_allclose(drift, 0, atol=1e-12)  # the last kernel is 2 K: S = 0 for every task
+  assert (tmp_path / "e.png").stat().st_size > 0

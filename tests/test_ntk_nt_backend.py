@@ -1,4 +1,4 @@
-"""neural-tangents as an oracle (spec ntk_analysis.md section 5: T7, T12): its analytic stax
+"""neural-tangents as an oracle (docs/ntk_theory.md §5: T7, T12): its analytic stax
 kernels, its four empirical implementations, its predict normalisation and nt.batch tiling.
 neural-tangents is importable on the pinned stack: these tests fail, never skip, without it."""
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import _ntk_models
-from ntk_analysis import kernels, linearized, nt_backend, nt_compat
+from ntk_analysis import kernels, linearized, nt_compat
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_t12_full_kernels_agree_on_an_mlp(impl):
   p = _mlp_params()
   x = np.random.RandomState(0).randn(5, 3).astype(np.float32)
   ours = kernels.empirical_ntk(mlp, p, x, trace=False)
-  theirs = nt_backend.empirical_ntk(mlp, p, x, None, trace=False, implementation=impl)
+  theirs = nt_compat.empirical_ntk(mlp, p, x, None, trace=False, implementation=impl)
   np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-6)
 
 

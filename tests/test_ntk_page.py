@@ -1,8 +1,12 @@
 """ntk_page.same_run_as: a theory sweep's base run is matched to an analysed run by configuration
 (bookkeeping keys under train.* ignored), and a reproduced accuracy matrix is reported as such."""
 import json
+import os
+import sys
 
-from ntk_analysis import ntk_page
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for scripts.*
+
+from scripts import ntk_page  # noqa: E402
 
 
 def _write(path, config, matrix):
@@ -12,12 +16,12 @@ def _write(path, config, matrix):
 
 def _config(**train):
   return {"method": {"name": "ntkcl", "variant": "official"}, "seed": 0,
-          "train": {"record_ntk": False, "checkpoint_every_steps": 50, **train}}
+          "train": {"keep_checkpoints": 2, "checkpoint_every_steps": 50, **train}}
 
 
 def test_base_run_matched_by_config_and_accuracy(tmp_path):
   m = [[78.0, None], [59.0, 55.0]]
-  _write(tmp_path / "sweep" / "base_seed0", _config(record_ntk=True, checkpoint_every_steps=0), m)
+  _write(tmp_path / "sweep" / "base_seed0", _config(keep_checkpoints=6, checkpoint_every_steps=0), m)
   _write(tmp_path / "same", _config(), m)
   _write(tmp_path / "other", {**_config(), "seed": 1}, m)
   runs = {"other": str(tmp_path / "other"), "official": str(tmp_path / "same")}

@@ -1,4 +1,4 @@
-"""`python -m ntk_analysis.run` on a real (tiny) training run: the saved joint kernel equals a
+"""`python -m ntk_analysis.analyse` on a real (tiny) training run: the saved joint kernel equals a
 naive jax.jacrev J J^T of the same readout, blocks slice by task, and the outputs are written."""
 import json
 import os
@@ -9,14 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from ntk_analysis import joint, runs
-from ntkcl_jax import data, train
+from ntk_analysis import analyse, joint, readouts
+from ntkcl_jax import config_files, data, train
+from ntkcl_jax.checkpoints import runs
 
 
 @pytest.fixture(scope="module")
 def tiny_workdir(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("tinyrun"))
-  config = train.load_config_file(os.path.join(train.REPO_ROOT, "configs", "tiny.py"))
+  config = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs", "tiny.py"))
   config.train.mesh_data = 1
   train.run(config, wd, progress=False)
   return wd
@@ -24,7 +25,7 @@ def tiny_workdir(tmp_path_factory):
 
 def test_run_writes_kernels_report_and_plots(tiny_workdir):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  p = subprocess.run([sys.executable, "-m", "ntk_analysis.run", f"--workdir={tiny_workdir}",
+  p = subprocess.run([sys.executable, "-m", "ntk_analysis.analyse", f"--workdir={tiny_workdir}",
                       "--n_per_task=4", "--views=fused,all", "--probes=4"], cwd=root,
                      capture_output=True, text=True, timeout=600,
                      env=dict(os.environ, XLA_FLAGS=""))
@@ -44,14 +45,15 @@ def test_run_writes_kernels_report_and_plots(tiny_workdir):
   # independent check: naive J J^T of the same readout on the same images
   jk = joint.JointKernel.load(os.path.join(out, "kernel_fused.npz"))
   config, learner, state, _ = runs.load_run(tiny_workdir)
-  images, _ = runs.task_data(data.build_stream(config))
+  images, _ = analyse.task_data(data.build_stream(config))
   x = np.concatenate([images[t][jk.indices[t]] for t in jk.tasks])  # the saved subsets
   assert all(len(jk.indices[t]) == 4 for t in jk.tasks) and len(jk.tasks) == 3
-  f, params = runs.readout(learner, state, "fused", runs.probes(learner.spec.feature_dim, 4, 0))
+  f, params = readouts.model_readout(learner, state, "fused",
+                                    readouts.probes(learner.spec.feature_dim, 4, 0))
   jac = jax.jacrev(f)(params, x)
   flat = np.concatenate([np.asarray(l).reshape(len(x), 4, -1)
                          for l in jax.tree_util.tree_leaves(jac)], -1)
-  naive = np.einsum("aop,bop->ab", flat, flat)  # sketch = sum over probes
+  naive = np.einsum("aop,bop->ab", flat, flat) / 4  # traced sketch = mean over the 4 probes
   np.testing.assert_allclose(jk.k, naive, rtol=2e-4, atol=1e-6 * np.abs(naive).max())
   np.testing.assert_allclose(jk.block(0, 2), naive[:4, 8:], rtol=2e-4,
                              atol=1e-6 * np.abs(naive).max())
@@ -62,7 +64,7 @@ def test_extract_features_of_a_run_directory(tiny_workdir, tmp_path):
   on the restored state, and the logits' argmax is the run's prediction rule."""
   from ntkcl_jax.models import ntkcl  # pylint: disable=g-import-not-at-top
   config, learner, state, _ = runs.load_run(tiny_workdir)
-  images, labels = runs.task_data(data.build_stream(config))
+  images, labels = analyse.task_data(data.build_stream(config))
   x = np.concatenate([images[t][:3] for t in sorted(images)])
   np.save(tmp_path / "in.npy", x)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""PEFT modules and the NTK-CL forward against numpy references and the spec's closed forms."""
+"""PEFT modules and the NTK-CL forward against numpy references and closed forms of docs/method.md."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ def test_channel_adapter_matches_numpy():
                 @ np.asarray(u["kernel"]) + np.asarray(u["bias"]))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   init = mod.init(jax.random.PRNGKey(0), jnp.asarray(h))["params"]
-  assert np.abs(np.asarray(init["up_proj"]["kernel"])).max() == 0  # spec 1.2: Up starts at 0
+  assert np.abs(np.asarray(init["up_proj"]["kernel"])).max() == 0  # docs/method.md §1.2: Up starts at 0
   assert np.abs(np.asarray(init["down_proj"]["kernel"])).max() <= 1 / np.sqrt(8)
 
 
@@ -73,7 +73,7 @@ def test_patch_prompt_matches_numpy_any_token_count(layer, tokens):
 
 class _ZeroPrompts(nn.Module):
   """Independent statement of the official init: P zero tokens after CLS, no residual there at
-  layer 0, residual = input at later layers (spec 1.3 'Degeneracy')."""
+  layer 0, residual = input at later layers (docs/method.md §1.3 'Degeneracy')."""
   layer: int = 0
   p: int = 10
 
@@ -180,7 +180,7 @@ def test_cosine_logits_match_numpy():
 
 
 def test_vit_b16_trainable_counts_match_spec_table():
-  """spec 1.7, computed with eval_shape only (no weights)."""
+  """docs/method.md §1.7, computed with eval_shape only (no weights)."""
   spec = ntkcl.ModelSpec(vit.get_config("ViT-B/16"))
   counts = {k: ntkcl.count_params(v) for k, v in ntkcl.abstract_trainable(spec).items()}
   assert counts["channel"] == 12 * (768 * 16 + 16 + 16 * 768 + 768)

@@ -1,6 +1,12 @@
 """results_page: mean ± std (ddof 1) per method, seed-major run order, a regenerate command that
 reproduces the page's own arguments."""
-from ntkcl_jax.tools import results_page
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for scripts.*
+
+from scripts import results_page  # noqa: E402
 
 
 def _run(acc):
@@ -37,3 +43,36 @@ def test_unknown_method_is_a_clear_error(capsys):
   with pytest.raises(SystemExit):
     results_page.main(["--methods=official,fix_everything"])
   assert "unknown methods ['fix_everything']" in capsys.readouterr().err
+
+
+def test_cell_is_the_commanded_run_trained_once(tmp_path, monkeypatch):
+  """run_cell trains (through scripts/grid.py) the config its page command names, then reuses it."""
+  calls = []
+
+  def fake_run(config, workdir, *, progress=True):
+    calls.append((config, workdir, progress))
+    res = {**_run(70.0), "config": json.loads(config.to_json_best_effort())}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(res, f)
+    return res
+
+  monkeypatch.setattr(results_page.grid.train, "run", fake_run)
+  scale = "size=56,per_class=20,test_per_class=50,epochs=2"
+  wd = tmp_path / "imagenette" / "fix_ema" / "seed1"
+  wd.mkdir(parents=True)
+  res = results_page.run_cell("imagenette", "fix_ema", 1, scale, str(tmp_path))
+  assert res["avg_incremental_accuracy"] == 70.0
+  [(config, workdir, progress)] = calls
+  assert workdir == str(wd) and progress is False
+  assert (config.seed, config.method.name, config.method.variant) == (1, "ntkcl", "corrected")
+  assert config.method.fix_ema is True and config.method.fix_orth is False
+  assert (config.model.image_size, config.optim.epochs) == (56, 2)
+  assert config.data.max_per_class_train == 20 and config.data.max_per_class_test == 50
+  # the page's command for this cell names the same config file, arg and overrides
+  cmd = results_page.command("imagenette", "fix_ema", 1, scale, str(wd))
+  assert cmd == ["python", "-m", "ntkcl_jax.train",
+                 f"--config=configs/imagenette_dinov2s.py:{scale}", f"--workdir={wd}",
+                 "--config.seed=1", "--noprogress", "--config.method.name=ntkcl",
+                 "--config.method.variant=corrected", "--config.method.fix_ema=True"]
+  assert results_page.run_cell("imagenette", "fix_ema", 1, scale, str(tmp_path)) == res
+  assert len(calls) == 1

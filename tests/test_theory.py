@@ -1,7 +1,9 @@
-"""ntk_analysis.theory: recipes (a)-(f) against closed forms on constructed runs, and against a
-second computation path on a real tiny run (training-time evaluation; a naive jacrev e_lin)."""
+"""ntk_analysis.experiments (a)-(f) against closed forms on constructed runs, and against a second
+computation path on a real tiny run trained by the sweep driver scripts/theory.py (training-time
+evaluation; naive jacrev e_lin and task-end kernels)."""
 import json
 import os
+import sys
 
 import jax
 import jax.flatten_util  # noqa: F401  (jax.flatten_util.ravel_pytree)
@@ -9,22 +11,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntk_analysis import joint, metrics, runs, theory
-from ntkcl_jax import train
+from ntk_analysis import analyse, experiments, joint, metrics, readouts
+from ntkcl_jax import config_files, data
+from ntkcl_jax.checkpoints import runs
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for scripts.*
+from scripts import theory  # noqa: E402
 
 
 # -- constructed runs: closed forms ------------------------------------------------------------
 def _fake_run(root, name, acc, kernels, seed=0, method="ntkcl", n_per_class=8):
-  """A workdir with results.json and ntk/task<t>/kernel_fused.npz from given kernels."""
+  """A workdir with results.json and task-end kernels (joint.task_end_path) from given kernels."""
   wd = os.path.join(root, name)
   t_count = len(acc)
   for t, k in enumerate(kernels):
-    d = os.path.join(wd, "ntk", f"task{t}")
-    os.makedirs(d)
+    path = joint.task_end_path(wd, t)
+    os.makedirs(os.path.dirname(path))
     n = k.shape[0] // t_count
     joint.JointKernel(k=k, task_index=np.repeat(np.arange(t_count), n),
-                      indices={s: np.arange(n) for s in range(t_count)}, meta={}).save(
-                          os.path.join(d, "kernel_fused.npz"))
+                      indices={s: np.arange(n) for s in range(t_count)}, meta={}).save(path)
   a = np.array(acc, float)
   res = {"accuracy_matrix": acc, "avg_incremental_accuracy": 50.0,
          "last_accuracy": float(np.nanmean(a[-1])),
@@ -51,7 +56,7 @@ def test_orthogonality_table_matches_closed_form(tmp_path):
     k = _two_task_kernel(c)
     wd = _fake_run(str(tmp_path), f"d{d}", ACC2, [k, k])
     runs_[wd] = {"method.dis_temp": d}
-  res = theory.orthogonality(runs_, str(tmp_path / "b.png"))
+  res = experiments.orthogonality(runs_, str(tmp_path / "b.png"))
   rho = {r["dis_temp"]: r["mean_rho"] for r in res["table"]}
   np.testing.assert_allclose([rho[0.0], rho[1e-4], rho[1e-3]], [0.5, 0.4, 0.2], atol=1e-12)
   assert res["holds"] is True and "mean rho by -0.3 " in res["measured"]
@@ -71,7 +76,7 @@ def test_regularisation_ema_drift_and_u_shape(tmp_path):
       acc = [[90.0, float("nan")], [last, last]]
       wd = _fake_run(str(tmp_path), f"r{r}_e{ema}", acc, [k0, k1])
       runs_[wd] = {"method.reg_temp": r, "method.frozen_sets": ema}
-  res = theory.regularisation_ema(runs_, str(tmp_path / "f.png"))
+  res = experiments.regularisation_ema(runs_, str(tmp_path / "f.png"))
   a, b = np.eye(n), np.diag([1.0, 1.0, 2.0])
   expected = 1 - np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b))
   drift = {(r["ema_sets"], r["reg_temp"]): r["old_kernel_drift"] for r in res["table"]}
@@ -88,7 +93,7 @@ def test_overlap_vs_forgetting_rank_correlation(tmp_path):
   # drops: (0<-1) 2, (0<-2) 20, (1<-2) 10 ; rho: 0.1, 0.6, 0.3
   acc = [[90.0, np.nan, np.nan], [88.0, 80.0, np.nan], [68.0, 70.0, 75.0]]
   wd = _fake_run(str(tmp_path), "a", acc, [k, k, k])
-  res = theory.overlap_vs_forgetting([wd])
+  res = experiments.overlap_vs_forgetting([wd])
   tab = {(r["s"], r["t"]): r for r in res["table"]}
   assert tab[(0, 2)]["rho"] == pytest.approx(0.6)
   assert tab[(0, 2)]["accuracy_drop"] == pytest.approx(20.0)
@@ -97,13 +102,13 @@ def test_overlap_vs_forgetting_rank_correlation(tmp_path):
 
 def test_slope_is_minus_half_for_inverse_sqrt():
   n = np.array([4.0, 16.0, 64.0])
-  assert theory._slope(n, 3.0 / np.sqrt(n)) == pytest.approx(-0.5)
+  assert metrics.loglog_slope(n, 3.0 / np.sqrt(n)) == pytest.approx(-0.5)
 
 
 def test_run_name_and_unknown_override(tmp_path):
   assert theory.run_name({"method.reg_temp": 0.001, "method.frozen_sets": 0}, 2) == \
       "frozen_sets=0_reg_temp=0.001_seed2"
-  config = train.load_config_file(os.path.join(train.REPO_ROOT, "configs", "tiny.py"))
+  config = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs", "tiny.py"))
   with pytest.raises(KeyError, match="no such config key"):
     theory.train_run(config, str(tmp_path), {"method.not_a_key": 1}, 0)
 
@@ -112,10 +117,10 @@ def test_run_name_and_unknown_override(tmp_path):
 @pytest.fixture(scope="module")
 def lazy_run(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("theory"))
-  config = train.load_config_file(os.path.join(train.REPO_ROOT, "configs", "tiny.py"))
+  config = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs", "tiny.py"))
   config.train.mesh_data = 1
   config.optim.epochs = 1
-  wd = theory.train_run(config, root, {"train.checkpoint_every_steps": 1}, 0,
+  wd = theory.train_run(config, root, {"train.checkpoint_every_steps": 1}, 0, n_per_task=4,
                         extra_train={"train.keep_checkpoints": 1000}, log=lambda *_: None)
   return wd
 
@@ -123,15 +128,15 @@ def lazy_run(tmp_path_factory):
 @pytest.mark.slow
 def test_split_accuracies_match_training_time_evaluation(lazy_run):
   """The post-hoc test accuracy per task equals the last row the learner wrote while training."""
-  df = theory.split_accuracies(lazy_run)
-  last_row = theory.results(lazy_run)["accuracy_matrix"][-1]
+  df = experiments.split_accuracies(lazy_run)
+  last_row = experiments.results(lazy_run)["accuracy_matrix"][-1]
   np.testing.assert_allclose(df["test_acc"], last_row, atol=1e-9)
   np.testing.assert_allclose(df["gap"], df["train_acc"] - df["test_acc"])
 
 
 @pytest.mark.slow
 def test_lazy_regime_against_naive_jacobian(lazy_run):
-  res = theory.lazy_regime(lazy_run, n_per_task=2, num_probes=2)
+  res = experiments.lazy_regime(analyse.every_checkpoint(lazy_run, n_per_task=2, num_probes=2))
   df = __import__("pandas").DataFrame(res["table"])
   first = df.groupby("task")["step"].transform("min") == df["step"]
   np.testing.assert_allclose(df[first]["S_to_task_start"], 0.0, atol=1e-12)
@@ -141,12 +146,12 @@ def test_lazy_regime_against_naive_jacobian(lazy_run):
   a, b = int(ids[ids.index(row["checkpoint"]) - 1]), int(row["checkpoint"])
   _, learner, s0, _ = runs.load_run(lazy_run, a)
   config, _, s1, _ = runs.load_run(lazy_run, b)
-  from ntkcl_jax import data
-  images, _ = runs.task_data(data.build_stream(config))
+  images, _ = analyse.task_data(data.build_stream(config))
   x = np.concatenate([images[t][joint.subset_indices(0, t, len(images[t]), 2)]
                       for t in sorted(images)])
-  f, p0 = runs.readout(learner, s0, "fused", runs.probes(learner.spec.feature_dim, 2, 0))
-  p1 = learner.trainable(s1)
+  probe = readouts.probes(learner.spec.feature_dim, 2)
+  f, p0 = readouts.model_readout(learner, s0, "fused", probe)
+  _, p1 = readouts.model_readout(learner, s1, "fused", probe)  # the same (non-inert) leaves
   flat0, unravel = jax.flatten_util.ravel_pytree(p0)
   flat1, _ = jax.flatten_util.ravel_pytree(p1)
   g = lambda v: f(unravel(v), x).ravel()  # noqa: E731
@@ -157,12 +162,33 @@ def test_lazy_regime_against_naive_jacobian(lazy_run):
   # S to the task-start kernel, recomputed from dense jacrev kernels (sum over outputs)
   ref = int(df[df["task"] == row["task"]]["checkpoint"].min())
   _, learner_r, s_r, _ = runs.load_run(lazy_run, ref)
-  probe = runs.probes(learner.spec.feature_dim, 2, 0)
-
-  def dense_kernel(lrn, state):
-    fk, pk = runs.readout(lrn, state, "fused", probe)
-    v, unr = jax.flatten_util.ravel_pytree(pk)
-    j = jax.jacrev(lambda u: fk(unr(u), x))(v)  # (N, O, P)
-    return np.einsum("iop,jop->ij", j, j)
-  want_s = metrics.kernel_distance(dense_kernel(learner_r, s_r), dense_kernel(learner, s1))
+  want_s = metrics.kernel_distance(_dense_kernel(learner_r, s_r, probe, x),
+                                   _dense_kernel(learner, s1, probe, x))
   assert row["S_to_task_start"] == pytest.approx(want_s, rel=1e-3, abs=1e-7)
+
+
+def _dense_kernel(lrn, state, probe, x):
+  """The traced feature-sketch kernel from a dense jacrev Jacobian (mean over outputs)."""
+  fk, pk = readouts.model_readout(lrn, state, "fused", probe)
+  v, unr = jax.flatten_util.ravel_pytree(pk)
+  j = jax.jacrev(lambda u: fk(unr(u), x))(v)  # (N, O, P)
+  return np.einsum("iop,jop->ij", j, j) / j.shape[1]
+
+
+@pytest.mark.slow
+def test_task_end_kernels_from_the_saved_task_end_checkpoints(lazy_run):
+  """The sweep driver computed one kernel per task end: each from the first checkpoint saved
+  after that task's evaluation, equal to a dense jacrev kernel of that state."""
+  ends = analyse.task_end_checkpoints(lazy_run)
+  config, learner, _, _ = runs.load_run(lazy_run)
+  images, _ = analyse.task_data(data.build_stream(config))
+  assert sorted(ends) == list(range(len(images)))
+  for t, cid in ends.items():
+    state, meta = runs.restore_state(lazy_run, learner, cid)
+    assert len(meta["task_records"]) == t + 1 and meta["position"]["task"] == t + 1
+    jk = experiments.task_kernel(lazy_run, t)
+    assert jk.meta["checkpoint"] == str(cid)
+    if t == len(images) - 1:
+      x = np.concatenate([images[s][jk.indices[s]] for s in jk.tasks])
+      want = _dense_kernel(learner, state, readouts.probes(learner.spec.feature_dim, 8), x)
+      np.testing.assert_allclose(jk.k, want, rtol=2e-4, atol=1e-6 * np.abs(want).max())

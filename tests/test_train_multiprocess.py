@@ -3,15 +3,15 @@ feeding its own rows of every batch) give the same run as one process with 8 dev
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import portpicker
 import pytest
 
-import _train_standins as standins
-from ntkcl_jax import train
+from ntkcl_jax import config_files
 
-CONFIG = os.path.join(train.REPO_ROOT, "configs", "tiny.py")
+CONFIG = os.path.join(config_files.REPO_ROOT, "configs", "tiny.py")
 
 
 def _env(devices):
@@ -25,11 +25,9 @@ def _results(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", standins.KINDS)
-def test_two_processes_equal_one_process(kind, tmp_path):
-  standins.skip_unless_real(kind)
-  base = standins.launcher_argv(kind) + [f"--config={CONFIG}", "--noprogress"]
-  one = subprocess.run(base + [f"--workdir={tmp_path / 'one'}"], env=_env(8), cwd=train.REPO_ROOT,
+def test_two_processes_equal_one_process(tmp_path):
+  base = [sys.executable, "-m", "ntkcl_jax.train", f"--config={CONFIG}", "--noprogress"]
+  one = subprocess.run(base + [f"--workdir={tmp_path / 'one'}"], env=_env(8), cwd=config_files.REPO_ROOT,
                        capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
 
@@ -37,7 +35,7 @@ def test_two_processes_equal_one_process(kind, tmp_path):
   two_dir = tmp_path / "two"
   procs = [subprocess.Popen(base + [f"--workdir={two_dir}", f"--coordinator=localhost:{port}",
                                     "--num_processes=2", f"--process_id={i}"],
-                            env=_env(4), cwd=train.REPO_ROOT, stdout=subprocess.PIPE,
+                            env=_env(4), cwd=config_files.REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]

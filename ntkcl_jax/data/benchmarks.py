@@ -1,13 +1,17 @@
 """What each dataset name means: classes, where its images come from, known split counts.
 
-The nine NTK-CL benchmarks (shared spec method.md 5.2) read the official `{train,test}/<class>/`
+The nine NTK-CL benchmarks (docs/method.md §5.2) read the official `{train,test}/<class>/`
 folders (ImageFolder order = alphabetical class index), or a tensorflow-datasets builder where one
-exists. Offline sets: the ../shared/data archives, scikit-learn digits, synthetic templates.
+exists. Offline sets: the ../shared/data archives, the demo images shipped in the package
+(`imagenette_demo`), scikit-learn digits, synthetic templates.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
+
+from ntkcl_jax.data.sources import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +21,7 @@ class Dataset:
   tfds: Optional[str] = None            # tfds builder name
   tfds_splits: tuple = ("train", "test")
   zip_files: Optional[tuple] = None     # (train, test) archive names under data_dir
+  bundled: bool = False                 # ships inside the package (data/demo_images)
   counts: Optional[tuple] = None        # (train, test) images, when known
   per_class: Optional[tuple] = None     # (train, test) images of EVERY class, when balanced
   note: str = ""
@@ -44,6 +49,10 @@ DATASETS = {
     "vtab": Dataset(50, folder="VTAB"),
     "kvasir": Dataset(8, folder="Kvasir"),
     "imagenette_zip": Dataset(10, zip_files=("train.zip", "val.zip"), counts=(3000, 3925)),
+    "imagenette_demo": Dataset(10, zip_files=("train.zip", "val.zip"), counts=(300, 500),
+                               per_class=(30, 50), bundled=True,
+                               note="the default demo's images, downscaled, shipped with the "
+                                    "package (ntkcl_jax/data/demo_images/README.md)"),
     "cifar10_zip": Dataset(10, zip_files=("train.zip", "test.zip"), counts=(10000, 10000),
                            per_class=(1000, 1000)),
     "imagenette/160px": Dataset(10, tfds="imagenette/160px", tfds_splits=("train", "validation"),
@@ -58,3 +67,24 @@ def get(name: str) -> Dataset:
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r} (data.name); known: {sorted(DATASETS)}")
   return DATASETS[name]
+
+
+def folder_root(data_dir: str, ds: Dataset, name: str) -> str:
+  """The folder holding `train/` and `test/` class folders: data_dir/<folder> or data_dir."""
+  cands = [os.path.join(data_dir, ds.folder or name), data_dir]
+  for c in cands:
+    if os.path.isdir(os.path.join(c, "train")) and os.path.isdir(os.path.join(c, "test")):
+      return c
+  raise FileNotFoundError(
+      f"{name}: no image folders found. Expected `{cands[0]}/train/<class>/<image>` and "
+      f"`{cands[0]}/test/<class>/<image>` ({ds.num_classes} class folders each; the layout the "
+      f"official NTK-CL code reads). Set --config.data.data_dir to the folder that contains "
+      f"`{ds.folder or name}/`" + (f" ({ds.note})" if ds.note else ""))
+
+
+def check_num_classes(config) -> None:
+  """data.num_classes must be the benchmark's class count (synthetic: any)."""
+  ds = get(config.data.name)
+  if ds.num_classes and int(config.data.num_classes) != ds.num_classes:
+    raise DataError(f"data.num_classes={config.data.num_classes} but {config.data.name} has "
+                    f"{ds.num_classes} classes; set --config.data.num_classes={ds.num_classes}")

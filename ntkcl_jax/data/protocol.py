@@ -1,4 +1,4 @@
-"""Class-incremental protocol: class order and task splits (shared spec method.md 3.2).
+"""Class-incremental protocol: class order and task splits (docs/method.md §3.2).
 
 Class order as the official code draws it: `np.random.seed(seed); np.random.permutation(C)` (the
 legacy RandomState, stable across NumPy versions). Original class `order[k]` becomes new label k.
@@ -35,6 +35,14 @@ def task_splits(num_classes: int, init_cls: int, increment: int) -> list[list[in
   while bounds[-1] < num_classes:
     bounds.append(min(num_classes, bounds[-1] + increment))
   return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def num_tasks(config) -> int:
+  """How many tasks config.data's split has: init_cls first, then one per `increment` (the last
+  may be smaller), as task_splits draws them."""
+  d = config.data
+  rest = d.num_classes - d.init_cls
+  return 1 + rest // d.increment + (1 if rest % d.increment else 0)
 
 
 def remap(labels: np.ndarray, order: np.ndarray) -> np.ndarray:

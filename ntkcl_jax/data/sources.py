@@ -149,6 +149,7 @@ def array_images(images: np.ndarray, labels: np.ndarray, description: str,
 
 def digits_images(split: str) -> ImageSet:
   """scikit-learn's bundled 8x8 digits (1,797 images, always available): a seeded 75/25 split."""
+  # lazy: scikit-learn is slow to import and only this source needs it
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   d = load_digits()
   idx = np.random.RandomState(0).permutation(len(d.target))
@@ -171,11 +172,12 @@ def synthetic_images(split: str, num_classes: int, size: int, per_class: int) ->
 
 def tfds_images(name: str, split: str, data_dir: Optional[str] = None,
                 download: bool = True, skip_decoding: bool = True) -> ImageSet:
-  """A tensorflow-datasets data source (random access, no TensorFlow; shared spec env.md 4).
+  """A tensorflow-datasets data source (random access, no TensorFlow).
 
   Images are read undecoded (`SkipDecoding`), so listing the labels touches no pixels and the
   JPEG/PNG decoding happens in the stream's threads, with the same cache and errors as ZIPs.
   `skip_decoding=False` for `tfds.testing.mock_data` (its random examples are arrays already)."""
+  # lazy: tensorflow-datasets (and TensorFlow behind it) is heavy and only the tfds source needs it
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   decoders = {"image": tfds.decode.SkipDecoding()} if skip_decoding else None
   try:

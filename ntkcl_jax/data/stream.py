@@ -7,8 +7,8 @@ uninterrupted iterator, on any number of hosts. Each host materialises only its 
 [p*B/P, (p+1)*B/P) of every global batch. Partial last batches (kept, as the official loader
 does) are padded by repeating a real example and masked.
 
-Why plain numpy + threads rather than grain or tf.data: there is no TensorFlow in the data path
-(env.md 4), grain's MapDataset would give the same random access but its iterator state is
+Why plain numpy + threads rather than grain or tf.data: there is no TensorFlow in the data path,
+grain's MapDataset would give the same random access but its iterator state is
 replaced here by the three integers the launcher already checkpoints, and the decoded offline
 sets fit in memory; a thread pool (PIL releases the GIL) plus a prefetching thread keep the
 pipeline ahead of the train step (benchmarks/input_pipeline.py measures it).
@@ -28,7 +28,7 @@ from ntkcl_jax import normalization
 from ntkcl_jax.data import protocol, sources, transforms
 
 
-def _subsample(labels: np.ndarray, per_class: int, salt: int) -> np.ndarray:
+def subsample(labels: np.ndarray, per_class: int, salt: int) -> np.ndarray:
   """Indices keeping at most `per_class` images of each class (fixed draw, independent of seed)."""
   keep = []
   for c in np.unique(labels):
@@ -72,8 +72,8 @@ class TaskStream:
     self.tasks = protocol.task_splits(self.num_classes, d.init_cls, d.increment)
     self.num_tasks = len(self.tasks)
     self.train_set, self.test_set = train, test
-    self.train_idx = _subsample(train.labels, d.max_per_class_train, 11)
-    self.test_idx = _subsample(test.labels, d.max_per_class_test, 12)
+    self.train_idx = subsample(train.labels, d.max_per_class_train, 11)
+    self.test_idx = subsample(test.labels, d.max_per_class_test, 12)
     self.train_new = protocol.remap(train.labels, self.class_order)  # new label per image
     self.test_new = protocol.remap(test.labels, self.class_order)
     self.description = description

@@ -1,7 +1,7 @@
 """What a config's protocol will train on, without decoding images (used by tools/show_split).
 
-Class order and task splits need only the class count (shared spec method.md 3.2). Image counts
-come, cheapest first, from the registry's known per-class counts (balanced sets, method.md 5.2),
+Class order and task splits need only the class count (docs/method.md §3.2). Image counts
+come, cheapest first, from the registry's known per-class counts (balanced sets, docs/method.md §5.2),
 from listing archive/folder file names (no image is read), or from building the stream (small
 in-memory sets: synthetic, digits, mock). `max_per_class_*` subsampling is applied exactly as the
 stream applies it.
@@ -13,12 +13,12 @@ from typing import Optional
 
 import numpy as np
 
-from ntkcl_jax.data import benchmarks, protocol, sources
+from ntkcl_jax import data as data_lib
+from ntkcl_jax.data import benchmarks, protocol, sources, stream
 
 
 def _labels_without_images(config) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
   """(train labels, test labels, how) from file names, or None when the data is not listable."""
-  from ntkcl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   d = config.data
   ds = benchmarks.get(d.name)
   if d.source == "zip" and ds.zip_files:
@@ -29,7 +29,7 @@ def _labels_without_images(config) -> Optional[tuple[np.ndarray, np.ndarray, str
     how = "listed from the ZIP directories (no image decoded)"
   elif d.source == "folder":
     try:
-      root = data_lib._folder_root(d.data_dir, ds, d.name)  # pylint: disable=protected-access
+      root = benchmarks.folder_root(d.data_dir, ds, d.name)
     except FileNotFoundError:
       return None
     (train, train_cls), (test, test_cls) = (sources.folder_labels(os.path.join(root, split))
@@ -45,17 +45,15 @@ def _labels_without_images(config) -> Optional[tuple[np.ndarray, np.ndarray, str
 
 def _task_counts(labels: np.ndarray, order: np.ndarray, tasks, per_class_max: int,
                  salt: int) -> list[int]:
-  from ntkcl_jax.data.stream import _subsample  # pylint: disable=g-import-not-at-top
-  new = protocol.remap(labels, order)[_subsample(labels, per_class_max, salt)]
+  new = protocol.remap(labels, order)[stream.subsample(labels, per_class_max, salt)]
   return [int(np.isin(new, t).sum()) for t in tasks]
 
 
 def split_summary(config) -> dict:
   """JSON-able description of config.data's protocol: class order, tasks, image counts."""
-  from ntkcl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   d = config.data
   ds = benchmarks.get(d.name)
-  data_lib.check_num_classes(config)
+  benchmarks.check_num_classes(config)
   c = int(d.num_classes)
   order = protocol.class_order(c, d.class_order, int(config.seed), d.explicit_order)
   tasks = protocol.task_splits(c, d.init_cls, d.increment)
@@ -73,11 +71,11 @@ def split_summary(config) -> dict:
   elif ds.per_class and d.source in ("tfds", "folder", "zip"):
     counts = {split: [len(t) * (min(n, cap) if cap else n) for t in tasks]
               for split, n, cap in zip(("train", "test"), ds.per_class, caps)}
-    how = ("known per-class counts of the benchmark (shared spec method.md 5.2); no data was "
+    how = ("known per-class counts of the benchmark (docs/method.md §5.2); no data was "
            "read")
   elif d.source in ("synthetic", "digits", "mock"):
-    stream = data_lib.build_stream(config)
-    counts, how = dict(stream.counts), stream.description
+    built = data_lib.build_stream(config)
+    counts, how = dict(built.counts), built.description
   else:
     counts = {"train": [None] * len(tasks), "test": [None] * len(tasks)}
     how = ("per-task counts unknown without the data (no per-class counts on record)" +

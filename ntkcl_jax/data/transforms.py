@@ -1,4 +1,4 @@
-"""The official NTK-CL image transforms (shared spec method.md 5.1), written once, for any size.
+"""The official NTK-CL image transforms (docs/method.md §5.1), written once, for any size.
 
 Train: RandomResizedCrop(S, scale (0.05, 1), ratio (3/4, 4/3), bilinear) then horizontal flip
 p=0.5 (torchvision's sampling procedure). Test: resize the short side to round(S * 256 / 224)

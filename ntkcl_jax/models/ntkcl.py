@@ -1,4 +1,4 @@
-"""The NTK-CL forward (spec method.md 1.2-1.5, 4.1): branches x prompt sets -> features, logits.
+"""The NTK-CL forward (docs/method.md §1.2-1.5, 4.1): branches x prompt sets -> features, logits.
 
 Parameter naming (for converters, exporters and the NTK analysis):
 
@@ -28,7 +28,7 @@ Official PyTorch state dict (PromptNet) -> ours (Linear weights are transposed i
   proxy_fc.{weight,sigma} -> state['params']['proxy'] {'weight', 'sigma'} (rows padded to max task)
 
 Feature layout: every branch's feature is the concatenation of D-wide sections, outermost first:
-[PTM (if use_init_ptm) ; frozen set 0 .. F-1 ; current] (spec 1.4), so Dt = S * D.
+[PTM (if use_init_ptm) ; frozen set 0 .. F-1 ; current] (docs/method.md §1.4), so Dt = S * D.
 """
 from __future__ import annotations
 
@@ -45,6 +45,36 @@ from ntkcl_jax.models import peft
 from ntkcl_jax.models import vit
 
 METHODS = ("ntkcl", "channel", "patch", "simplecil", "seq_adapter")
+SWITCHES = ("fix_fusion", "fix_nce_sign", "fix_orth", "fix_l2_all", "fix_ema", "fix_patch_init",
+            "fix_old_pool")
+
+
+@dataclasses.dataclass(frozen=True)
+class Switches:
+  """The corrected-mode switches (docs/method.md §10, plus fix_old_pool for docs/method.md §9 item 7): each fixes one
+  oddity of the official code; all off is the official method."""
+  fix_fusion: bool = False
+  fix_nce_sign: bool = False
+  fix_orth: bool = False
+  fix_l2_all: bool = False
+  fix_ema: bool = False
+  fix_patch_init: bool = False
+  fix_old_pool: bool = False
+
+
+def switches(config) -> Switches:
+  """The one gate of the switches: method.variant='official' forces all off, 'corrected' honours
+  each method.fix_* as set."""
+  m = config.method
+  if m.variant not in ("official", "corrected"):
+    raise ValueError(f"method.variant must be 'official' or 'corrected', got {m.variant!r}")
+  return Switches(**{s: bool(m[s]) and m.variant == "corrected" for s in SWITCHES})
+
+
+def vit_config(config) -> vit.ViTConfig:
+  """The backbone's ViTConfig of a run config (`model.name`, `image_size`, `overrides`)."""
+  return vit.get_config(config.model.name, image_size=config.model.image_size,
+                        **config.model.overrides.to_dict())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +89,7 @@ class ModelSpec:
   num_prompts: int = 10
   frozen_sets: int = 1
   use_init_ptm: bool = False
-  fix_fusion: bool = False
-  fix_patch_init: bool = False
+  switches: Switches = Switches()
   section_weights: tuple = (0.3, 0.1)
   fusion: str = "attention"  # attention (official) | mlp | multimodal (official dead alternatives)
 
@@ -69,7 +98,7 @@ class ModelSpec:
       raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
     if self.frozen_sets not in (0, 1):
       raise ValueError(f"frozen_sets={self.frozen_sets}: only 0 or 1 is supported (the official "
-                       "code is only consistent for F=1, spec method.md 1.4)")
+                       "code is only consistent for F=1, docs/method.md §1.4)")
     if self.fusion not in peft.FUSIONS:
       raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {sorted(peft.FUSIONS)}")
     if len(self.section_weights) != self.num_sections:
@@ -106,7 +135,7 @@ class ModelSpec:
 
   def patch_factory(self):
     return functools.partial(peft.PatchPrompt, num_prompts=self.num_prompts,
-                             scalar=self.ffn_scalar, nonzero_init=self.fix_patch_init)
+                             scalar=self.ffn_scalar, nonzero_init=self.switches.fix_patch_init)
 
   def vit_module(self, branch: Optional[str]) -> vit.ViT:
     if branch == "channel":
@@ -119,12 +148,12 @@ class ModelSpec:
     if self.fusion != "attention":
       return peft.FUSIONS[self.fusion]()
     return peft.AttentionFusion(num_heads=8, dropout=self.fusion_dropout,
-                                multi_token=self.fix_fusion)
+                                multi_token=self.switches.fix_fusion)
 
 
-def spec_from_config(config, vit_config: vit.ViTConfig, *, fix_fusion: bool,
-                     fix_patch_init: bool) -> ModelSpec:
-  """ModelSpec from the run config (`method` section); section weights default as spec 4.1."""
+def spec_from_config(config) -> ModelSpec:
+  """The ModelSpec of a run config: its ViT (`model`), method and switches (`method`); section
+  weights default as docs/method.md §4.1."""
   m = config.method
   sw = tuple(float(w) for w in m.section_weights)
   n_sec = _num_sections(m.name, m.frozen_sets, m.use_init_ptm)
@@ -133,12 +162,11 @@ def spec_from_config(config, vit_config: vit.ViTConfig, *, fix_fusion: bool,
       sw = (1.0,)
     elif len(sw) == n_sec - 1 and m.use_init_ptm:
       sw = (1.0,) + sw  # official [beta, gamma, alpha] = [1.0, 0.3, 0.1]
-  return ModelSpec(vit_config, method=m.name, ffn_num=m.ffn_num, ffn_scalar=m.ffn_scalar,
+  return ModelSpec(vit_config(config), method=m.name, ffn_num=m.ffn_num, ffn_scalar=m.ffn_scalar,
                    adapter_dropout=m.adapter_dropout, fusion_dropout=m.fusion_dropout,
                    num_prompts=m.num_prompt_tokens, frozen_sets=m.frozen_sets,
-                   use_init_ptm=m.use_init_ptm, fix_fusion=fix_fusion,
-                   fix_patch_init=fix_patch_init, section_weights=sw,
-                   fusion=m.get("fusion", "attention"))
+                   use_init_ptm=m.use_init_ptm, switches=switches(config), section_weights=sw,
+                   fusion=m.fusion)
 
 
 def _num_sections(method, frozen_sets, use_init_ptm):
@@ -162,7 +190,7 @@ def _branch_params(spec: ModelSpec, branch: str, key) -> dict:
 
 @functools.partial(jax.jit, static_argnums=0)
 def init_trainable(spec: ModelSpec, key) -> dict:
-  """Current PEFT lists + fusion, official initialisation (spec 1.2, 1.3, 1.5)."""
+  """Current PEFT lists + fusion, official initialisation (docs/method.md §1.2, 1.3, 1.5)."""
   keys = jax.random.split(key, 3)
   out = {b: _branch_params(spec, b, k) for b, k in zip(("channel", "patch"), keys)
          if b in spec.branches}
@@ -175,7 +203,7 @@ def init_trainable(spec: ModelSpec, key) -> dict:
 
 @functools.partial(jax.jit, static_argnums=0)
 def init_frozen(spec: ModelSpec, key) -> dict:
-  """The F frozen (pre_) lists: own random draws, stacked on a leading axis (spec 1.4)."""
+  """The F frozen (pre_) lists: own random draws, stacked on a leading axis (docs/method.md §1.4)."""
   out = {}
   for i, b in enumerate(("channel", "patch")):
     if b in spec.branches and spec.num_frozen:
@@ -238,7 +266,7 @@ def features(spec: ModelSpec, backbone, trainable, frozen, images, *, train: boo
 
   Returns dict(channel=(B, Dt), patch=(B, Dt), fused=(B, Dt), channel_sections=(B, S, D),
   patch_sections=(B, S, D)); for single-branch methods the missing branch and `fused` alias the
-  branch present (spec 3.5: 'channel'/'patch' modes use c / p), for 'simplecil' all are the PTM.
+  branch present (docs/method.md §3.5: 'channel'/'patch' modes use c / p), for 'simplecil' all are the PTM.
   `ptm`: a precomputed PTM feature (B, D) to reuse; `rng` is needed when train=True (dropout).
   """
   chex.assert_rank(images, 4)
@@ -275,9 +303,10 @@ def features(spec: ModelSpec, backbone, trainable, frozen, images, *, train: boo
 features_jit = jax.jit(features, static_argnums=0, static_argnames=("train",))
 
 
-def eval_logits(spec: ModelSpec, prototypes, fused, num_seen):
-  """forward_reweight over the seen classes (spec 4.1); unseen classes get -inf."""
-  logits = peft.reweighted_logits(fused, prototypes, spec.section_weights)
+def eval_logits(spec: ModelSpec, prototypes, fused, num_seen, sigma=1.0):
+  """forward_reweight over the seen classes (docs/method.md §4.1), scaled by the prototype head's sigma
+  (fc.sigma: 1 in every run of ours; kept from imported official models); unseen get -inf."""
+  logits = peft.reweighted_logits(fused, prototypes, spec.section_weights, sigma)
   return jnp.where(jnp.arange(prototypes.shape[0]) < num_seen, logits, -jnp.inf)
 
 

@@ -1,7 +1,7 @@
 """NTK-CL's PEFT modules: channel adapter, patch-prompt generator, fusion, cosine heads.
 
 Each module plugs into the ONE ViT (`models/vit.py`) through its extension points; none copies the
-ViT. Parameter names mirror the official PyTorch modules (spec method.md 1.2-1.6) so a converter
+ViT. Parameter names mirror the official PyTorch modules (docs/method.md §1.2-1.6) so a converter
 maps them one to one (PyTorch Linear weight (out, in) = our Dense kernel (in, out) transposed):
 
   ChannelAdapter  (ViT `mlp_adapter`, name 'adapter'):  down_proj/{kernel (D, r), bias (r,)},
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 
 def torch_linear_init(fan_in: int):
-  """PyTorch nn.Linear default init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)) (spec 1.2)."""
+  """PyTorch nn.Linear default init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)) (docs/method.md §1.2)."""
   bound = 1.0 / math.sqrt(fan_in)
 
   def init(key, shape, dtype=jnp.float32):
@@ -33,7 +33,7 @@ def torch_linear_init(fan_in: int):
 
 
 class ChannelAdapter(nn.Module):
-  """AdaptFormer parallel adapter: scalar * Up(Drop(ReLU(Down(h)))) (spec 1.2); Up starts at 0."""
+  """AdaptFormer parallel adapter: scalar * Up(Drop(ReLU(Down(h)))) (docs/method.md §1.2); Up starts at 0."""
   layer: int = 0
   ffn_num: int = 16
   scalar: float = 0.1
@@ -51,14 +51,14 @@ class ChannelAdapter(nn.Module):
 
 
 class PatchPrompt(nn.Module):
-  """Generated prompt tokens inserted after CLS (spec 1.3), as a ViT `token_hook`.
+  """Generated prompt tokens inserted after CLS (docs/method.md §1.3), as a ViT `token_hook`.
 
   Token layout [CLS, prompt_1..P, patch tokens]. At layer 0 the input has no prompts; from layer 1
   on the P old prompts r are taken out, g = LN_p(Mix(non-prompt tokens)) is generated, and
   prompts = g + scalar * r are re-inserted. Residual (official): layer 0 -> no residual at prompt
   positions; layer >= 1 -> the old post-attention prompt r. Mix is a Linear over the token axis,
   sized by the actual token count at init, so any resolution / patch size works.
-  `nonzero_init` (fix_patch_init, spec 10 switch 6): Mix ~ U(+-1/sqrt(N)) and LN gamma = 1 instead
+  `nonzero_init` (fix_patch_init, docs/method.md §10 switch 6): Mix ~ U(+-1/sqrt(N)) and LN gamma = 1 instead
   of the official all-zero init whose only trainable degree of freedom is LN beta.
   """
   layer: int = 0
@@ -95,11 +95,11 @@ class PatchPrompt(nn.Module):
 
 
 class AttentionFusion(nn.Module):
-  """The official AttentionFusion (spec 1.5): m = 0.5 * drop(attn) @ V + c + 0.1 * p.
+  """The official AttentionFusion (docs/method.md §1.5): m = 0.5 * drop(attn) @ V + c + 0.1 * p.
 
   Official: Q from p, K and V from c, one token each, so softmax over one key == 1 and Q/K get
   exactly zero gradient (kept literally, so this degeneracy is reproduced, not hard-coded).
-  `multi_token` (fix_fusion, spec 10 switch 1, our design): keys and values come from the two
+  `multi_token` (fix_fusion, docs/method.md §10 switch 1, our design): keys and values come from the two
   tokens [c, p], so the softmax over two keys is not constant and Q, K reach the output.
   Dropout (p=fusion_dropout) acts on the (B, H, 1, keys) attention weights, as in the official code.
   """
@@ -160,17 +160,17 @@ FUSIONS = {"attention": AttentionFusion, "mlp": FusionNetwork, "multimodal": Mul
 
 
 # ------------------------------------------------------------------------------------------------
-# Cosine classifiers (spec 1.6, 4.1)
+# Cosine classifiers (docs/method.md §1.6, 4.1)
 # ------------------------------------------------------------------------------------------------
 def l2_normalize(x, axis=-1, eps=1e-12):
-  """F.normalize: x / max(||x||, eps); safe gradient at 0 (spec 9 item 16)."""
+  """F.normalize: x / max(||x||, eps); safe gradient at 0 (docs/method.md §9 item 16)."""
   sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
   norm = jnp.sqrt(jnp.where(sq > eps * eps, sq, 1.0))
   return x / jnp.where(sq > eps * eps, norm, eps)
 
 
 def init_cosine(key, num_classes: int, dim: int) -> dict:
-  """CosineLinear init: weight U(+-1/sqrt(D)), sigma 1 (spec 1.6)."""
+  """CosineLinear init: weight U(+-1/sqrt(D)), sigma 1 (docs/method.md §1.6)."""
   return {"weight": torch_linear_init(dim)(key, (num_classes, dim)), "sigma": jnp.ones(())}
 
 
@@ -180,7 +180,7 @@ def cosine_logits(x, head: dict):
 
 
 def reweighted_logits(x, prototypes, section_weights, sigma=1.0):
-  """forward_reweight (spec 4.1): sigma * sum_s w_s cos(x^(s), proto_c^(s)), equal sections.
+  """forward_reweight (docs/method.md §4.1): sigma * sum_s w_s cos(x^(s), proto_c^(s)), equal sections.
 
   x: (B, S*d); prototypes: (C, S*d); section_weights: S floats (outermost section first).
   """

@@ -5,18 +5,18 @@ Parameter names follow Google's vit_jax checkpoints one to one (`embedding`, `cl
 `MultiHeadDotProductAttention_1/{query,key,value,out}`, `LayerNorm_2`, `MlpBlock_3/Dense_{0,1}`,
 `Transformer/encoder_norm`, `head`), so the `.npz` files load without renaming.
 
-Numerics follow the reference ViTs (spec method.md 1.1): pre-norm blocks, separate q/k/v with
+Numerics follow the reference ViTs (docs/method.md §1.1): pre-norm blocks, separate q/k/v with
 bias, exact (erf) GELU, LayerNorm eps 1e-6, CLS token prepended, learned position embedding added
 once at the input, feature = CLS token after the final LayerNorm. DINOv2 adds LayerScale.
 
 Extension points (no second copy of the ViT is ever needed):
   * `mlp_adapter`: a module factory; block i builds `mlp_adapter(layer=i, name='adapter')` and adds
     `adapter(h, deterministic)` to the block output, where h = x + Attn(LN1(x)) (AdaptFormer-style
-    parallel adapter, spec 1.2).
+    parallel adapter, docs/method.md §1.2).
   * `token_hook`: a module factory; block i builds `token_hook(layer=i, name='prompt')` and calls
     `hook(h, deterministic) -> (mlp_input, residual)`; the block output is
     `residual + MLP(LN2(mlp_input))`. This is where generated prompt tokens are inserted after CLS
-    (spec 1.3); the token count may change from block to block.
+    (docs/method.md §1.3); the token count may change from block to block.
 """
 from __future__ import annotations
 

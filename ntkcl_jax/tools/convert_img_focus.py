@@ -8,16 +8,25 @@ resized to image_size / 14 with torch's bicubic (ntkcl_jax/checkpoints/posemb.py
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
 from absl import app, flags
 
+from ntkcl_jax import checkpoints, cli
+
 FLAGS = flags.FLAGS
 
 
 def main(_):
-  from ntkcl_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  out_dir = os.path.dirname(os.path.abspath(FLAGS.output)) if FLAGS.output else ""
+  if out_dir and not os.path.isdir(out_dir):  # checked before the conversion, not after it
+    raise cli.InputError(f"--output={FLAGS.output}: directory {out_dir} does not exist; create it "
+                         "or choose another path")
+  if FLAGS.image_size <= 0 or FLAGS.image_size % 14:
+    raise cli.InputError(f"--image_size={FLAGS.image_size} must be a positive multiple of the "
+                         "patch size 14 (e.g. 56, 224)")
   t = time.time()
   path = checkpoints.default_dinov2_checkpoint(image_size=FLAGS.image_size)
   if FLAGS.output:
@@ -35,4 +44,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(cli.guard(main), flags_parser=cli.parse_flags)

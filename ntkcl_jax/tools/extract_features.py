@@ -11,13 +11,29 @@ padded to one jitted shape; a progress bar shows the work.
 
 NTK-CL models: `--checkpoint=DIR` with DIR a training workdir (`python -m ntkcl_jax.train`) or a
 directory written by `python -m ntkcl_jax.tools.import_official` writes OUT as an `.npz` with the
-channel, patch and fused features and the reweighted prototype logits (spec method.md 4.1) of each
+channel, patch and fused features and the reweighted prototype logits (docs/method.md §4.1) of each
 image; images are normalised as the run's config says (`model.normalize`).
 """
 from __future__ import annotations
 
-import numpy as np
+import json
+import os
+import pickle
+
 from absl import app, flags
+import chex
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from ntkcl_jax import checkpoints
+from ntkcl_jax import cli
+from ntkcl_jax import config_files
+from ntkcl_jax import normalization
+from ntkcl_jax.checkpoints import runs
+from ntkcl_jax.models import ntkcl
+from ntkcl_jax.models import vit
+from ntkcl_jax.tools import import_official
 
 FLAGS = flags.FLAGS
 
@@ -25,11 +41,6 @@ FLAGS = flags.FLAGS
 def extract(params, vit_config, images: np.ndarray, normalize: str = "none",
             batch_size: int = 32, progress: bool = True) -> np.ndarray:
   """(N, S, S, 3) images in [0, 1] -> (N, D) features, in fixed-size padded batches."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from ntkcl_jax import normalization  # pylint: disable=g-import-not-at-top
-  from ntkcl_jax.models import vit  # pylint: disable=g-import-not-at-top
-  import chex  # pylint: disable=g-import-not-at-top
   if not hasattr(images, "shape"):
     images = np.asarray(images, np.float32)
   if images.ndim != 4 or images.shape[-1] != 3:
@@ -62,42 +73,40 @@ def extract(params, vit_config, images: np.ndarray, normalize: str = "none",
 
 
 def ntkcl_model(directory: str):
-  """(spec, backbone, trainable, frozen, prototypes, config) of a run workdir or an imported
-  official model directory."""
-  import os  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  from ntkcl_jax import train  # pylint: disable=g-import-not-at-top
-  from ntkcl_jax.models import ntkcl  # pylint: disable=g-import-not-at-top
+  """(spec, backbone, trainable, frozen, prototypes, config, sigma) of a run workdir or an
+  imported official model directory; sigma is the prototype head's logit scale (fc.sigma)."""
+  if not (os.path.isdir(os.path.join(directory, "checkpoints"))
+          or os.path.exists(os.path.join(directory, "variables.npz"))):
+    raise cli.InputError(f"{directory} is neither a training run's workdir (no checkpoints/) nor "
+                         "a directory written by ntkcl_jax.tools.import_official (no "
+                         "variables.npz); pass one of those, or a checkpoint file")
   if os.path.isdir(os.path.join(directory, "checkpoints")):
-    from ntk_analysis import runs  # pylint: disable=g-import-not-at-top
     config, learner, state, _ = runs.load_run(directory)
     return (learner.spec, learner.backbone, learner.trainable(state), learner.frozen(state),
-            np.asarray(state["prototypes"]), config)
-  from ntkcl_jax.tools import import_official  # pylint: disable=g-import-not-at-top
+            np.asarray(state["prototypes"]), config, 1.0)
   variables = import_official.load_variables(directory)
   with open(os.path.join(directory, "meta.json")) as f:
     meta = json.load(f)
   if not meta.get("config"):
     raise app.UsageError(f"{directory}/meta.json names no config; rerun import_official with "
                          "--config=configs/NAME.py")
-  config = train.load_config_file(meta["config"])
-  from ntkcl_jax import learner as learner_lib  # pylint: disable=g-import-not-at-top
-  flags_ = learner_lib.method_flags(config)
-  spec = ntkcl.spec_from_config(config, train.vit_config(config), fix_fusion=flags_["fix_fusion"],
-                                fix_patch_init=flags_["fix_patch_init"])
-  backbone = variables.get("backbone") or train.build_backbone(config)
+  config = config_files.load_config_file(meta["config"])
+  if "backbone" in variables:  # an imported backbone fixes the depth (e.g. a small test model)
+    depth = sum(k.startswith("encoderblock_") for k in variables["backbone"]["Transformer"])
+    if depth != ntkcl.vit_config(config).num_layers:
+      with config.unlocked():
+        config.model.overrides.num_layers = depth
+  spec = ntkcl.spec_from_config(config)
+  backbone = variables.get("backbone") or checkpoints.build_backbone(config)
   return (spec, backbone, variables["trainable"], variables.get("frozen", {}),
-          np.asarray(variables["prototypes"]["weight"]), config)
+          np.asarray(variables["prototypes"]["weight"]), config,
+          float(variables["prototypes"].get("sigma", 1.0)))
 
 
 def extract_ntkcl(directory: str, images: np.ndarray, batch_size: int = 32,
                   progress: bool = True) -> dict:
   """channel / patch / fused features and reweighted logits of an NTK-CL model, per image."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from ntkcl_jax import normalization  # pylint: disable=g-import-not-at-top
-  from ntkcl_jax.models import ntkcl  # pylint: disable=g-import-not-at-top
-  spec, backbone, trainable, frozen, protos, config = ntkcl_model(directory)
+  spec, backbone, trainable, frozen, protos, config, sigma = ntkcl_model(directory)
   size = spec.vit.image_size
   num_seen = int((np.linalg.norm(protos, axis=1) > 0).sum())
 
@@ -105,7 +114,7 @@ def extract_ntkcl(directory: str, images: np.ndarray, batch_size: int = 32,
   def fwd(x):
     f = ntkcl.features(spec, backbone, trainable, frozen, x, train=False)
     return {"channel": f["channel"], "patch": f["patch"], "fused": f["fused"],
-            "logits": ntkcl.eval_logits(spec, protos, f["fused"], num_seen)}
+            "logits": ntkcl.eval_logits(spec, protos, f["fused"], num_seen, sigma)}
   out = {k: [] for k in ("channel", "patch", "fused", "logits")}
   for start in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress):
     chunk = np.asarray(images[start:start + batch_size], np.float32)
@@ -120,13 +129,22 @@ def extract_ntkcl(directory: str, images: np.ndarray, batch_size: int = 32,
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def load_images(path: str) -> np.ndarray:
+  """The --images array (memory-mapped); a missing or unreadable file is an InputError."""
+  if not os.path.isfile(path):
+    raise cli.InputError(f"--images={path}: file not found; expected a .npy of float32 "
+                         "(N, H, W, 3) images in [0, 1]")
+  try:
+    return np.load(path, mmap_mode="r")
+  except (ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+    raise cli.InputError(f"--images={path} cannot be read as a .npy array ({cli.message(e)}); "
+                         "expected a .npy of float32 (N, H, W, 3) images in [0, 1]") from e
+
+
 def main(_):
-  from ntkcl_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from ntkcl_jax.models import vit  # pylint: disable=g-import-not-at-top
   if not FLAGS.images or not FLAGS.output:
     raise app.UsageError("--images and --output are required")
-  images = np.load(FLAGS.images, mmap_mode="r")
-  import os  # pylint: disable=g-import-not-at-top
+  images = load_images(FLAGS.images)
   if os.path.isdir(FLAGS.checkpoint):
     res = extract_ntkcl(FLAGS.checkpoint, images, FLAGS.batch_size)
     out = FLAGS.output if FLAGS.output.endswith(".npz") else FLAGS.output + ".npz"
@@ -174,4 +192,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(cli.guard(main), flags_parser=cli.parse_flags)

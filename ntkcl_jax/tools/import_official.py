@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import pickle
+import zipfile
 
+from absl import app, flags
 import numpy as np
 
+from ntkcl_jax import cli
+from ntkcl_jax import config_files
 from ntkcl_jax import tree_utils
 from ntkcl_jax.checkpoints import official
+from ntkcl_jax.models import ntkcl
 
 
 def save_variables(directory: str, variables: dict, meta: dict | None = None) -> str:
@@ -37,14 +42,18 @@ def load_variables(directory: str) -> dict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: create it with `python -m "
                             "ntkcl_jax.tools.import_official --state_dict=... --output=DIR`")
-  with np.load(path) as f:
-    return tree_utils.unflatten({k: f[k] for k in f.files})
+  try:
+    with np.load(path) as f:
+      return tree_utils.unflatten({k: f[k] for k in f.files})
+  except (OSError, ValueError, EOFError) as e:
+    raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); the file is corrupt or "
+                     "truncated: import the state dict again") from e
 
 
 def import_official(state_dict_path: str, output: str, num_heads: int = 12,
                     config_name: str = "") -> dict:
   """Reads an official .pth (torch needed) and writes our variables directory."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  # optional: only .pth files need torch
   sd = torch.load(state_dict_path, map_location="cpu", weights_only=True)
   if isinstance(sd, dict) and "state_dict" in sd:
     sd = sd["state_dict"]
@@ -58,14 +67,13 @@ def import_official(state_dict_path: str, output: str, num_heads: int = 12,
 
 def export_official(variables_dir: str, output: str, num_heads: int = 12) -> dict:
   """Writes our variables directory as an official PromptNet state dict (.pth)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  # optional: only .pth files need torch
   sd = official.to_official(load_variables(variables_dir), num_heads=num_heads)
   torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, output)
   return sd
 
 
 def main(argv=None):
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("state_dict", "", "official NTK-CL state dict (.pth)")
   flags.DEFINE_string("config", "", "our config file the run corresponds to (for num_heads and "
                       "the record in meta.json)")
@@ -76,19 +84,33 @@ def main(argv=None):
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
 
   def run(_):
+    if not FLAGS.output:
+      raise cli.InputError("--output is required (import: a directory; --export: a .pth file)")
+    sd_path = FLAGS.state_dict
+    if not FLAGS.export:  # checked before torch is imported: a file torch.load can read
+      if not sd_path or not os.path.isfile(sd_path):
+        raise cli.InputError(f"--state_dict={sd_path!r}: file not found; pass the official "
+                             "NTK-CL checkpoint (.pth)")
+      with open(sd_path, "rb") as f:
+        head = f.read(2)
+      if not (zipfile.is_zipfile(sd_path) or head[:1] == b"\x80"):  # torch zip or legacy pickle
+        raise cli.InputError(f"--state_dict={sd_path}: not a PyTorch checkpoint (neither a "
+                             "torch.save zip archive nor a pickle); the file is corrupt or of "
+                             "another kind")
     heads = FLAGS.num_heads or 12
     if FLAGS.config and not FLAGS.num_heads:
-      from ntkcl_jax import train  # pylint: disable=g-import-not-at-top
-      heads = train.vit_config(train.load_config_file(FLAGS.config)).num_heads
-    if not FLAGS.output:
-      sys.exit("error: --output is required")
+      heads = ntkcl.vit_config(config_files.load_config_file(FLAGS.config)).num_heads
     if FLAGS.export:
       sd = export_official(FLAGS.variables, FLAGS.output, heads)
       print(f"wrote {len(sd)} tensors to {FLAGS.output}")
     else:
-      v = import_official(FLAGS.state_dict, FLAGS.output, heads, FLAGS.config)
+      try:
+        v = import_official(sd_path, FLAGS.output, heads, FLAGS.config)
+      except pickle.UnpicklingError as e:
+        raise cli.InputError(f"--state_dict={sd_path}: torch.load cannot read it as a state dict "
+                             f"of tensors ({cli.message(e).split('. ')[0]})") from e
       print(f"wrote {FLAGS.output}/variables.npz: groups {sorted(v)}")
-  app.run(run, argv=argv)
+  app.run(cli.guard(run), argv=argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@ r"""Prints a config's class-incremental protocol as JSON before launching it.
 
 COMMAND:
   python -m ntkcl_jax.tools.show_split --config=configs/NAME.py[:args] [--config.seed=S ...]
+e.g. a paper benchmark (no data needed for CIFAR-100's counts):
+  python -m ntkcl_jax.tools.show_split \
+      --config=configs/ntkcl_benchmarks.py:benchmark=cifar100,backbone=in21k
 
 Output: class order (original class ids, in training order), the original classes of each task,
-and image counts per task and split (shared spec method.md 3.2, 5.2). Counts come from known
+and image counts per task and split (docs/method.md §3.2, 5.2). Counts come from known
 per-class counts or from archive/folder listings, so no image is decoded for real benchmarks
 (ntkcl_jax/data/summary.py says which source each count came from).
 """
@@ -16,13 +19,17 @@ import sys
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ntkcl_jax import cli, config_files
+from ntkcl_jax.data import summary
+
+REPO_ROOT = config_files.REPO_ROOT
 
 
 def _add_config_root(argv) -> None:
   """Configs import `configs.*`: put the repo holding the config file on sys.path (as
-  ntkcl_jax.train.load_config_file does) before ml_collections loads it."""
+  ntkcl_jax.config_files.load_config_file does) before ml_collections loads it."""
   roots = [REPO_ROOT]
   for a in argv:
     if a.startswith("--config="):
@@ -35,23 +42,16 @@ def _add_config_root(argv) -> None:
 
 def _main(argv) -> None:
   del argv
-  from ntkcl_jax.data import summary  # pylint: disable=g-import-not-at-top
-  config = flags.FLAGS.config
-  try:
-    out = summary.split_summary(config)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  out = summary.split_summary(flags.FLAGS.config)  # DataError / FileNotFoundError: cli.guard
   print(json.dumps(out, indent=1))
 
 
 def main(argv=None) -> None:
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv if argv is None else argv)
   _add_config_root(argv[1:])
   config_flags.DEFINE_config_file("config", os.path.join(REPO_ROOT, "configs", "demo.py"),
                                   "config file (path.py[:arg])", lock_config=True)
-  app.run(_main, argv=argv)
+  app.run(cli.guard(_main), argv=argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,92 @@
+"""Parameter groups of a params tree: split trainable/frozen, label groups, per-group kernels and
+their trace shares.
+
+The NTK over a union of disjoint groups is the sum of the per-group NTKs (docs/ntk_theory.md §5,
+T5), so tr K_g / tr K is each group's share of the kernel (group_ntks, trace_shares).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Mapping, Optional, Union
+
+import numpy as np
+
+from ntk_analysis import kernels
+from ntkcl_jax import tree_utils
+
+Labeler = Union[Callable[[str], Optional[str]], Mapping[str, str]]
+
+
+def partition(params, trainable: Union[Callable[[str], bool], str]):
+  """(trainable, frozen) by a path predicate or a regular expression on 'a/b/c' paths."""
+  pred = (lambda p: re.search(trainable, p) is not None) if isinstance(trainable, str) else trainable
+  yes, no = tree_utils.split(params, pred)
+  if not yes:
+    raise ValueError("partition: no parameter matched the trainable predicate; paths look like "
+                     f"{list(tree_utils.flatten(params))[:3]}")
+  return yes, no
+
+
+def layer_label(path: str) -> str:
+  """Default group label: the module path without the leaf name ('.../adapter/down_proj')."""
+  return "/".join(path.split("/")[:-1]) or path
+
+
+def prefix_label(depth: int) -> Callable[[str], str]:
+  """Labeler grouping by the first `depth` path components (e.g. 2 -> one group per block)."""
+  return lambda path: "/".join(path.split("/")[:depth])
+
+
+def label_paths(params, labeler: Labeler = layer_label) -> dict[str, str]:
+  """{path: group}. `labeler` is a function of the path or {regex: group} (first match wins)."""
+  out = {}
+  for path in tree_utils.flatten(params):
+    if callable(labeler):
+      g = labeler(path)
+    else:
+      g = next((lab for pat, lab in labeler.items() if re.search(pat, path)), None)
+    if g is None:
+      raise ValueError(f"label_paths: no group for parameter {path!r}; extend the labeler")
+    out[path] = g
+  return out
+
+
+def split_groups(params, labeler: Labeler = layer_label) -> dict[str, dict]:
+  """{group: sub-dict of params}; the groups are disjoint and cover params."""
+  labels = label_paths(params, labeler)
+  flat = tree_utils.flatten(params)
+  groups: dict[str, dict] = {}
+  for path, g in labels.items():
+    groups.setdefault(g, {})[path] = flat[path]
+  return {g: tree_utils.unflatten(d) for g, d in sorted(groups.items())}
+
+
+def restrict(f: Callable, others) -> Callable:
+  """f(params, x) -> f_g(q, x) = f(q merged with the fixed `others`, x)."""
+  return lambda q, x: f(tree_utils.merge(q, others), x)
+
+
+def complement(params, group_params) -> dict:
+  """params minus the paths in group_params."""
+  keep = set(tree_utils.flatten(group_params))
+  return tree_utils.split(params, lambda p: p not in keep)[0]
+
+
+def trace_shares(kernels_by_group: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """tr K_g / sum_g tr K_g (traced (N, N) or full (N, N, O, O) kernels)."""
+  def tr(k):
+    k = np.asarray(k, np.float64)
+    return float(np.einsum("aa->", k) if k.ndim == 2 else np.einsum("aaoo->", k))
+  traces = {g: tr(k) for g, k in kernels_by_group.items()}
+  total = sum(traces.values())
+  return {g: (t / total if total > 0 else 0.0) for g, t in traces.items()}
+
+
+def group_ntks(f: Callable, params, x1, x2=None, labeler: Labeler = layer_label,
+               **ntk_kwargs) -> dict[str, np.ndarray]:
+  """{group: K_g}: the NTK of f over each group's parameters, the others held fixed; the sum over
+  groups is the NTK over all of params. `ntk_kwargs` configure kernels.ntk_fn."""
+  out = {}
+  for name, q in split_groups(params, labeler).items():
+    out[name] = kernels.empirical_ntk(restrict(f, complement(params, q)), q, x1, x2, **ntk_kwargs)
+  return out

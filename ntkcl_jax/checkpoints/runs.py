@@ -1,0 +1,70 @@
+"""A finished (or running) training run, opened from its workdir: config, learner and state.
+
+    config, learner, state, meta = runs.load_run(workdir)          # newest checkpoint
+    state, meta = runs.restore_state(workdir, learner, checkpoint_id=7)
+
+The config is the one saved with the checkpoints, the backbone is rebuilt from it, and the
+learner runs on one device (the state is replicated, so any run's state restores on one device).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import jax
+import ml_collections
+
+from ntkcl_jax import checkpoints
+from ntkcl_jax import learner as learner_lib
+from ntkcl_jax import sharding
+from ntkcl_jax.checkpoints import run_state
+
+
+def config_from_json(cfg: dict) -> ml_collections.ConfigDict:
+  """The run config saved with its checkpoints / results.json (tuples came back as lists)."""
+  c = ml_collections.ConfigDict(cfg)
+  c.method.section_weights = tuple(c.method.section_weights)
+  c.data.explicit_order = tuple(c.data.explicit_order)
+  return c
+
+
+def _checkpointer(workdir: str) -> run_state.RunCheckpointer:
+  return run_state.RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=100000,
+                                   async_save=False)
+
+
+def load_run(workdir: str, checkpoint_id: Optional[int] = None):
+  """(config, learner, state, meta) of the newest (or given) checkpoint of a run's workdir;
+  meta also holds `checkpoint_id` and, once the run finished, its `results`."""
+  ckdir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckdir):
+    raise FileNotFoundError(f"{ckdir} not found: point --workdir at a training run's workdir "
+                            "(python -m ntkcl_jax.train --workdir=...)")
+  ckpt = _checkpointer(workdir)
+  ids = ckpt.all_ids()
+  ckpt.close()
+  if not ids:
+    raise FileNotFoundError(f"{ckdir} holds no complete checkpoint")
+  cid = int(ids[-1] if checkpoint_id is None else checkpoint_id)
+  with open(os.path.join(ckdir, str(cid), "meta", "metadata")) as f:
+    config = config_from_json(json.load(f)["config"])
+  config.train.mesh_data, config.train.mesh_model = 1, 1
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  learner = learner_lib.Learner(config, checkpoints.build_backbone(config), mesh)
+  state, meta = restore_state(workdir, learner, cid)
+  results = os.path.join(workdir, "results.json")
+  if os.path.exists(results):
+    with open(results) as f:
+      meta["results"] = json.load(f)
+  return config, learner, state, meta
+
+
+def restore_state(workdir: str, learner, checkpoint_id: int):
+  """(state, meta) of one checkpoint of a run, for a learner already built (load_run)."""
+  ckpt = _checkpointer(workdir)
+  abstract = learner.abstract_state(jax.random.PRNGKey(learner.config.seed))
+  state, meta = ckpt.restore(int(checkpoint_id), abstract)
+  ckpt.close()
+  meta["checkpoint_id"] = int(checkpoint_id)
+  return state, meta
