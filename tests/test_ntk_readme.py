@@ -26,20 +26,26 @@ def _readme_analysis_args():
 
 
 @pytest.mark.slow
-def test_readme_analysis_of_the_default_run(shared_data, tmp_path):
-  del shared_data  # the demo config reads the archives there
+def test_readme_analysis_of_the_default_run(tmp_path):
+  """Runs where users run it: without ../shared/data (NTKCL_SHARED_DATA hides it), so the demo
+  trains on the images shipped in the package, as on any machine."""
+  empty = tmp_path / "no_shared_data"
+  empty.mkdir()
+  env = dict(ENV, NTKCL_SHARED_DATA=str(empty))
   wd = tmp_path / "demo-seed0"
   # the default config (configs/demo.py), fewer images and one epoch so that it trains quickly
   p = subprocess.run([sys.executable, "-m", "ntkcl_jax.train", f"--workdir={wd}", "--noprogress",
                       "--config.data.max_per_class_train=8", "--config.data.max_per_class_test=4",
-                      "--config.optim.epochs=1"], cwd=config_files.REPO_ROOT, env=ENV,
+                      "--config.optim.epochs=1"], cwd=config_files.REPO_ROOT, env=env,
                      capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-4000:]
+  assert "source=bundled" in p.stdout, p.stdout[-2000:]
   args = _readme_analysis_args()
   assert args[0] == "--workdir=workdirs/demo-seed0", args  # train's default workdir
   args = [f"--workdir={wd}"] + args[1:]
-  p = subprocess.run([sys.executable, "-m", "ntk_analysis.analyse"] + args, cwd=config_files.REPO_ROOT,
-                     env=ENV, capture_output=True, text=True, timeout=1800)
+  p = subprocess.run([sys.executable, "-m", "ntk_analysis.analyse"] + args,
+                     cwd=config_files.REPO_ROOT, env=env, capture_output=True, text=True,
+                     timeout=1800)
   assert p.returncode == 0, p.stderr[-4000:]
   with open(wd / "ntk" / "report.json") as f:
     rep = json.load(f)

@@ -86,6 +86,20 @@ def _backbone(sd: dict, num_heads: int) -> dict:
   return tree_utils.unflatten(out)
 
 
+def _lists_and_fusion(sd: dict, list_prefix: str, fusion_prefix: str) -> dict:
+  """{'channel', 'patch', 'fusion'} trees of one copy of the PEFT modules (current or L2 target);
+  parts absent from the state dict are left out."""
+  out = {}
+  for kind in ("channel", "patch"):
+    tree = _peft_list(sd, list_prefix.format(kind), kind)
+    if tree:
+      out[kind] = tree
+  fusion = _fusion(sd, fusion_prefix)
+  if fusion:
+    out["fusion"] = fusion
+  return out
+
+
 def num_frozen_sets(sd: dict) -> int:
   f = 0
   while any(k.startswith(f"backbone.{'pre_' * (f + 1)}channel_prompt_list.") or
@@ -104,15 +118,7 @@ def from_official(state_dict: dict, num_heads: int = 12) -> dict:
   out: dict[str, Any] = {}
   if "backbone.cls_token" in sd:
     out["backbone"] = _backbone(sd, num_heads)
-  trainable = {}
-  for kind in ("channel", "patch"):
-    tree = _peft_list(sd, f"backbone.{kind}_prompt_list", kind)
-    if tree:
-      trainable[kind] = tree
-  fusion = _fusion(sd, "fusion_model")
-  if fusion:
-    trainable["fusion"] = fusion
-  out["trainable"] = trainable
+  out["trainable"] = _lists_and_fusion(sd, "backbone.{}_prompt_list", "fusion_model")
   frozen = {}
   for kind in ("channel", "patch"):
     sets = [_peft_list(sd, f"backbone.{'pre_' * f}{kind}_prompt_list", kind)
@@ -120,15 +126,7 @@ def from_official(state_dict: dict, num_heads: int = 12) -> dict:
     if sets and all(sets):
       frozen[kind] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *sets)
   out["frozen"] = frozen
-  reg = {}
-  for kind in ("channel", "patch"):
-    tree = _peft_list(sd, f"reg_{kind}_prompt_list", kind)
-    if tree:
-      reg[kind] = tree
-  fusion = _fusion(sd, "reg_fusion_model")
-  if fusion:
-    reg["fusion"] = fusion
-  out["reg_ref"] = reg
+  out["reg_ref"] = _lists_and_fusion(sd, "reg_{}_prompt_list", "reg_fusion_model")
   for ours, theirs in (("prototypes", "fc"), ("proxy", "proxy_fc")):
     if f"{theirs}.weight" in sd:
       out[ours] = {"weight": np.asarray(sd[f"{theirs}.weight"], np.float32),

@@ -1,6 +1,7 @@
 r"""Official NTK-CL PyTorch state dict <-> our variables directory.
 
-    python -m ntkcl_jax.tools.import_official --state_dict=model.pth --config=configs/cifar100_in21k.py \
+    python -m ntkcl_jax.tools.import_official --state_dict=model.pth \
+        --config=configs/ntkcl_benchmarks.py:benchmark=cifar100,backbone=in21k \
         --output=DIR            # writes DIR/variables.npz and DIR/meta.json
     python -m ntkcl_jax.tools.import_official --export --variables=DIR --output=model.pth
 
