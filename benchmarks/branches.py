@@ -60,11 +60,16 @@ def main(argv=None):
   return cli.run(_main, argv)
 
 
-def _main(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+  """--models, --batch, --steps: shared with benchmarks/report.py, which passes them on."""
   p.add_argument("--models", default="tiny,ViT-S/16,ViT-B/16")
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--steps", type=int, default=3)
+
+
+def _main(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  add_model_args(p)
   a = p.parse_args(argv)
   unknown = [m for m in a.models.split(",") if m not in vit.variant_names()]
   if unknown:

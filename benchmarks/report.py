@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+import branches  # benchmarks/branches.py, beside this file
 from ntkcl_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,9 +137,7 @@ def main(argv=None):
 
 def _main(argv):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--models", default="tiny,ViT-S/16,ViT-B/16")
-  ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--steps", type=int, default=3)
+  branches.add_model_args(ap)
   ap.add_argument("--output", default=os.path.join(ROOT, "docs", "benchmarks.md"))
   ap.add_argument("--rerun", default="", help="regex: rerun only matching sections, keep others")
   ap.add_argument("--official_repo", default=os.environ.get("NTKCL_OFFICIAL_REPO", ""),

@@ -32,12 +32,7 @@ def get_config(arg=None):
   c.data.train_transform = "none"
   c.method.ffn_num = 4
   c.method.num_prompt_tokens = 2
-  c.optim.lr = 0.05
-  c.optim.weight_decay = 5e-4
-  c.optim.epochs = 2
-  c.optim.batch_size = 8
-  c.optim.eval_batch_size = 16
+  c.optim.update(lr=0.05, weight_decay=5e-4, epochs=2, batch_size=8, eval_batch_size=16)
+  c.train.update(checkpoint_every_steps=2, log_every_steps=1)
   c.topk = 2
-  c.train.checkpoint_every_steps = 2
-  c.train.log_every_steps = 1
   return c
