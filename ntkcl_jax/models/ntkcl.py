@@ -81,16 +81,16 @@ def vit_config(config) -> vit.ViTConfig:
 class ModelSpec:
   """Static description of the NTK-CL model (hashable: a jit static argument)."""
   vit: vit.ViTConfig
-  method: str = "ntkcl"
-  ffn_num: int = 16
-  ffn_scalar: float = 0.1
+  method: str = "ntkcl"            # ntkcl | channel | patch | simplecil | seq_adapter
+  ffn_num: int = 16                # adapter bottleneck width (docs/method.md §1.2)
+  ffn_scalar: float = 0.1          # adapter output and prompt residual scale
   adapter_dropout: float = 0.1
-  fusion_dropout: float = 0.1
-  num_prompts: int = 10
-  frozen_sets: int = 1
-  use_init_ptm: bool = False
-  switches: Switches = Switches()
-  section_weights: tuple = (0.3, 0.1)
+  fusion_dropout: float = 0.1      # on the fusion's attention weights (§1.5)
+  num_prompts: int = 10            # P generated prompt tokens per block (§1.3)
+  frozen_sets: int = 1             # F: the pre_ prompt lists (§1.4)
+  use_init_ptm: bool = False       # prepend the plain ViT feature as a section
+  switches: Switches = Switches()  # corrected-mode switches (docs/variants.md)
+  section_weights: tuple = (0.3, 0.1)  # test-time section weights, outermost first (§4.1)
   fusion: str = "attention"  # attention (official) | mlp | multimodal (official dead alternatives)
 
   def __post_init__(self):

@@ -108,15 +108,14 @@ def gelu_exact(x):
 
 
 class MlpBlock(nn.Module):
+  """The block's MLP: Dense(mlp_dim) -> exact GELU -> Dense(D)."""
   mlp_dim: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    d = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
-    x = gelu_exact(x)
-    return nn.Dense(d, dtype=self.dtype, name="Dense_1")(x)
+    h = gelu_exact(nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x))
+    return nn.Dense(x.shape[-1], dtype=self.dtype, name="Dense_1")(h)
 
 
 class SelfAttention(nn.Module):
