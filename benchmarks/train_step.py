@@ -139,7 +139,7 @@ def ntkcl_step(vcfg, batch: int, variant: str):
   host = {"image": rng.rand(batch, vcfg.image_size, vcfg.image_size, 3).astype(np.float32),
           "label": rng.randint(0, 10, batch).astype(np.int32), "mask": np.ones(batch, bool)}
   args = (state, learner.backbone, sharding.global_batch(host, mesh), jnp.float32(0.01),
-          jnp.int32(0), jnp.int32(10))
+          jnp.int32(0), jnp.int32(10), jnp.bool_(False))  # last: log_now (metrics window)
   return learner._step, args, 0  # pylint: disable=protected-access
 
 

@@ -18,6 +18,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.checkpoint = ""            # local file; '' = random init (tests only)
   c.model.checkpoint_format = "auto"  # auto | vit_jax | augreg | big_vision | timm | hf | ntkcl
   c.model.normalize = "none"         # none | inception | imagenet (official NTK-CL: none)
+  # Compute policy (docs/design.md, "Precision, fused attention and remat").
+  c.model.dtype = "float32"          # float32 | bfloat16: compute dtype of the ViT and PEFT
+  #                                    layers; parameters, optimiser state and losses stay float32
+  # Precision of every matmul of the model and the losses (jax.default_matmul_precision):
+  # 'highest' | 'high' | 'default' | 'bfloat16' | 'tensorfloat32' | 'float32' | ... ('' = JAX's
+  # default). 'highest' because otherwise TPUs multiply float32 in bf16 passes and GPUs in TF32,
+  # and the float32 runs would no longer match the CPU parity tests (tests/test_official_golden.py).
+  c.model.matmul_precision = "highest"
+  c.model.attention = "einsum"       # einsum (official op order, exact parity) | fused
+  #                                    (jax.nn.dot_product_attention: cuDNN flash attention on GPU)
+  c.model.remat = False              # recompute each ViT block in the backward pass (memory)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "cifar100"           # benchmark or offline set, see ntkcl_jax.data
@@ -30,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.explicit_order = ()         # used when class_order == 'explicit'
   c.data.max_per_class_train = 0     # 0 = all; >0 subsamples (CPU demos)
   c.data.max_per_class_test = 0
+  # False: one fixed subsample for every seed; True: drawn per seed, so a spread over seeds also
+  # covers which images were drawn (the evidence pages use this).
+  c.data.subsample_per_seed = False
   c.data.train_transform = "official"  # official (RandomResizedCrop(0.05,1)+flip) | none
   c.data.prefetch = 2
 
@@ -48,6 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
   # shipped, unused, in the official fusion_nets.py; ablations only).
   c.method.fusion = "attention"
   c.method.ema_decay = 0.9           # used when fix_ema
+  # How the frozen sets follow the current lists at a task end: 'ema' (the adaptive average of
+  # docs/method.md §3.4, or fix_ema's constant decay) | 'copy' (overwrite with the last task's
+  # values: the EMA ablation at the same architecture and number of frozen sets).
+  c.method.frozen_update = "ema"
   c.method.ffn_num = 16
   c.method.ffn_scalar = 0.1
   c.method.adapter_dropout = 0.1
@@ -72,8 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.topk = 5
 
   c.train = ml_collections.ConfigDict()
-  c.train.mesh_data = -1             # devices on the data axis (-1 = all / model)
-  c.train.mesh_model = 1
+  c.train.mesh_data = -1             # devices of the data-parallel mesh (-1 = all)
   c.train.checkpoint_every_steps = 200
   c.train.keep_checkpoints = 2
   c.train.log_every_steps = 10

@@ -9,8 +9,8 @@ COMMAND:
 Args (`--config=configs/cifar10_dinov2s.py:size=112,per_class=1000`): image size, training images
 per class (0 = all 1,000 of the archive), test images per class (0 = all), epochs, source=zip|tfds.
 """
-from configs import dinov2s_real
-from configs.config_args import parse_arg
+from ntkcl_jax.configs import dinov2s_real
+from ntkcl_jax.configs.config_args import parse_arg
 
 
 def get_config(arg=None):

@@ -13,8 +13,8 @@ archives of ../shared/data ($NTKCL_SHARED_DATA) when present, else the same imag
 shipped in the package (ntkcl_jax/data/demo_images), so the run works offline anywhere; the
 launcher's `data:` line names the source used.
 """
-from configs import dinov2s_real
-from configs.config_args import parse_arg
+from ntkcl_jax.configs import dinov2s_real
+from ntkcl_jax.configs.config_args import parse_arg
 
 
 def get_config(arg=None):

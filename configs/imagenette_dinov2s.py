@@ -9,8 +9,8 @@ COMMAND:
 Args (`--config=configs/imagenette_dinov2s.py:size=56,per_class=100,epochs=2`): image size,
 training images per class (0 = all), epochs, source=zip|tfds.
 """
-from configs import dinov2s_real
-from configs.config_args import parse_arg
+from ntkcl_jax.configs import dinov2s_real
+from ntkcl_jax.configs.config_args import parse_arg
 
 
 def get_config(arg=None):

@@ -24,8 +24,8 @@ datasets, seeds 0-4 (`--config.seed`), class order = np.random.permutation(C).
 """
 import os
 
-from configs import base
-from configs.config_args import parse_arg
+from ntkcl_jax.configs import base
+from ntkcl_jax.configs.config_args import parse_arg
 
 # name: (classes, init_cls, increment, lr, batch, epochs, weight_decay, nce_temp, init_ptm, topk,
 #        data source)

@@ -11,8 +11,8 @@ Why not the tiny config: a random frozen ViT maps all images to nearly one featu
 PEFT kernels are rank ~1 and identical across tasks, and every prediction of the theory is
 degenerate there (docs/ntk.md). A truncated pretrained backbone keeps image-dependent features.
 """
-from configs import dinov2s_real
-from configs.config_args import parse_arg
+from ntkcl_jax.configs import dinov2s_real
+from ntkcl_jax.configs.config_args import parse_arg
 
 
 def get_config(arg=None):

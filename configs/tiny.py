@@ -6,8 +6,8 @@ Takes seconds on 2 CPU cores. Accuracies mean nothing (random backbone); this ex
 paths (sharding, checkpoints, resume, outputs). Arg `data=digits` uses scikit-learn's real 8x8
 digits (upsampled) instead of synthetic images.
 """
-from configs import base
-from configs.config_args import parse_arg
+from ntkcl_jax.configs import base
+from ntkcl_jax.configs.config_args import parse_arg
 
 
 def get_config(arg=None):

@@ -2,10 +2,14 @@
 
     python notebooks/make_notebooks.py
 
-Each notebook starts with an install cell (Colab: clone + `bash install.sh`; elsewhere a no-op),
-then works at the scale set by NTKCL_NB_SCALE: 'tiny' (CI, CPU: a random tiny ViT on synthetic
+Each notebook starts with an install cell: it installs the package with `bash install.sh
+<cpu|cuda|tpu>` from a checkout (NTKCL_SOURCE: a folder or a git URL; by default the checkout the
+notebook is in), for the accelerator it finds, unless ntkcl-jax is importable already, and prints
+the backend JAX got. It runs from any working directory (Colab: /content); the notebook then
+works at the scale set by NTKCL_NB_SCALE: 'tiny' (CI, CPU: a random tiny ViT on synthetic
 images, seconds) or 'demo' (the real DINOv2-S/14 on Imagenette/CIFAR-10, minutes on CPU, GPU
-recommended). CI executes both notebooks at tiny scale (tests/test_notebooks.py).
+recommended). CI executes both notebooks at tiny scale from a temporary directory outside the
+repository (tests/test_notebooks.py).
 """
 import os
 
@@ -13,26 +17,136 @@ import nbformat as nbf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-INSTALL = """# Install (Colab: clones the project and installs the pinned stack; restart the runtime after
-# the first run so the pinned jax is the one imported). Elsewhere this cell does nothing.
-import os, sys
-if "google.colab" in sys.modules and not os.path.exists("ntkcl-jax"):
-    !git clone https://github.com/ntkcl-jax/ntkcl-jax.git && cd ntkcl-jax && bash install.sh
-    sys.path.insert(0, "ntkcl-jax")
+INSTALL = """# Installs ntkcl-jax for this runtime (CPU, GPU found by nvidia-smi, or TPU), then prints the
+# backend JAX got. NTKCL_SOURCE: a checkout of the project (a folder with install.sh) or a git URL,
+# cloned into ./ntkcl-jax (/content/ntkcl-jax on Colab); empty: the checkout this notebook is in.
+# Nothing is installed when ntkcl-jax (with the runtime's JAX plugin) is importable already.
+import os
+NTKCL_SOURCE = os.environ.get("NTKCL_NB_SOURCE", "")  # e.g. "https://github.com/YOU/ntkcl-jax.git"
+
+import glob, importlib, importlib.metadata, importlib.util, shutil, subprocess, sys
+
+
+def runtime():
+    # 'tpu', 'cuda' or 'cpu': the accelerator this machine offers (install.sh's extra)
+    if (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+            or any(os.environ.get(k) for k in ("COLAB_TPU_ADDR", "TPU_NAME", "TPU_ACCELERATOR_TYPE"))):
+        return "tpu"
+    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"],
+                                                     capture_output=True).returncode == 0:
+        return "cuda"
+    return "cpu"
+
+
+def is_checkout(path):
+    return all(os.path.exists(os.path.join(path, f)) for f in ("install.sh", "setup.py", "ntkcl_jax"))
+
+
+def installed_checkout():
+    # The checkout an importable ntkcl_jax was installed from (editable install): its path; "" if
+    # installed otherwise; None if not importable.
+    spec = importlib.util.find_spec("ntkcl_jax")
+    if spec is None:
+        return None
+    root = os.path.dirname(list(spec.submodule_search_locations)[0])
+    return root if is_checkout(root) else ""
+
+
+def find_source(source):
+    # A local checkout to run install.sh in: NTKCL_SOURCE, a clone of it, or the notebook's own.
+    if source and os.path.isdir(source):
+        if not is_checkout(source):
+            raise RuntimeError(f"NTKCL_SOURCE={source!r} is a folder but not an ntkcl-jax checkout "
+                               "(no install.sh / setup.py / ntkcl_jax/ in it)")
+        return os.path.abspath(source)
+    if source:
+        if not ("://" in source or source.startswith("git@") or source.endswith(".git")):
+            raise RuntimeError(f"NTKCL_SOURCE={source!r} is neither a folder nor a git URL")
+        dest = os.path.abspath("ntkcl-jax")
+        if not is_checkout(dest):
+            r = subprocess.run(["git", "clone", "--depth", "1", source, dest],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                why = "; ".join(l for l in r.stderr.splitlines() if l and not l.startswith("Cloning"))
+                raise RuntimeError(f"git clone {source} failed: {why[-800:]}")
+        return dest
+    for cand in (os.path.dirname(os.getcwd()), os.getcwd(), os.path.abspath("ntkcl-jax")):
+        if is_checkout(cand):
+            return cand
+    raise RuntimeError("ntkcl-jax is not installed and no checkout was found: set NTKCL_SOURCE at "
+                       "the top of this cell to a checkout of the project (e.g. uploaded to "
+                       "/content/ntkcl-jax or on Google Drive) or to its git URL (the project has "
+                       "no public URL yet)")
+
+
+PLUGINS = {"cpu": (), "cuda": ("jax_cuda12_plugin", "jax_cuda13_plugin"), "tpu": ("libtpu",)}
+RUNTIME = runtime()
+have = installed_checkout()
+if have is not None and (not PLUGINS[RUNTIME] or any(importlib.util.find_spec(p) for p in PLUGINS[RUNTIME])):
+    print(f"ntkcl-jax is installed ({have or 'not from a checkout'}); skipping the install")
+else:
+    src = have or find_source(NTKCL_SOURCE)
+    # Modules this kernel has imported already cannot be upgraded in place.
+    dists = {"numpy": "numpy", "jax": "jax", "PIL": "pillow", "scipy": "scipy", "pandas": "pandas"}
+    before = {m: importlib.metadata.version(d) for m, d in dists.items() if m in sys.modules}
+    print(f"installing ntkcl-jax from {src} for a {RUNTIME} runtime (a few minutes) ...", flush=True)
+    r = subprocess.run(["bash", os.path.join(src, "install.sh"), RUNTIME],
+                       env=dict(os.environ, PYTHON=sys.executable),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    print("\\n".join(r.stdout.splitlines()[-15:]))
+    if r.returncode != 0:
+        raise RuntimeError(f"bash {src}/install.sh {RUNTIME} failed (exit {r.returncode}); its "
+                           "output is above")
+    importlib.invalidate_caches()
+    changed = [f"{d} {before[m]} -> {importlib.metadata.version(d)}" for m, d in dists.items()
+               if m in before and importlib.metadata.version(d) != before[m]]
+    if changed:
+        raise RuntimeError(f"the install changed {changed}, already imported by this kernel: "
+                           "restart it (Colab: Runtime > Restart session) and run this cell again "
+                           "(it then skips the install)")
+    if importlib.util.find_spec("ntkcl_jax") is None:
+        # a new editable install is activated by its .pth file at interpreter start: do that now
+        import site
+        for d in site.getsitepackages() + [site.getusersitepackages()]:
+            for pth in glob.glob(os.path.join(d, "__editable__*ntkcl_jax*.pth")):
+                if d not in sys.path:
+                    sys.path.append(d)
+                for line in open(pth):
+                    if line.startswith("import"):
+                        exec(line)
+        importlib.invalidate_caches()
+    if importlib.util.find_spec("ntkcl_jax") is None:
+        raise RuntimeError("ntkcl-jax was installed but this kernel cannot import it: restart the "
+                           "kernel (Colab: Runtime > Restart session) and run this cell again")
+
+import jax
+BACKEND = jax.default_backend()
+print(f"JAX {jax.__version__}: backend {BACKEND!r}, devices {jax.devices()}")
+if RUNTIME != "cpu" and BACKEND == "cpu":
+    import warnings
+    msg = (f"THIS IS A {RUNTIME.upper()} RUNTIME BUT JAX RUNS ON CPU: everything below will be "
+           f"slow. Check the install output above (bash install.sh {RUNTIME}); restarting the "
+           "kernel helps when a CPU jax was imported before the install.")
+    print("!" * 100 + "\\n" + msg + "\\n" + "!" * 100)
+    warnings.warn(msg)
 SCALE = os.environ.get("NTKCL_NB_SCALE", "tiny")   # 'tiny' (CPU, seconds) or 'demo' (real images)
 print("scale:", SCALE)"""
 
 SETUP = """import os, sys, tempfile, json
 import numpy as np
 import jax
-repo = os.path.abspath(os.path.join(os.getcwd(), "..")) if os.path.basename(os.getcwd()) == "notebooks" else os.getcwd()
-sys.path.insert(0, repo)
 from ntkcl_jax import config_files, train
+# Configs come from the installed package (ntkcl_jax.configs); the theory drivers in scripts/ from
+# the checkout it was installed from.
+repo = config_files.REPO_ROOT
+if os.path.isdir(os.path.join(repo, "scripts")) and repo not in sys.path:
+    sys.path.insert(0, repo)
+print("configs:", config_files.CONFIG_DIR)
 print(jax.devices())"""
 
 TRAIN = """# A class-incremental run: the tiny config (CPU fallback) or the real-image demo.
 cfg_file = "tiny.py" if SCALE == "tiny" else "demo.py"
-config = config_files.load_config_file(os.path.join(repo, "configs", cfg_file))
+config = config_files.load_config_file(os.path.join(config_files.CONFIG_DIR, cfg_file))
 config.train.mesh_data = 1
 workdir = os.environ.get("NTKCL_NB_WORKDIR") or tempfile.mkdtemp(prefix="ntkcl_nb_")
 results = train.run(config, workdir, progress=False)
@@ -64,36 +178,40 @@ for key in ("check_a_overlap_vs_forgetting", "check_c_views"):
         print(key, "\\n  prediction:", c.get("prediction"), "\\n  holds:", c.get("holds"))
         display(__import__("pandas").DataFrame(c["table"]))"""
 
-COMPARE = """# (b) the orthogonality term: two runs with dis_temp 1e-4 (the default) and 1e-3, each with
-# kernels at every task end (computed from the saved task-end checkpoints).
+COMPARE = """# (b) the orthogonality term: the base run (dis_temp 1e-4) against the zero-weight control
+# (dis_temp 0), each measured from its task-end checkpoints into a record (scripts/theory.py).
+# One seed: every verdict is 'inconclusive'; the sweep over seeds is the command printed below.
 from ntk_analysis import experiments
+if not os.path.isdir(os.path.join(repo, "scripts")):
+    raise RuntimeError(f"these cells use the project's scripts/, which {repo} lacks: install from a "
+                       "checkout (NTKCL_SOURCE in the first cell)")
 from scripts import theory
+settings = (dict(n_per_task=4, probes=4, lin_train=6, lin_test=6) if SCALE == "tiny"
+            else theory.SETTINGS)
 orth_root = workdir + "_orth"
-runs = {theory.train_run(config, orth_root, ov, config.seed, {"train.checkpoint_every_steps": 0},
-                         n_per_task=4 if SCALE == "tiny" else 16): ov
-        for ov in ({}, {"method.dis_temp": 1e-3})}
-out = experiments.orthogonality(runs)
-print("prediction:", out["prediction"], "\\nmeasured:", out["measured"])
-__import__("pandas").DataFrame(out["table"])"""
+recs = [theory.run_arm(config, orth_root, theory.arm_name(ov), ov, config.seed, parts,
+                       settings=settings, log=lambda *_: None)
+        for ov, parts in (({}, ("pairs", "lazy")), ({"method.dis_temp": 0.0}, ("pairs",)))]
+out = experiments.orthogonality(experiments.Sweep(recs))
+print("prediction:", out["prediction"], "\\ncriterion:", out["criterion"])
+__import__("pandas").DataFrame(out["findings"])[["quantity", "prediction", "text", "verdict"]]"""
 
 
-LAZY = """# (d) Lazy regime: a run checkpointed at every step; kernel distance to each task's starting
-# kernel and the linearisation error between consecutive checkpoints.
+LAZY = """# (d) Lazy regime over whole tasks (the base run's record above): kernel distance S and e_lin
+# between theta_t^0 and theta_t, and a linearised run against the network.
 from IPython.display import Image, display
-from ntk_analysis import analyse, experiments
-from scripts import theory
-lazy_root = workdir + "_lazy"
-wd = theory.train_run(config, lazy_root, {"train.checkpoint_every_steps": 1}, config.seed)
-d = experiments.lazy_regime(analyse.every_checkpoint(wd, n_per_task=2 if SCALE == "tiny" else 8),
-                            plot_path=os.path.join(lazy_root, "theory_d.png"))
-print("prediction:", d["prediction"], "\\nmeasured:", d["measured"], "\\nholds:", d["holds"])
-display(Image(os.path.join(lazy_root, "theory_d.png")))"""
+d = experiments.laziness(experiments.Sweep(recs[:1]),
+                         plot_path=os.path.join(orth_root, "theory_d.png"))
+print("prediction:", d["prediction"], "\\ncriterion:", d["criterion"])
+display(__import__("pandas").DataFrame(d["tables"]["per_task"]))
+display(Image(os.path.join(orth_root, "theory_d.png")))"""
 
-SWEEPS = """# (b), (c), (f) and the rest as sweeps of training runs: one command, resumable, tiny or paper
-# scale by the config (this cell only prints it; each sweep trains 6-9 runs).
-print("python scripts/theory.py --config=configs/tiny.py:data=digits --root=workdirs/theory_tiny")
-print("python scripts/theory.py --config=configs/ntkcl_benchmarks.py:benchmark=cifar100,backbone=in21k --root=workdirs/theory_b16 --seeds=0,1,2")"""
-
+SWEEPS = """# (a)-(f) as a sweep of training runs over seeds: one command, resumable over sittings (records
+# in runs/theory), tiny or real scale by the config (this cell only prints it; --plan lists the
+# runs); scripts/ntk_page.py then writes docs/ntk.md from the records.
+print("python scripts/theory.py --config=configs/tiny.py:data=digits --root=workdirs/theory_tiny --seeds=0,1")
+print("python scripts/theory.py --config=configs/imagenette_dinov2s.py:size=56,per_class=200,test_per_class=0,epochs=4 "
+      "--config.data.subsample_per_seed=True --seeds=0,1,2,3,4 --experiments=a,b,c,d,e,f")"""
 
 def write(name, cells):
   nb = nbf.v4.new_notebook()

@@ -8,7 +8,11 @@ joint kernel per view over the trainable PEFT parameters (frozen backbone closed
 feature-sketch readout (readouts.model_readout). The 'all' view (three views stacked) is the mean
 of the three views' kernels, so it reuses them. Jacobian panels follow the memory budget
 (--memory_limit_gb; default: half the available memory, at most kernels.DEFAULT_MEMORY_CAP)
-unless --chunk is given. Writes DIR/ntk/: kernel_<view>.npz (kernel + metadata), report.json
+unless --chunk is given; the estimate (per device: the Jacobian call's arguments, activations and
+output; on the host: panels, kernel and call scratch) is printed. The Jacobian calls spread their
+samples over every device (--devices; several processes: --coordinator, --num_processes and
+--process_id as for training, each process computes the same kernels and process 0 writes them).
+Only the drawn subsets of the images are decoded (task_data). Writes DIR/ntk/: kernel_<view>.npz (kernel + metadata), report.json
 (metrics per task and task pair, experiments (a) and (c)), and PNG plots. --task_ends writes the
 kernels of each task end to DIR/ntk/task<t>/ (joint.task_end_path), which the experiments read;
 the run must have kept those checkpoints (train.keep_checkpoints at least the number of tasks with
@@ -24,31 +28,56 @@ from typing import Iterator, Optional, Sequence
 from absl import app, flags, logging
 import numpy as np
 
-from ntk_analysis import experiments, joint, metrics, plots, readouts
-from ntkcl_jax import cli, data
+import jax
+
+from ntk_analysis import experiments, joint, kernels, metrics, plots, readouts
+from ntkcl_jax import cli, data, sharding
 from ntkcl_jax import results as results_lib
 from ntkcl_jax.checkpoints import run_state, runs
 
 FLAGS = flags.FLAGS
 
 
+class TaskImages:
+  """One task's training images under the test transform, decoded only when indexed: images[idx]
+  -> the model's normalised float32 input of those images (an index array, slice or int), in the
+  order of stream.eval_batches('proto', the task's classes); len() needs no decoding."""
+
+  def __init__(self, stream, classes):
+    rows, new = stream.train_idx, stream.train_new
+    self.stream, self.rows = stream, rows[np.isin(new[rows], list(classes))]
+    self.labels = new[self.rows].astype(np.int32)
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, idx) -> np.ndarray:
+    rows = np.atleast_1d(self.rows[idx])
+    # pylint: disable-next=protected-access  # the stream's cached test-transform decode
+    images = np.stack([self.stream._eval_image("proto", int(i)) for i in rows])
+    out = self.stream.model_input(images)
+    return out if np.ndim(self.rows[idx]) else out[0]
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    out = self[np.arange(len(self))]
+    return out if dtype is None else out.astype(dtype)
+
+
 def task_data(stream):
-  """({task: training images under the test transform}, {task: their labels}) of every task."""
-  images, labels = {}, {}
-  for t, classes in enumerate(stream.tasks):
-    xs, ys = [], []
-    for batch in stream.eval_batches("proto", classes, 64):
-      m = np.asarray(batch["mask"])
-      xs.append(np.asarray(batch["image"])[m])
-      ys.append(np.asarray(batch["label"])[m])
-    images[t], labels[t] = np.concatenate(xs), np.concatenate(ys)
-  return images, labels
+  """({task: TaskImages, the training images under the test transform as the model's normalised
+  float32 input}, {task: their labels}) of every task. Nothing is decoded until indexed: the
+  kernels draw their subsets first and decode those images only."""
+  images = {t: TaskImages(stream, classes) for t, classes in enumerate(stream.tasks)}
+  return images, {t: im.labels for t, im in images.items()}
 
 
 def view_kernels(learner, state, images, views: Sequence[str], *, n_per_task: int,
                  num_probes: int, seed: int = 0, checkpoint="", log=print,
                  **ntk_kwargs) -> dict:
-  """{view: JointKernel} of one learner state; 'all' is the mean of the three views' kernels."""
+  """{view: JointKernel} of one learner state; 'all' is the mean of the three views' kernels.
+  `ntk_kwargs` configure kernels.ntk_fn (devices, chunk, memory_limit, ...); `log` also receives
+  each kernel's memory estimate."""
   probe = readouts.probes(learner.spec.feature_dim, num_probes, seed)
   single = {}
 
@@ -56,9 +85,11 @@ def view_kernels(learner, state, images, views: Sequence[str], *, n_per_task: in
     if view not in single:
       f, params = readouts.model_readout(learner, state, view, probe)
       t, prof = time.time(), {}
+      kernel_fn = kernels.ntk_fn(f, profile=prof, log=lambda s: log(f"  view {view}: {s}"),
+                                 **ntk_kwargs)
       jk = joint.compute(f, params, images, n=n_per_task, seed=seed, checkpoint=str(checkpoint),
                          readout=f"feature_sketch/{view}", probe_seed=seed,
-                         groups=sorted(params), profile=prof, **ntk_kwargs)
+                         groups=sorted(params), kernel_fn=kernel_fn, **ntk_kwargs)
       jk.meta.update(view=view, seconds=time.time() - t, sketch_outputs=num_probes,
                      profile={k: (round(v, 3) if isinstance(v, float) else v)
                               for k, v in prof.items()})
@@ -87,12 +118,17 @@ def view_kernels(learner, state, images, views: Sequence[str], *, n_per_task: in
 
 def analyse(workdir: str, n_per_task: int = 16, num_probes: int = 8, views=("fused",),
             checkpoint: Optional[int] = None, seed: int = 0, out_dir: Optional[str] = None,
-            log=print, plot: bool = True, **ntk_kwargs) -> dict:
+            log=print, plot: bool = True, devices=None, **ntk_kwargs) -> dict:
   """Computes and writes the kernels, report and plots of one checkpoint (None: the newest) of a
-  run; returns the report. `ntk_kwargs` configure kernels.ntk_fn (chunk, memory_limit, backend,
-  implementation, ...)."""
+  run; returns the report. `devices`: those the Jacobian calls split their samples over
+  (kernels.device_mesh: None one device, 'all' every device of every process, the CLI's
+  default); with devices of several processes only process 0 writes. `ntk_kwargs` configure
+  kernels.ntk_fn (chunk, memory_limit, backend, implementation, ...)."""
   out_dir = out_dir or os.path.join(workdir, "ntk")
-  os.makedirs(out_dir, exist_ok=True)
+  spans = {d.process_index for d in kernels.device_mesh(devices).devices.reshape(-1)}
+  write = jax.process_index() == 0 or spans == {jax.process_index()}
+  if write:
+    os.makedirs(out_dir, exist_ok=True)
   config, learner, state, meta = runs.load_run(workdir, checkpoint)
   stream = data.build_stream(config)
   images, labels = task_data(stream)
@@ -104,14 +140,15 @@ def analyse(workdir: str, n_per_task: int = 16, num_probes: int = 8, views=("fus
             "backend": ntk_kwargs.get("backend", "jax"), "views": {}}
   by_view = view_kernels(learner, state, images, views, n_per_task=n_per_task,
                          num_probes=num_probes, seed=seed, checkpoint=meta["checkpoint_id"],
-                         log=log, **ntk_kwargs)
+                         log=log, devices=devices, **ntk_kwargs)
   for view, jk in by_view.items():
     y = np.concatenate([labels[t][jk.indices[t]] for t in jk.tasks])
-    jk.save(os.path.join(out_dir, f"kernel_{view}.npz"))
+    if write:
+      jk.save(os.path.join(out_dir, f"kernel_{view}.npz"))
     rep = metrics.block_report(jk.k, jk.task_index, y)
     rep.update(seconds=jk.meta["seconds"], profile=jk.meta.get("profile", {}))
     report["views"][view] = rep
-    if plot:
+    if plot and write:
       plots.joint_kernel(jk, os.path.join(out_dir, f"kernel_{view}.png"), f"joint NTK, {view}")
       plots.alignment_matrix(jk, os.path.join(out_dir, f"alignment_{view}.png"))
       plots.spectra(jk, os.path.join(out_dir, f"spectra_{view}.png"))
@@ -119,13 +156,15 @@ def analyse(workdir: str, n_per_task: int = 16, num_probes: int = 8, views=("fus
   if "results" in meta:  # a finished run: its accuracy matrix
     ends = all(os.path.exists(joint.task_end_path(workdir, t)) for t in range(stream.num_tasks))
     report["check_a_overlap_vs_forgetting"] = experiments.overlap_vs_forgetting(
-        [workdir], os.path.join(out_dir, "check_a_overlap_vs_forgetting.png") if plot else None,
+        [workdir],
+        os.path.join(out_dir, "check_a_overlap_vs_forgetting.png") if plot and write else None,
         kernel=None if ends else by_view[main_view])
   if len(by_view) > 1:
     report["check_c_views"] = experiments.view_ranks(by_view)
-  results_lib.atomic_write_json(os.path.join(out_dir, "report.json"),
-                                results_lib.jsonable(report))
-  log(f"wrote {out_dir}/report.json" + (" and plots" if plot else ""))
+  if write:
+    results_lib.atomic_write_json(os.path.join(out_dir, "report.json"),
+                                  results_lib.jsonable(report))
+    log(f"wrote {out_dir}/report.json" + (" and plots" if plot else ""))
   return report
 
 
@@ -188,23 +227,40 @@ def every_checkpoint(workdir: str, n_per_task: int = 8, num_probes: int = 4, see
                      view: str = "fused", **ntk_kwargs) -> Iterator[dict]:
   """For each kept checkpoint within a task (in order): {checkpoint, step, task, kernel, f,
   params, x}, the joint kernel of `view` on fixed subsets of every task (experiments.lazy_regime
-  reads it; train with train.checkpoint_every_steps=1 for a point per step)."""
+  reads it; train with train.checkpoint_every_steps=1 for a point per step).
+
+  The readout closes over the frozen PEFT sets, which change at task ends only: one readout and
+  one kernels.ntk_fn (compiled once) serve every checkpoint with the same frozen sets."""
   ids = sorted(_checkpoint_metas(workdir))
   config, learner, _, _ = runs.load_run(workdir, ids[0])
   images, _ = task_data(data.build_stream(config))
   probe = readouts.probes(learner.spec.feature_dim, num_probes, seed)
   x = np.concatenate([images[t][joint.subset_indices(seed, t, len(images[t]), n_per_task)]
                       for t in sorted(images)])
+  frozen, f, kernel_fn = None, None, None
   for cid in ids:
     state, meta = runs.restore_state(workdir, learner, cid)
     task = len(meta["task_records"])  # tasks finished; this checkpoint is within task `task`
     if task >= len(images):
       break  # the checkpoint after the last task
-    f, params = readouts.model_readout(learner, state, view, probe)
+    now = jax.tree_util.tree_map(np.asarray, learner.frozen(state))
+    if frozen is None or not _tree_equal(frozen, now):
+      frozen = now
+      f, params = readouts.model_readout(learner, state, view, probe)
+      kernel_fn = kernels.ntk_fn(f, **ntk_kwargs)
+    else:
+      params = readouts.readout_params(learner, state)
     jk = joint.compute(f, params, images, n=n_per_task, seed=seed, checkpoint=str(cid),
-                       readout=f"feature_sketch/{view}", probe_seed=seed, **ntk_kwargs)
+                       readout=f"feature_sketch/{view}", probe_seed=seed, kernel_fn=kernel_fn,
+                       **ntk_kwargs)
     yield {"checkpoint": cid, "step": int(meta["counters"]["global_step"]), "task": task,
            "kernel": jk, "f": f, "params": params, "x": x}
+
+
+def _tree_equal(a, b) -> bool:
+  la, ta = jax.tree_util.tree_flatten(a)
+  lb, tb = jax.tree_util.tree_flatten(b)
+  return ta == tb and all(np.array_equal(u, v) for u, v in zip(la, lb))
 
 
 def main(_):
@@ -212,14 +268,29 @@ def main(_):
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
+  sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   kw = dict(backend=FLAGS.backend, implementation=FLAGS.implementation,
-            chunk=FLAGS.chunk or None,
+            chunk=FLAGS.chunk or None, devices=_devices(FLAGS.devices),
             memory_limit=int(FLAGS.memory_limit_gb * 2**30) if FLAGS.memory_limit_gb > 0 else None)
   if FLAGS.task_ends:
     task_end_kernels(FLAGS.workdir, FLAGS.n_per_task, FLAGS.probes, FLAGS.views, FLAGS.seed, **kw)
     return
   analyse(FLAGS.workdir, FLAGS.n_per_task, FLAGS.probes, FLAGS.views,
           None if FLAGS.checkpoint < 0 else FLAGS.checkpoint, FLAGS.seed, **kw)
+
+
+def _devices(spec: str):
+  """--devices: 'all' or a count n (this process's first n devices)."""
+  if spec == "all":
+    return "all"
+  try:
+    n = int(spec)
+  except ValueError:
+    n = 0
+  if not 0 < n <= jax.local_device_count():
+    raise app.UsageError(f"--devices={spec}: 'all' or a count from 1 to this process's "
+                         f"{jax.local_device_count()} devices")
+  return jax.local_devices()[:n]
 
 
 def _define_flags() -> None:
@@ -239,6 +310,11 @@ def _define_flags() -> None:
                      "available memory, at most 1.5)")
   flags.DEFINE_integer("checkpoint", -1, "checkpoint id (-1: newest)")
   flags.DEFINE_integer("seed", 0, "subset and probe seed")
+  flags.DEFINE_string("devices", "all", "devices the Jacobian calls split their samples over: "
+                      "'all' (every device of every process) or a count of this process's")
+  flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-process analysis)")
+  flags.DEFINE_integer("num_processes", 1, "number of processes (-1: discover, TPU pods)")
+  flags.DEFINE_integer("process_id", 0, "this process's index (multi-process analysis)")
 
 
 if __name__ == "__main__":

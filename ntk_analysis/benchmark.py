@@ -1,20 +1,32 @@
 """Time and peak memory of one joint kernel (T tasks x n images) at the tiny config, per backend.
 
     python -m ntk_analysis.benchmark --tasks 5 --n 64      # one subprocess per configuration
+    python -m ntk_analysis.benchmark --memory=activations  # estimate against measured peak (JSON)
+    python -m ntk_analysis.benchmark --device_counts=1,2,4,8   # joint kernel time per device count
+    python -m ntk_analysis.benchmark --memory=activations,tiny --device_counts=1,8   # a table
 
 Model: tiny ViT (D=64, depth 4, 4 heads, patch 2 on 8x8 sklearn digits) with NTK-CL channel
 adapters (r=8), a random frozen backbone, feature-sketch readout R=8 (docs/ntk_theory.md §4 "Tiny setting").
+`--memory` runs one kernel of a case (MEMORY_CASES) on the process's devices and prints the
+kernel's memory estimate beside the peak RSS the call added (Linux: /proc/self/status VmHWM,
+reset before each call; elsewhere the process's ru_maxrss).
+`--device_counts` runs each measurement in a subprocess with that many fake CPU devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=N); on an accelerator host it is the real
+device count that counts, so there run it without `--device_counts` on 1 and on all devices.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import resource
 import subprocess
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ntk_analysis import kernels, readouts
@@ -46,6 +58,135 @@ def tiny_setup(tasks: int, n: int, num_probes: int = 8):
   return f, peft, x
 
 
+def activation_setup(n: int = 16, tokens: int = 2048, width: int = 64, hidden: int = 512,
+                     outputs: int = 8):
+  """(f, params, x): a per-token MLP over `tokens` tokens, mean-pooled into `outputs` outputs;
+  37K parameters but 4 MB of hidden activations per sample, so the Jacobian calls' activations
+  and not the Jacobian panels dominate the memory (what a panels-only estimate misses)."""
+  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = {"w1": jax.random.normal(k[0], (width, hidden)) / np.sqrt(width),
+            "w2": jax.random.normal(k[1], (hidden, outputs)) / np.sqrt(hidden)}
+
+  def f(p, x):
+    return jnp.mean(jnp.tanh(x @ p["w1"]) @ p["w2"], axis=1)
+  return f, params, np.asarray(jax.random.normal(k[2], (n, tokens, width)))
+
+
+MEMORY_CASES = {"activations": activation_setup, "tiny": lambda: tiny_setup(5, 16)}
+
+
+def _status_kb(key: str) -> int:
+  with open("/proc/self/status") as fh:
+    return int(re.search(key + r":\s+(\d+)", fh.read()).group(1))
+
+
+def _reset_peak() -> bool:
+  """Resets the peak RSS (VmHWM) to the current RSS where Linux allows it."""
+  try:
+    with open("/proc/self/clear_refs", "w") as fh:
+      fh.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _peak_growth(fn) -> tuple:
+  """(fn(), bytes the peak RSS rose above the RSS before the call)."""
+  if _reset_peak():
+    before = _status_kb("VmRSS")
+    out = fn()
+    return out, (_status_kb("VmHWM") - before) * 1024
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  out = fn()
+  return out, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+def measure_memory(case: str, chunk=None, jac_batch=None) -> dict:
+  """One kernel of MEMORY_CASES[case] on every device of this process, called twice: the
+  estimate (kernels.MemoryPlan) and the peak RSS each call added (the first also compiles)."""
+  f, p, x = MEMORY_CASES[case]()
+  prof = {}
+  kernel_fn = kernels.ntk_fn(f, devices="all", profile=prof, chunk=chunk, jac_batch=jac_batch)
+  _, first = _peak_growth(lambda: kernel_fn(p, x))
+  t0 = time.time()
+  _, second = _peak_growth(lambda: kernel_fn(p, x))
+  return {"case": case, "devices": prof["devices"], "N": len(x), "P": prof["P_active"],
+          "outputs": prof["outputs"], "chunk": prof["chunk"], "jac_batch": prof["jac_batch"],
+          "estimate_bytes": prof["estimate_bytes"], "device_bytes": prof["device_bytes"],
+          "device_activation_bytes": prof["device_activation_bytes"],
+          "source": prof["device_bytes_source"], "scratch_bytes": prof["scratch_bytes"],
+          "first_call_peak_growth": first, "second_call_peak_growth": second,
+          "second_call_s": round(time.time() - t0, 2), "plan": prof["memory_plan"]}
+
+
+def run_devices(tasks: int, n: int, chunk: int) -> dict:
+  """One joint kernel of the tiny setup (tasks*n images) on every device of this process: the
+  first call (compiles) and the median of three more."""
+  f, p, x = tiny_setup(tasks, n)
+  prof = {}
+  kernel_fn = kernels.ntk_fn(f, devices="all", chunk=chunk, profile=prof)
+  t0 = time.time()
+  k = np.asarray(kernel_fn(p, x))
+  first = time.time() - t0
+  times = []
+  for _ in range(3):
+    t0 = time.time()
+    np.asarray(kernel_fn(p, x))
+    times.append(time.time() - t0)
+  return {"devices": prof["devices"], "N": len(x), "P": kernels.num_params(p), "chunk": chunk,
+          "jac_batch": prof["jac_batch"], "first_call_s": round(first, 2),
+          "call_s": round(float(np.median(times)), 2), "trace": float(np.trace(k))}
+
+
+def in_subprocess(devices: int, args: list) -> dict:
+  """The JSON line `python -m ntk_analysis.benchmark ARGS` prints with `devices` fake CPU
+  devices (an error record where it fails)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  out = subprocess.run([sys.executable, "-m", "ntk_analysis.benchmark", *args], env=env,
+                       capture_output=True, text=True, check=False)
+  if out.returncode:
+    return {"devices": devices, "error": out.stderr.strip()[-400:]}
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def device_table(counts: list, tasks: int, n: int, chunk: int) -> list:
+  """Markdown rows: joint-kernel time against the number of devices."""
+  rows = ["| devices | N | samples per device and call | first call s (compiles) | call s | "
+          "speed-up | trace |", "|---|---|---|---|---|---|---|"]
+  base = None
+  for d in counts:
+    r = in_subprocess(d, ["--one_devices", "--tasks", str(tasks), "--n", str(n),
+                          "--chunk", str(chunk)])
+    if "error" in r:
+      rows.append(f"| {d} | error: {r['error'][-200:]} |||||")
+      continue
+    base = base or r["call_s"]
+    rows.append(f"| {r['devices']} | {r['N']} | {r['jac_batch']} | {r['first_call_s']:.2f} | "
+                f"{r['call_s']:.2f} | {base / r['call_s']:.2f}x | {r['trace']:.6g} |")
+  return rows
+
+
+def memory_table(cases: list, counts: list) -> list:
+  """Markdown rows: the kernel's memory estimate against the peak RSS a call added."""
+  rows = ["| case | devices | N | P | estimate MB | measured peak growth MB (2nd call) | "
+          "estimate / measured | per-device call MB (XLA) | of it activations MB |",
+          "|---|---|---|---|---|---|---|---|---|"]
+  mb = lambda b: b / 2**20
+  for case in cases:
+    for d in counts:
+      r = in_subprocess(d, [f"--memory={case}"])
+      if "error" in r:
+        rows.append(f"| {case} | {d} | error: {r['error'][-200:]} |||||||")
+        continue
+      m = r["second_call_peak_growth"]
+      rows.append(f"| {case} | {r['devices']} | {r['N']} | {r['P']} | "
+                  f"{mb(r['estimate_bytes']):.1f} | {mb(m):.1f} | "
+                  f"{r['estimate_bytes'] / max(m, 1):.2f} | {mb(r['device_bytes']):.1f} | "
+                  f"{mb(r['device_activation_bytes']):.1f} |")
+  return rows
+
+
 def run_one(backend, method, impl, tasks, n, chunk):
   f, p, x = tiny_setup(tasks, n)
   if method == "sum_of_logits":  # a readout, computed by Jacobian contraction
@@ -68,7 +209,32 @@ def main():
   ap.add_argument("--chunk", type=int, default=16)
   ap.add_argument("--one", default="")
   ap.add_argument("--skip", default="", help="comma list of backend:method:impl to skip")
+  ap.add_argument("--memory", default="",
+                  help=f"comma list of {sorted(MEMORY_CASES)}: print measure_memory as JSON "
+                       "(one case), or with --device_counts a table")
+  ap.add_argument("--device_counts", default="",
+                  help="comma list of fake CPU device counts: a table, one subprocess each")
+  ap.add_argument("--one_devices", action="store_true", help=argparse.SUPPRESS)
   a = ap.parse_args()
+  cases = [c for c in a.memory.split(",") if c]
+  if set(cases) - set(MEMORY_CASES):
+    ap.error(f"--memory={a.memory}: cases are {sorted(MEMORY_CASES)}")
+  try:
+    counts = [int(c) for c in a.device_counts.split(",") if c]
+  except ValueError:
+    ap.error(f"--device_counts={a.device_counts}: a comma list of whole numbers")
+  if a.one_devices:
+    print(json.dumps(run_devices(a.tasks, a.n, a.chunk)))
+    return
+  if counts:
+    rows = memory_table(cases, counts) if cases else device_table(counts, a.tasks, a.n, a.chunk)
+    print("\n".join(rows))
+    return
+  if cases:
+    if len(cases) > 1:
+      ap.error("several --memory cases need --device_counts")
+    print(json.dumps(measure_memory(cases[0])))
+    return
   if a.one:
     b, m, i = a.one.split(":")
     print(json.dumps(run_one(b, m, int(i), a.tasks, a.n, a.chunk)))

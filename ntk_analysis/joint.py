@@ -80,14 +80,17 @@ class JointKernel:
 
 def compute(f: Callable, params, task_data: Mapping[int, np.ndarray], *, n: int, seed: int,
             checkpoint: str = "", readout: str = "", probe_seed: Optional[int] = None,
-            groups: Sequence[str] = (), **ntk_kwargs) -> JointKernel:
-  """Draws n images per task from (seed, task), stacks them and computes one joint kernel;
-  `ntk_kwargs` configure kernels.ntk_fn."""
+            groups: Sequence[str] = (), kernel_fn: Optional[Callable] = None,
+            **ntk_kwargs) -> JointKernel:
+  """Draws n images per task from (seed, task), stacks them and computes one joint kernel with
+  `kernel_fn` (a kernels.ntk_fn of f, reused across calls so it compiles once) or
+  kernels.ntk_fn(f, **ntk_kwargs). task_data[t] needs only len() and indexing by an index
+  array, so a lazy collection decodes the drawn images only (analyse.task_data)."""
   tasks = sorted(task_data)
   indices = {t: subset_indices(seed, t, len(task_data[t]), n) for t in tasks}
-  x = np.concatenate([np.asarray(task_data[t])[indices[t]] for t in tasks])
+  x = np.concatenate([np.asarray(task_data[t][indices[t]]) for t in tasks])
   task_index = np.repeat(np.asarray(tasks), n)
-  k = kernels.ntk_fn(f, **ntk_kwargs)(params, x)
+  k = (kernel_fn or kernels.ntk_fn(f, **ntk_kwargs))(params, x)
   meta = {"checkpoint": checkpoint, "method": ntk_kwargs.get("method", "jacobian"),
           "trace": ntk_kwargs.get("trace", True), "readout": readout, "probe_seed": probe_seed,
           "groups": list(groups), "P": kernels.num_params(params), "seed": seed, "n": n,

@@ -4,6 +4,8 @@ kernel_ridge     f(x*) = f0(x*) + K(x*,X) (K + lam I)^-1 (Y - f0(X))
 gd_mse           discrete GD on the sum-of-squares loss, step eta, t steps (train and test)
 function_space_gd  f_{t+1}(X) = f_t(X) - eta K(X,X) grad_f L(f_t(X)): exact for the linearised
                  model under any loss (CE included)
+function_space_sgd the same with a learning rate per step, heavy-ball momentum and a mean CE
+                 per head (the linearised counterpart of a training run, experiment (d))
 """
 from __future__ import annotations
 
@@ -57,6 +59,40 @@ def function_space_gd(k_train, k_test_train, f0_train, f0_test, labels, eta: flo
     grad = (softmax(ft) - y) if loss == "ce" else (ft - y)
     ft, fx = ft - eta * k @ grad, fx - eta * kx @ grad
   return ft, fx
+
+
+def function_space_sgd(k_full, f0, train_rows, labels, lrs, momentum: float = 0.0,
+                       heads: int = 1) -> np.ndarray:
+  """Outputs (N, O) of the linearised model after SGD with momentum on the training rows.
+
+  The model is f(p) = f0 + J (p - p0) with K = J J^T given as (N, N, O, O) or (N O, N O)
+  (sample-major); the loss is the mean over the training rows of the sum over `heads` blocks of
+  C = O / heads logits of each block's cross-entropy with `labels` (one per training row). The
+  parameter update of torch SGD, b <- m b + g, p <- p - lr b, maps to u <- m u + K grad_f L,
+  f <- f - lr u (u = J b), so this is exact for the linear model (docs/ntk_theory.md §3.4).
+  `lrs`: the learning rate of each step, in order."""
+  f = np.array(f0, np.float64)
+  n, o = f.shape
+  k = np.asarray(k_full, np.float64)
+  if k.ndim == 4:
+    k = k.transpose(0, 2, 1, 3).reshape(n * o, n * o)
+  if k.shape != (n * o, n * o):
+    raise ValueError(f"kernel of shape {k.shape} for outputs of shape {f.shape}")
+  if o % heads:
+    raise ValueError(f"{o} outputs do not split into {heads} heads")
+  rows = np.asarray(train_rows)
+  c = o // heads
+  y = np.eye(c)[np.asarray(labels)]
+  if len(y) != len(rows):
+    raise ValueError(f"{len(y)} labels for {len(rows)} training rows")
+  k_cols = k.reshape(n, o, n, o)[:, :, rows, :].reshape(n * o, len(rows) * o)
+  u = np.zeros(n * o)
+  for lr in lrs:
+    z = f[rows].reshape(len(rows), heads, c)
+    g = (softmax(z) - y[:, None, :]) / len(rows)  # d(mean over rows of sum over heads of CE)
+    u = momentum * u + k_cols @ g.reshape(-1)
+    f = f - lr * u.reshape(n, o)
+  return f
 
 
 def accuracy(outputs, labels) -> float:

@@ -7,6 +7,9 @@ Blocks of a joint kernel: K_tt (intra-task), K_st (inter-task). Definitions:
   kernel_distance(K1,K2)  S = 1 - <K1, K2>_F / (||K1|| ||K2||)   (Fort et al. 2020)
   kta(K, y)               kernel-target alignment <K, Y Y^T>_F / (||K|| ||Y Y^T||)
   principal_angles        between the tangent feature spaces of two tasks, from kernel blocks
+  centre(K)               H K H, H = I - 11^T/n: the kernel of the tangent features minus their
+                          mean, i.e. without the component every sample shares
+  top_share(K, m)         share of the trace held by the m largest eigenvalues
 and the statistics the experiments share: forgetting_per_task, spearman, loglog_slope.
 """
 from __future__ import annotations
@@ -41,6 +44,22 @@ def effective_rank(k) -> float:
   p = w / w.sum()
   p = p[p > 0]
   return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def centre(k) -> np.ndarray:
+  """H K H with H = I - 11^T / n (row and column means removed): the kernel of the tangent
+  features J(x) - mean_x J(x). A component all samples share (a constant c 11^T, or a common
+  tangent direction) is removed, so spectra and overlaps describe what differs between samples."""
+  k = np.asarray(k, np.float64)
+  if k.ndim != 2 or k.shape[0] != k.shape[1]:
+    raise ValueError(f"centre needs a square (n, n) kernel, got shape {k.shape}")
+  return k - k.mean(0, keepdims=True) - k.mean(1, keepdims=True) + k.mean()
+
+
+def top_share(k, m: int = 3) -> float:
+  """Share of the trace held by the m largest eigenvalues (NaN for a zero kernel)."""
+  w = spectrum(k)
+  return float(w[:m].sum() / w.sum()) if w.sum() > 0 else float("nan")
 
 
 def kernel_distance(k1, k2) -> float:

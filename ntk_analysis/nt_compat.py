@@ -1,11 +1,12 @@
-"""Makes neural-tangents 0.6.5 importable and correct on our pinned jax 0.10.1.
+"""Makes neural-tangents 0.6.5 importable and correct on jax 0.10.1 (the `ntk` extra's pin).
 
 neural-tangents' last release predates JAX 0.6; importing it fails on (1) jaxpr types removed
 from `jax.core`, (2) `jax.util.safe_map/safe_zip` removed, (4) its TensorFlow bridge
 (`neural_tangents.experimental`, TF is not a dependency of ours), and AUTO reads
 `cost_analysis()` as a list. (3)/(5): STRUCTURED_DERIVATIVES reads JAX internals that moved.
 `import_neural_tangents()` installs the shims (idempotent) and returns the module, or raises
-ImportError saying why. It touches JAX internals: this is why jax is pinned (setup.py).
+ImportError saying why. It touches JAX internals: this is why the `ntk` extra pins jax
+(setup.py); the core package accepts a range.
 `empirical_ntk` is neural-tangents' empirical kernel with our conventions (kernels.ntk_fn's
 backend='neural_tangents'): traced = mean over the last output axis, full = (N1, N2, O, O),
 float64 host array.
@@ -13,6 +14,7 @@ float64 host array.
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import sys
 import types
 from typing import Callable
@@ -167,19 +169,28 @@ def _patch_structured_derivatives() -> None:
   empirical.ad = proxy
 
 
+# How to get the optional neural-tangents backend (setup.py's `ntk` extra + install.sh).
+INSTALL_HINT = ("install the `ntk` extra: `bash install.sh ntk` from a checkout, or "
+                "`pip install 'ntkcl-jax[ntk]'` then `pip install --no-deps neural-tangents==0.6.5`"
+                " (its TensorFlow requirement is not needed); or use backend='jax'")
+
+
 def import_neural_tangents():
-  """neural_tangents with our shims, or ImportError with the reason (the pure-JAX core remains)."""
+  """neural_tangents with our shims, or ImportError saying why and how to install the `ntk` extra
+  (the pure-JAX backend needs neither)."""
+  if importlib.util.find_spec("neural_tangents") is None:
+    raise ImportError(f"backend='neural_tangents' needs neural-tangents 0.6.5, which is not "
+                      f"installed: {INSTALL_HINT}")
   if jax.__version__ not in SUPPORTED_JAX:
     raise ImportError(f"ntk_analysis.nt_compat supports jax {SUPPORTED_JAX}, found "
-                      f"{jax.__version__}; install the pinned jax (bash install.sh) or use "
-                      "backend='jax'")
+                      f"{jax.__version__} (the shims patch that release's internals): "
+                      f"{INSTALL_HINT}")
   install()
   try:
     import neural_tangents as nt  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(f"neural-tangents could not be imported even with the compatibility shims "
-                      f"({e}); install it with `pip install --no-deps neural-tangents==0.6.5` or "
-                      "use backend='jax'") from e
+                      f"({e}): {INSTALL_HINT}") from e
   _patch_cost_analysis(nt)
   _patch_structured_derivatives()
   return nt

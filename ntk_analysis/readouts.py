@@ -103,17 +103,27 @@ def inert_fusion_parameters(spec) -> tuple:
   return ()
 
 
+def readout_params(learner, state) -> dict:
+  """The tree model_readout differentiates: the trainable PEFT tree minus
+  `inert_fusion_parameters` (for another checkpoint of the same readout, e.g. within a task)."""
+  params = learner.trainable(state)
+  inert = inert_fusion_parameters(learner.spec)
+  if inert:
+    params = dict(params, fusion={k: v for k, v in params["fusion"].items() if k not in inert})
+  return params
+
+
 def model_readout(learner, state, view: str, probe_matrix):
   """(f, params) of an NTK-CL learner state: f(params, x) -> (N, R) feature sketch of a view, or
   (N, 3R) for view='all' (the three views stacked: its traced kernel is the mean of theirs).
 
-  `params` is the trainable PEFT tree minus `inert_fusion_parameters`, which f closes over, as it
-  does the frozen backbone."""
+  `params` is readout_params(learner, state); f closes over the inert fusion parameters, the
+  frozen backbone and the frozen PEFT sets (which change at task ends only, so one f serves
+  every checkpoint within a task: the inert parameters have no effect on f)."""
   spec, backbone, frozen = learner.spec, learner.backbone, learner.frozen(state)
-  params = learner.trainable(state)
-  inert = {k: params["fusion"][k] for k in inert_fusion_parameters(spec)}
-  if inert:
-    params = dict(params, fusion={k: v for k, v in params["fusion"].items() if k not in inert})
+  trainable = learner.trainable(state)
+  inert = {k: trainable["fusion"][k] for k in inert_fusion_parameters(spec)}
+  params = readout_params(learner, state)
   v = jnp.asarray(probe_matrix)
   if view != "all" and view not in VIEWS:
     raise ValueError(f"view={view!r}; one of {VIEWS + ('all',)}")

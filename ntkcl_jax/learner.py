@@ -11,25 +11,36 @@ State layout:
   prototypes  (C, Dt) class means of the fused feature (fc.weight); rows of unseen classes are 0
   orth_basis  (Dt, k) B of docs/method.md §2.4, computed once per task from the prototypes
   opt, rng, acc (T, T), loss_sums {term: sum over the task's steps}, loss_count
+  step        train steps applied so far (int32)
+  log_sums    {term or 'accuracy': sum over the steps since the launcher last read them}, log_count
+  nonfinite_step, nonfinite_loss   0 and 0, or the step whose loss or gradients were not finite
+              and that loss: that step and every later one leave the state as it was (the
+              launcher reads the flag at its log points, checkpoint saves and task ends)
 The trainable PEFT tree for the NTK analysis is `Learner.trainable(state)` (= params minus proxy).
+
+Images arrive as the stream's uint8 (or float in [0, 1]) and become the model's normalised input
+inside the jitted functions (`normalization.model_input`); `step_given` takes that input as is.
 """
 from __future__ import annotations
 
 import math
 from typing import Iterable, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from ntkcl_jax import losses
+from ntkcl_jax import normalization
 from ntkcl_jax import sharding
 from ntkcl_jax.data import protocol
 from ntkcl_jax.models import ntkcl
 from ntkcl_jax.models import peft
 
 LOSS_TERMS = ("loss", "ce_channel", "ce_patch", "ce_fused", "nce", "orth", "reg")
+LOG_TERMS = LOSS_TERMS + ("accuracy",)  # what the launcher logs: means since its last read
 
 
 def old_pool_size(lo, n_new, increment: int, fixed: bool):
@@ -64,13 +75,19 @@ class Learner:
     self.c, self.t = d.num_classes, protocol.num_tasks(config)
     self.n_max = max(d.init_cls, d.increment)
     self.method = config.method.name
+    if config.method.frozen_update not in ("ema", "copy"):
+      raise ValueError(f"method.frozen_update={config.method.frozen_update!r}: use 'ema' "
+                       "(docs/method.md §3.4) or 'copy' (the last task's values)")
     self.backbone = sharding.put_replicated(backbone_params, mesh)
     self.tx = sgd_torch(config.optim.weight_decay, config.optim.momentum)
     rep, bat = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     self._init = jax.jit(self._init_state, out_shardings=rep)
     self._new_task = jax.jit(self._new_task_fn, in_shardings=(rep,), out_shardings=rep)
-    self._step = jax.jit(self._train_step, in_shardings=(rep, rep, bat, rep, rep, rep),
-                         out_shardings=(rep, rep, rep))
+    self._rep = rep
+    # The state is donated: its buffers are reused for the next state (the launcher keeps none).
+    self._step = jax.jit(self._train_step, in_shardings=(rep, rep, bat, rep, rep, rep, rep),
+                         out_shardings=(rep, rep), donate_argnums=(0,))
+    self._scalars: dict = {}
     self.step_given = jax.jit(self._step_given, out_shardings=(rep, rep, rep))
     self._ema = jax.jit(self._ema_fn, in_shardings=(rep, rep), out_shardings=rep)
     self._proto_sums = jax.jit(self._proto_sums_fn, in_shardings=(rep, rep, bat),
@@ -95,7 +112,10 @@ class Learner:
             "orth_basis": jnp.zeros((self.spec.feature_dim, kb)),
             "opt": self.tx.init(params), "rng": k[3],
             "acc": jnp.full((self.t, self.t), jnp.nan, jnp.float32),
-            "loss_sums": {t: jnp.zeros(()) for t in LOSS_TERMS}, "loss_count": jnp.zeros(())}
+            "loss_sums": {t: jnp.zeros(()) for t in LOSS_TERMS}, "loss_count": jnp.zeros(()),
+            "step": jnp.zeros((), jnp.int32),
+            "log_sums": {t: jnp.zeros(()) for t in LOG_TERMS}, "log_count": jnp.zeros(()),
+            "nonfinite_step": jnp.zeros((), jnp.int32), "nonfinite_loss": jnp.zeros(())}
 
   @staticmethod
   def trainable(state) -> dict:
@@ -167,29 +187,59 @@ class Learner:
     terms["loss"] = total
     return total, (terms, acc)
 
-  def _train_step(self, state, backbone, batch, lr, lo, n_new):
+  def _train_step(self, state, backbone, batch, lr, lo, n_new, log_now):
+    """The launcher's step: (state, means of LOG_TERMS since the last read). The update is kept
+    only if the loss and gradients are finite and no earlier step was not; otherwise the state
+    stays as it was, with `nonfinite_step` / `nonfinite_loss` set by the first such step.
+    `log_now`: the launcher reads the means of this step, so the window restarts after it."""
     rng, k_drop, k_perm = jax.random.split(state["rng"], 3)
-    return self._step_given(dict(state, rng=rng), backbone, batch, lr, lo, n_new,
-                            self.nce_rows(k_perm, lo, n_new), k_drop)
+    batch = dict(batch, image=self.model_input(batch["image"]))
+    new, loss, metrics, finite = self._update(dict(state, rng=rng), backbone, batch, lr, lo,
+                                              n_new, self.nce_rows(k_perm, lo, n_new), k_drop)
+    sums = {k: state["log_sums"][k] + metrics[k] for k in LOG_TERMS}
+    count = state["log_count"] + 1
+    means = {k: v / count for k, v in sums.items()}
+    new = dict(new, step=state["step"] + 1,
+               log_sums={k: jnp.where(log_now, 0.0, v) for k, v in sums.items()},
+               log_count=jnp.where(log_now, 0.0, count))
+    clean = state["nonfinite_step"] == 0
+    first_bad = clean & ~finite
+    held = dict(state, nonfinite_step=jnp.where(first_bad, state["step"] + 1,
+                                                state["nonfinite_step"]),
+                nonfinite_loss=jnp.where(first_bad, loss, state["nonfinite_loss"]))
+    ok = clean & finite
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, held), means
 
   def _step_given(self, state, backbone, batch, lr, lo, n_new, rows, k_drop):
-    """One SGD step with the NCE rows and the dropout key given (the state's rng is kept)."""
+    """One SGD step with the NCE rows and the dropout key given (the state's rng is kept), on
+    model-ready images (normalised float): (state, loss, terms and accuracy)."""
+    new, loss, metrics, _ = self._update(state, backbone, batch, lr, lo, n_new, rows, k_drop)
+    return new, loss, metrics
+
+  def _update(self, state, backbone, batch, lr, lo, n_new, rows, k_drop):
+    """`_step_given` plus whether the loss and every gradient are finite."""
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-    (loss, (terms, acc)), g = grad_fn(state["params"], state, backbone, batch, k_drop, rows,
-                                      lo, n_new)
+    with ntkcl.matmul_precision(self.spec):  # the losses' matmuls too (docs/design.md)
+      (loss, (terms, acc)), g = grad_fn(state["params"], state, backbone, batch, k_drop, rows,
+                                        lo, n_new)
     upd, opt = self.tx.update(g, state["opt"], state["params"])
     params = jax.tree_util.tree_map(lambda p, u: p + lr * u, state["params"], upd)
     sums = {k: state["loss_sums"][k] + terms[k] for k in LOSS_TERMS}
     new = dict(state, params=params, opt=opt, loss_sums=sums,
                loss_count=state["loss_count"] + 1)
-    return new, loss, dict(terms, accuracy=acc)
+    finite = jnp.isfinite(loss)
+    for leaf in jax.tree_util.tree_leaves(g):
+      finite &= jnp.isfinite(leaf).all()
+    return new, loss, dict(terms, accuracy=acc), finite
 
   # -- post-training (docs/method.md §3.3 steps 4-7) -------------------------------------------------------
   def _ema_fn(self, state, t):
     """Frozen lists <- t/(t+1) pre + 1/(t+1) cur (docs/method.md §3.4), or a constant-decay EMA (fix_ema:
     the first update copies, later ones use ema_decay)."""
     t = t.astype(jnp.float32)
-    if self.switches.fix_ema:
+    if self.config.method.frozen_update == "copy":  # ablation: the last task's values, no average
+      w = jnp.zeros(())
+    elif self.switches.fix_ema:
       w = jnp.where(t == 0, 0.0, self.config.method.ema_decay)
     else:
       w = t / (t + 1)
@@ -199,12 +249,14 @@ class Learner:
     return dict(state, frozen=frozen)
 
   def _eval_features(self, state, backbone, images):
-    return ntkcl.features(self.spec, backbone, self.trainable(state), state["frozen"], images)
+    return ntkcl.features(self.spec, backbone, self.trainable(state), state["frozen"],
+                          self.model_input(images))
 
   def _proto_sums_fn(self, state, backbone, batch):
     f = self._eval_features(state, backbone, batch["image"])["fused"]
     oh = jax.nn.one_hot(batch["label"], self.c) * batch["mask"][:, None]
-    return oh.T @ f, oh.sum(0)
+    with ntkcl.matmul_precision(self.spec):  # float32 class sums at the model's precision
+      return oh.T @ f, oh.sum(0)
 
   def _set_protos_fn(self, state, sums, counts):
     """fc rows of the classes seen in this pass <- unnormalised class means (docs/method.md §3.5)."""
@@ -247,13 +299,35 @@ class Learner:
     """Task start: fresh proxy head and optimiser, orthogonality basis from the prototypes."""
     return self._new_task(state)
 
-  def train_step(self, state, batch, epoch: int, classes: Sequence[int]):
-    """One SGD step on this host's rows of a batch of the task with these classes, at the
-    cosine learning rate of `epoch`: (state, loss, metrics) (the launcher checks the loss)."""
-    cfg = self.config
-    lr = jnp.float32(cosine_lr(cfg.optim.lr, epoch, cfg.optim.epochs))
-    return self._step(state, self.backbone, self._global(batch), lr, jnp.int32(classes[0]),
-                      jnp.int32(len(classes)))
+  def train_step(self, state, batch, epoch: int, classes: Sequence[int], log: bool = False):
+    """One SGD step on a batch of the task with these classes (this host's rows, or the global
+    arrays of `device_batch`), at the cosine learning rate of `epoch`: (state, means of LOG_TERMS
+    since the last step with `log=True`, this one included). Nothing is read back to the host:
+    the state is donated, and a non-finite step is held in it (`status`)."""
+    key = (epoch, classes[0], len(classes), bool(log))
+    if key not in self._scalars:  # device scalars made once, not transferred every step
+      cfg = self.config
+      host = (np.float32(cosine_lr(cfg.optim.lr, epoch, cfg.optim.epochs)),
+              np.int32(classes[0]), np.int32(len(classes)), np.bool_(log))
+      self._scalars[key] = tuple(jax.device_put(x, self._rep) for x in host)
+    lr, lo, n_new, log_now = self._scalars[key]
+    return self._step(state, self.backbone, self._global(batch), lr, lo, n_new, log_now)
+
+  @staticmethod
+  def status(state) -> dict:
+    """The leaves the launcher reads at its log points: {'step', 'nonfinite_step',
+    'nonfinite_loss'} (still on the device)."""
+    return {k: state[k] for k in ("step", "nonfinite_step", "nonfinite_loss")}
+
+  def model_input(self, images):
+    """uint8 or [0, 1] float images -> the model's input (`model.normalize`), bit-identical to
+    normalising on the host."""
+    chex.assert_rank(images, 4)
+    return normalization.model_input(images, self.config.model.normalize)
+
+  def device_batch(self, batch: dict) -> dict:
+    """This host's rows of a batch -> global arrays split over the mesh's data axis."""
+    return self._global(batch)
 
   def end_task(self, state, t: int, proto_batches: Iterable[dict]):
     """After training task t (docs/method.md §3.3 steps 4-5): EMA of the frozen sets, then the prototypes
@@ -300,4 +374,6 @@ class Learner:
     return self._finish(state, np.int32(t), row)
 
   def _global(self, batch):
+    if all(isinstance(v, jax.Array) for v in batch.values()):
+      return batch  # already global (device_batch, e.g. prefetched)
     return sharding.global_batch(batch, self.mesh)

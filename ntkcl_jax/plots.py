@@ -1,10 +1,13 @@
 """PNG plots of a continual-learning run: the accuracy-matrix heatmap and accuracy per task.
 
 Both take the (T, T) accuracy matrix of ntkcl_jax.metrics (row t = after task t, column s = test
-classes of task s, NaN = not yet seen) and write a file; no global matplotlib state is left behind.
+classes of task s, NaN = not yet seen) and write a PNG file on any path ntkcl_jax.paths accepts
+(`gs://...` included: the figure is rendered to bytes, then written whole); no global matplotlib
+state is left behind.
 """
 from __future__ import annotations
 
+import io
 from typing import Optional, Sequence
 
 import matplotlib
@@ -13,8 +16,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ntkcl_jax import paths  # noqa: E402
 
-def accuracy_matrix_heatmap(acc_matrix, path: str, title: str = "") -> str:
+
+def _save(fig, path) -> str:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  plt.close(fig)
+  paths.write_bytes_atomic(path, buf.getvalue())
+  return str(path)
+
+
+def accuracy_matrix_heatmap(acc_matrix, path: paths.PathLike, title: str = "") -> str:
   """Heatmap of R with each cell's value written in it; NaN cells are left blank."""
   r = np.asarray(acc_matrix, np.float64)
   t = r.shape[0]
@@ -32,12 +45,11 @@ def accuracy_matrix_heatmap(acc_matrix, path: str, title: str = "") -> str:
   ax.set_title(title or "accuracy matrix (%)")
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
-def accuracy_per_task(acc_matrix, path: str, step_accuracy: Optional[Sequence[float]] = None,
+def accuracy_per_task(acc_matrix, path: paths.PathLike,
+                      step_accuracy: Optional[Sequence[float]] = None,
                       title: str = "") -> str:
   """One line per task s: its accuracy after each training step t >= s; the overall
   (sample-weighted) accuracy A_t in bold black when given."""
@@ -61,6 +73,4 @@ def accuracy_per_task(acc_matrix, path: str, step_accuracy: Optional[Sequence[fl
   ax.legend(fontsize=7, ncol=2)
   ax.set_title(title or "accuracy per task")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path)

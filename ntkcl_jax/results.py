@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import platform
 from typing import Any
 
@@ -19,6 +18,7 @@ import optax
 import orbax.checkpoint
 
 from ntkcl_jax import metrics
+from ntkcl_jax import paths
 
 RESULTS_KEYS = ("accuracy_matrix", "avg_incremental_accuracy", "last_accuracy", "forgetting",
                 "backward_transfer", "topk_accuracy", "old_new_accuracy", "class_order", "config",
@@ -38,14 +38,10 @@ def jsonable(x: Any) -> Any:
   return x
 
 
-def atomic_write_json(path: str, obj: Any) -> None:
-  """Writes JSON to a temporary file and renames it into place (never a half-written file)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+def atomic_write_json(path, obj: Any) -> None:
+  """Writes JSON so that it is never seen half-written (local: temporary file + rename; object
+  stores: one upload), on any path ntkcl_jax.paths accepts (`gs://...` included)."""
+  paths.write_bytes_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 def versions() -> dict:

@@ -1,12 +1,16 @@
 """Device mesh and named shardings: the modern pjit (jax.jit with explicit in/out shardings).
 
-One mesh over all devices of all hosts with axes ('data', 'model'). Batches are split over
-'data'; parameters are replicated, except large backbone matrices, which may be split over
-'model' (`param_shardings`). Multi-host: each process feeds its own rows of the global batch
-(`global_batch`), and `initialize_distributed` starts `jax.distributed` when asked to.
+One data-parallel mesh over all devices of all hosts, axis 'data' (`jax.make_mesh`, which orders
+the devices by the accelerator topology). Batches are split over 'data'; everything else (the
+frozen backbone, the small trainable PEFT state, optimiser state) is replicated: a frozen-backbone
+method trains a few MB of parameters and its ViT-B backbone fits on any accelerator, so data
+parallelism is what scales (docs/design.md, Devices). Multi-host: each process feeds its own rows
+of the global batch (`global_batch`), `initialize_distributed` starts `jax.distributed` when asked
+to, and `process_allgather_json` lets the hosts exchange host-side records (dataset listings).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping, Optional, Sequence
 
@@ -14,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-DATA, MODEL = "data", "model"
+DATA = "data"
 
 
 def initialize_distributed(coordinator: str = "", num_processes: int = 1,
@@ -36,19 +40,18 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 1,
     jax.distributed.initialize(coordinator, num_processes, process_id)
 
 
-def make_mesh(data: int = -1, model: int = 1,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A ('data', 'model') mesh with classic GSPMD (Auto) axes; data=-1 uses all devices."""
+def make_mesh(data: int = -1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A 1-D ('data',) mesh with classic GSPMD (Auto) axis type over `data` devices (-1: all).
+
+  `devices` defaults to every device of every process; a smaller mesh (one process only) passes
+  the devices it uses, e.g. `devices=jax.devices()[:1]`."""
   devices = list(jax.devices() if devices is None else devices)
   if data == -1:
-    if len(devices) % model:
-      raise ValueError(f"{len(devices)} devices cannot be split into model axis {model}")
-    data = len(devices) // model
-  if data * model != len(devices):
-    raise ValueError(f"mesh {data}x{model} needs {data * model} devices, found {len(devices)}")
-  # Explicit axis types would make model-parallel matmuls raise "ambiguous output sharding".
-  return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL),
-              axis_types=(AxisType.Auto, AxisType.Auto))
+    data = len(devices)
+  if data != len(devices):
+    raise ValueError(f"a data mesh of {data} devices was asked for, but {len(devices)} devices are "
+                     f"given; set train.mesh_data to -1 (all devices) or {len(devices)}")
+  return jax.make_mesh((data,), (DATA,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -58,19 +61,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over 'data'."""
   return NamedSharding(mesh, P(DATA))
-
-
-def param_shardings(params: Any, mesh: Mesh, min_model_size: int = 1 << 20) -> Any:
-  """Replicates every leaf, except matrices of at least `min_model_size` elements whose last
-  dimension divides the 'model' axis: those are split along it (tensor parallelism)."""
-  model = mesh.shape[MODEL]
-
-  def spec(x):
-    if model > 1 and x.ndim >= 2 and x.size >= min_model_size and x.shape[-1] % model == 0:
-      return NamedSharding(mesh, P(*([None] * (x.ndim - 1)), MODEL))
-    return replicated(mesh)
-
-  return jax.tree_util.tree_map(spec, params)
 
 
 def put(tree: Any, shardings: Any) -> Any:
@@ -86,7 +76,9 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
   """This process's rows of a batch -> global jax.Arrays split over 'data'.
 
   Each process passes its contiguous share (rows [p*B/P, (p+1)*B/P) of the global batch), as
-  `ntkcl_jax.data` yields them; with one process this is a plain sharded device_put.
+  `ntkcl_jax.data` yields them; with one process this is a plain sharded device_put. The rows go
+  to this process's devices in mesh order; were those not contiguous on the mesh, the global
+  batch would hold the same rows in another order, which a masked mean loss does not see.
   """
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
@@ -102,3 +94,22 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
   if global_batch_size % jax.process_count():
     raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
+
+
+def process_allgather_json(obj: Any) -> list:
+  """Every process's JSON-able `obj`, in process order (one process: `[obj]`).
+
+  For host-side records such as each host's share of a dataset listing (megabytes at most,
+  ntkcl_jax/data/sources.py): they travel as uint8 arrays padded to the longest through
+  `multihost_utils.process_allgather`, so every process must call this at the same point."""
+  if jax.process_count() == 1:
+    return [obj]
+  # lazy: only multi-process runs need it
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32)))
+  sizes = sizes.reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(bytes(rows[p, :int(n)]).decode()) for p, n in enumerate(sizes)]

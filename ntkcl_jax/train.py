@@ -7,13 +7,17 @@ r"""The training launcher: config -> mesh -> data stream -> learner state -> tas
 
 `--config` is an ml_collections config file (big_vision style: `get_config(arg)`); any field can be
 overridden with `--config.key=value`, and an unknown key stops the launcher with the list of valid
-keys. `--workdir` (default `workdirs/<config>-seed<seed>`) receives everything:
+keys. `--workdir` (default `workdirs/<config>-seed<seed>`; a local folder or a URI such as
+`gs://bucket/run`, ntkcl_jax/paths.py) receives everything:
 
     checkpoints/    orbax training state, every `train.checkpoint_every_steps` steps and at every
                     task end (the newest `train.keep_checkpoints` are kept); rerunning the same
                     command resumes from the newest complete one
     results.json    accuracy matrix, Ā, A_T, forgetting, BWT, top-k, old/new, class order, config
-    metrics.jsonl   one JSON object per logged step / task end (read back with pandas.read_json)
+    metrics.jsonl   one JSON object per logged step / task end (read back with pandas.read_json);
+                    a step line holds the means of the loss terms and accuracy over the steps
+                    since the previous line (every `train.log_every_steps`, step 1, each task's
+                    last step)
     tb/             TensorBoard event files
     accuracy_matrix.png, accuracy_per_task.png
 
@@ -27,8 +31,10 @@ Multi-host: start one process per host with --coordinator=host:port --num_proces
 TPU pods). Every process runs this same file; each feeds its own rows of every batch, and only
 process 0 writes logs and results.
 
-Exit codes: 2 bad input or environment (one `error:` line), 3 non-finite loss (the last good
-checkpoint is kept), 143 pre-empted by SIGTERM (a checkpoint of the current step is saved).
+Exit codes: 2 bad input or environment (one `error:` line), 3 non-finite loss or gradients (the
+step is rejected inside the jitted update; the launcher sees it at its next log point or save and
+stops, naming the step; the last good checkpoint is kept), 143 pre-empted by SIGTERM (a checkpoint
+of the current step is saved).
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ import time
 from typing import Optional, Sequence
 
 from absl import app, flags, logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -56,10 +63,12 @@ from ntkcl_jax import config_files
 from ntkcl_jax import data
 from ntkcl_jax import learner as learner_lib
 from ntkcl_jax import metric_writer
+from ntkcl_jax import paths
 from ntkcl_jax import plots
 from ntkcl_jax import results
 from ntkcl_jax import sharding
 from ntkcl_jax.checkpoints import run_state
+from ntkcl_jax.data import stream as stream_lib
 
 
 class NonFiniteStop(RuntimeError):
@@ -68,6 +77,12 @@ class NonFiniteStop(RuntimeError):
 
 class Preempted(RuntimeError):
   """SIGTERM received: a checkpoint of the current step was saved (exit code 143)."""
+
+
+def host_read(tree):
+  """Device -> host: the train loop's only reads, at its read points (see `run`); a blocking
+  transfer of a few scalars (tests/test_host_sync.py counts them)."""
+  return jax.device_get(tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,29 +122,36 @@ def validate_config(config) -> None:
 
 
 def make_mesh(config):
-  """The ('data', 'model') mesh of `train.mesh_data` x `train.mesh_model` devices.
+  """The data-parallel mesh of `train.mesh_data` devices (-1: every device of every process).
 
-  mesh_data = -1 uses every device. A smaller explicit mesh on a single process uses the first
-  devices only (e.g. train.mesh_data=1 runs on one device of a multi-device machine).
+  A smaller mesh on a single process uses the first devices only (e.g. train.mesh_data=1 runs on
+  one device of a multi-device machine). A config that still sets the removed
+  `train.mesh_model` stops here with one line saying what to do.
   """
-  n_data, n_model = config.train.mesh_data, config.train.mesh_model
+  config_files.check_removed_keys(config)
+  n = config.train.mesh_data
   devices = jax.devices()
-  if n_data > 0 and n_data * n_model < len(devices) and jax.process_count() == 1:
-    devices = devices[:n_data * n_model]
-  return sharding.make_mesh(n_data, n_model, devices=devices)
+  if 0 < n < len(devices) and jax.process_count() == 1:
+    devices = devices[:n]
+  return sharding.make_mesh(n, devices=devices)
 
 
-def prepare_workdir(workdir: str, min_free_bytes: int = 0) -> None:
-  """Creates the workdir and proves it is writable with enough free space, before training."""
+def prepare_workdir(workdir: paths.PathLike, min_free_bytes: int = 0) -> None:
+  """Creates the workdir and proves it is writable (a probe file written and removed), before
+  training; on a local disk also that it has `min_free_bytes` free (object stores have no such
+  limit to ask). Works on any path ntkcl_jax.paths accepts, `gs://` included."""
+  workdir = paths.normalize(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    root = epath.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".write_probe_{jax.process_index()}"
+    probe.write_text("ok")
+    probe.unlink()
   except OSError as e:
     raise cli.InputError(f"workdir {workdir!r} is not writable ({e.strerror or e}); choose "
                          f"another --workdir") from e
+  if paths.is_remote(workdir):
+    return
   free = shutil.disk_usage(workdir).free
   if free < min_free_bytes:
     raise cli.InputError(f"only {free / 2**20:.0f} MiB free under {workdir!r}, but checkpoints "
@@ -162,7 +184,7 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
 
   # Config and workdir -------------------------------------------------------------------------
   validate_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = paths.normalize(workdir)  # local: absolute; gs://...: kept as given
   prepare_workdir(workdir)
   bsz, ebsz = config.optim.batch_size, config.optim.eval_batch_size
 
@@ -236,12 +258,45 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
       sigterm.set()
     if sigterm.is_set():
       if saved != event:
+        check(state)
         save(state, position)
       ckpt.wait()
       raise Preempted(f"SIGTERM: saved checkpoint {event} at {dataclasses.asdict(position)}; "
                       "rerun the same command to resume")
 
+  # Reads: the train loop reads nothing back from the device except at its read points: every
+  # `train.log_every_steps` steps (and step 1), the last step of each task, and before every
+  # checkpoint save. There it learns whether the learner held back a non-finite step (the state
+  # then is the last good one, and nothing after it is saved) and, at log points, the metrics.
+  where: dict[int, tuple[int, int, int]] = {}  # (task, epoch, batch) of the steps since a read
+  checked = step  # the state is known to be finite up to this step
+
+  def check(state, means=None):
+    """One device-to-host read of the state's non-finite flag (and `means`): stops on a held
+    step, else returns the means as floats."""
+    nonlocal checked
+    if means is None and checked == step:
+      return None
+    got = host_read({"status": learner.status(state), "means": means})
+    bad = int(got["status"]["nonfinite_step"])
+    if bad:
+      ckpt.wait()
+      t_, e_, b_ = where.get(bad, ("?", "?", "?"))
+      last = ckpt.latest_id()
+      kept = (f"the last good checkpoint is {workdir}/checkpoints/{last}" if last is not None
+              else "no checkpoint was saved before it")
+      raise NonFiniteStop(
+          f"stopped: non-finite loss {float(got['status']['nonfinite_loss'])} (or gradients) in "
+          f"task {t_} epoch {e_} step {b_}, at global step {bad} (seen at step {step}, the first "
+          f"read after it; train.log_every_steps sets how often). The bad update was not applied "
+          f"and nothing after it was saved; {kept}. Lower optim.lr or check the data, then rerun "
+          f"(with a new --workdir, or the same one to resume from that checkpoint).")
+    where.clear()
+    checked = step
+    return None if means is None else {k: float(v) for k, v in got["means"].items()}
+
   # Train --------------------------------------------------------------------------------------
+  log_every, every = max(1, config.train.log_every_steps), config.train.checkpoint_every_steps
   bar = None
   try:
     for t in range(pos.task, stream.num_tasks):
@@ -256,29 +311,27 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
           if is_main and progress:
             bar = tqdm(total=nb, initial=first, mininterval=1.0, leave=False, dynamic_ncols=True,
                        desc=f"task {t + 1}/{stream.num_tasks} epoch {e + 1}/{epochs}")
-          for b, batch in enumerate(stream.train_batches(t, e, bsz, start_batch=first), first):
-            new, loss, metrics = learner.train_step(state, batch, e, classes)
-            if not np.isfinite(float(loss)):
-              ckpt.wait()
-              raise NonFiniteStop(
-                  f"stopped: non-finite loss {float(loss)} in task {t} epoch {e} step {b}, at "
-                  f"global step {step + 1}. The bad update was not applied and nothing after it "
-                  f"was saved; the last good checkpoint is {workdir}/checkpoints/"
-                  f"{ckpt.latest_id()}. Lower optim.lr or check the data, then rerun (with a new "
-                  f"--workdir, or the same one to resume from that checkpoint).")
-            state, step, event = new, step + 1, event + 1
-            scalars = {k: float(np.asarray(v)) for k, v in dict(metrics, loss=loss).items()
-                       if np.ndim(np.asarray(v)) == 0}
+          # uint8 batches, each put on the devices while the step before it runs
+          batches = stream_lib.prefetch_to_device(
+              stream.train_batches(t, e, bsz, start_batch=first), learner.device_batch)
+          for b, batch in enumerate(batches, first):
+            step, event = step + 1, event + 1
+            position = after_step(t, e, b, nb, epochs)
+            log_now = step % log_every == 0 or step == 1 or position.phase == "eval"
+            # asynchronous: the state is donated, and nothing is read back here
+            state, means = learner.train_step(state, batch, e, classes, log=log_now)
+            where[step] = (t, e, b)
             if bar is not None:
               bar.update(1)
-              bar.set_postfix({k: f"{scalars[k]:.3f}" for k in ("loss", "accuracy")},
-                              refresh=False)
-            if step % max(1, config.train.log_every_steps) == 0 or step == 1:
+            if log_now:
+              scalars = check(state, means)
+              if bar is not None:
+                bar.set_postfix({k: f"{scalars[k]:.3f}" for k in ("loss", "accuracy")},
+                                refresh=False)
               writer.write({"event": "step", "step": step, "task": t, "epoch": e, **scalars})
               writer.scalars(step, scalars, "train")
-            position = after_step(t, e, b, nb, epochs)
-            every = config.train.checkpoint_every_steps
             if every and step % every == 0:
+              check(state)
               save(state, position)
             stop_if_preempted(state, position)
           if bar is not None:
@@ -384,7 +437,7 @@ def _main(argv: Sequence[str]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   """Entry point: a bad config file, flag or override stops with one `error:` line (exit 2)."""
-  argv = list(sys.argv if argv is None else argv)
+  argv = config_files.resolve_config_argv(sys.argv if argv is None else argv)  # from any directory
   try:
     config_files.check_overrides(argv[1:])
   except cli.InputError as e:

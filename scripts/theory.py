@@ -1,21 +1,42 @@
-r"""The theory sweep: trains the runs experiments (a)-(f) need, computes their task-end kernels from
-the saved checkpoints, and writes each experiment's table, verdict and plot (ntk_analysis.experiments).
+r"""The theory sweep (docs/ntk_theory.md §4, experiments (a)-(f)): trains the runs the chosen
+experiments need and keeps, of each, a small record of what the experiments read.
 
-    python scripts/theory.py --config=configs/tiny.py:data=digits --root=DIR \
-        [--seeds=0,1,2] [--experiments=a,b,c,d,e,f] [--config.KEY=VALUE ...]
+    python scripts/theory.py --config=configs/imagenette_dinov2s.py:size=56,per_class=200,test_per_class=0,epochs=4 \
+        --config.data.subsample_per_seed=True --seeds=0,1,2,3,4 --experiments=a,b,c,d,e,f
+    python scripts/theory.py ... --plan     # list the runs (arm x seed) and which are missing
+    python scripts/ntk_page.py              # docs/ntk.md from the records alone
 
-Every run is an ordinary training run (scripts/grid.train_unless_finished) named after its
-overrides, so reruns reuse finished runs and resume unfinished ones; runs shared by experiments are
-trained once. Each keeps its task-end checkpoints (train.keep_checkpoints raised to fit), from
-which `ntk_analysis.analyse.task_end_kernels` computes fused-view joint kernels into
-WORKDIR/ntk/task<t>/. The same command at paper scale takes a paper config on a GPU. Writes
-DIR/theory.json and DIR/theory_<x>.png.
+Each run is ROOT/<arm>/seed<s>/ (ROOT: --root, default runs/theory), an ordinary training run of
+the config plus the arm's overrides (scripts/grid.train_unless_finished; it resumes from its
+checkpoints), checkpointed at task ends only. Right after it finishes,
+ntk_analysis.experiments.measure_run computes its kernel quantities from those checkpoints and
+ROOT/<arm>/seed<s>/record.json is written: the essential fields of results.json, the kernel
+quantities, the config, the measurement settings and the command (a few KB; runs/.gitignore keeps
+checkpoints, kernels and plots out of the repository, so the records are what later sittings
+find). The run's checkpoints are then deleted (--keep_checkpoints keeps them). Rerunning skips
+every run whose record exists with the same config and settings, and stops at a record of
+another config (delete that arm's directory, or use another --root).
+
+Arms (an override equal to the config's value is dropped: an arm equal to the base is the base):
+  base                        every kernel part; (a), (c) views, (d), (e), and the reference of (f)
+  (b) dis_temp=0              the zero-weight control of both kinds of term
+      dis_temp=w              the official signed-sum term, w in --dis_temps
+      dis_temp=w,fix_orth=..  variant=corrected with only fix_orth on (the paper's penalty)
+  (c) max_per_class_train=N   N in --n_per_class: the gap against N, each with the base's SGD
+                              steps per task (epochs scaled by the base's N / N)
+  (f) reg_temp=r              r in --reg_temps
+      frozen_update=copy      the frozen set overwritten with the last task's values
+Runs go seed by seed (every arm of seed 0, then seed 1, ...), so paired comparisons are complete
+for the seeds done whenever a sitting ends.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
-from typing import Mapping, Optional, Sequence
+import time
+from typing import Callable, Mapping, Optional, Sequence
 
 from absl import app, flags, logging
 import jax
@@ -24,23 +45,23 @@ from ml_collections import config_flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as `python scripts/theory.py`: `scripts.*` from the repo root
 
-from ntk_analysis import analyse, experiments  # noqa: E402
+from ntk_analysis import experiments  # noqa: E402
 from ntkcl_jax import cli  # noqa: E402
 from ntkcl_jax import results as results_lib  # noqa: E402
 from scripts import grid  # noqa: E402
 
-ORTH_GRID = [{"method.dis_temp": d, **sign} for sign in
-             ({}, {"method.variant": "corrected", "method.fix_nce_sign": True})
-             for d in (0.0, 1e-4, 1e-3)]
-REG_TEMPS = (0.0, 1e-4, 1e-3, 1e-2)
-N_PER_TASK = 8  # images per task in the task-end kernels
-PROBES = 8  # probes of their feature sketch
-
-
-def run_name(overrides: Mapping[str, object], seed: int) -> str:
-  """Directory name of a run: its overrides in sorted order, then the seed."""
-  parts = [f"{k.split('.')[-1]}={v}" for k, v in sorted(overrides.items())]
-  return ("_".join(parts) or "base") + f"_seed{seed}"
+SCHEMA = 1  # of record.json
+DEFAULT_ROOT = os.path.join("runs", "theory")
+DIS_TEMPS = (1e-4, 1e-3, 1e-2)
+# (f): the official 1e-3 and values far above it. On the tiny digits config A_T first moves at
+# reg_temp 1 (docs/ntk.md, "(f)"), so the grid brackets 1e-1 .. 100 around it.
+REG_TEMPS = (0.0, 1e-3, 1e-1, 1.0, 10.0, 100.0)
+N_PER_CLASS = (25, 50, 100, 200)
+SETTINGS = {"n_per_task": 16, "probes": 8, "lin_train": 32, "lin_test": 32}
+RESULT_KEYS = ("accuracy_matrix", "avg_incremental_accuracy", "last_accuracy", "forgetting",
+               "backward_transfer", "learning_accuracy", "class_order", "wall_time_s",
+               "versions")
+BOOKKEEPING = {"train.checkpoint_every_steps": 0}  # task ends only; keep_checkpoints: run_config
 
 
 def _node(c, key):
@@ -53,89 +74,165 @@ def _node(c, key):
   return node, leaf
 
 
+def _value_text(v) -> str:
+  return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def arm_name(overrides: Mapping[str, object]) -> str:
+  """Directory name of an arm: 'base', or its overrides as leaf=value in key order."""
+  return ",".join(f"{k.split('.')[-1]}={_value_text(v)}"
+                  for k, v in sorted(overrides.items())) or "base"
+
+
 def num_tasks(config) -> int:
   d = config.data
   return 1 + -(-(d.num_classes - d.init_cls) // d.increment)
 
 
-def max_checkpoints(config) -> int:
-  """Checkpoints of a run saved at every step: steps plus task ends (bounds keep_checkpoints,
-  which the launcher's free-disk check multiplies by the checkpoint size)."""
-  d, o = config.data, config.optim
-  per_task = (d.max_per_class_train or 1000) * max(d.init_cls, d.increment)
-  return num_tasks(config) * (o.epochs * -(-per_task // o.batch_size) + 1) + 2
+def plan(config, experiments_: str = "abcdef", dis_temps: Sequence[float] = DIS_TEMPS,
+         reg_temps: Sequence[float] = REG_TEMPS,
+         n_per_class: Sequence[int] = N_PER_CLASS) -> dict:
+  """{arm: (overrides, parts)}: the arms the experiments need (module docstring), overrides
+  equal to the config's value dropped, and the kernel parts measured of each."""
+  arms: dict = {}
+
+  def add(overrides, parts):
+    ov = {k: v for k, v in overrides.items() if getattr(*_node(config, k)) != v}
+    name = arm_name(ov)
+    have = set(arms[name][1]) if name in arms else set()
+    arms[name] = (ov, tuple(p for p in experiments.PARTS if p in have | set(parts)))
+
+  add({}, experiments.PARTS)
+  if "b" in experiments_:
+    add({"method.dis_temp": 0.0}, ("pairs",))
+    others_off = {f"method.{s}": False for s in experiments.SWITCHES if s != "fix_orth"}
+    for w in dis_temps:
+      add({"method.dis_temp": float(w)}, ("pairs",))
+      add({"method.dis_temp": float(w), "method.variant": "corrected", "method.fix_orth": True,
+           **others_off}, ("pairs",))
+  if "c" in experiments_:
+    n0, e0 = int(config.data.max_per_class_train), int(config.optim.epochs)
+    for n in n_per_class:
+      ov = {"data.max_per_class_train": int(n)}
+      if n0 > 0:  # the base's SGD steps per task at every N: epochs scaled by n0 / n
+        ov["optim.epochs"] = max(1, round(e0 * n0 / int(n)))
+      add(ov, ("pairs", "gap"))
+  if "f" in experiments_:
+    for r in reg_temps:
+      add({"method.reg_temp": float(r)}, ("pairs",))
+    add({"method.frozen_update": "copy"}, ("pairs",))
+  return arms
 
 
-def train_run(config, root: str, overrides: Mapping[str, object], seed: int,
-              extra_train: Optional[Mapping[str, object]] = None, n_per_task: int = N_PER_TASK,
-              log=print) -> str:
-  """Trains (or resumes, or reuses) one run with dotted-key overrides, keeping its task-end
-  checkpoints, and computes its task-end kernels; returns its workdir."""
-  # overrides equal to the config's value name the same run as no override (trained once)
-  overrides = {k: v for k, v in overrides.items() if getattr(*_node(config, k)) != v}
-  wd = os.path.join(root, run_name(overrides, seed))
+def run_config(config, overrides: Mapping[str, object], seed: int):
+  """The config of one run: the base config, the seed, the arm's overrides and the sweep's
+  bookkeeping (every task-end checkpoint kept)."""
   c = config.copy_and_resolve_references()
-  for key, value in {"seed": seed, **dict(overrides), **dict(extra_train or {})}.items():
+  for key, value in {"seed": seed, **dict(overrides), **BOOKKEEPING}.items():
     node, leaf = _node(c, key)
     node[leaf] = value
-  keep = max_checkpoints(c) if c.train.checkpoint_every_steps else num_tasks(c) + 1
-  c.train.keep_checkpoints = max(int(c.train.keep_checkpoints), keep)
-  grid.train_unless_finished(c, wd, progress=False, log=log)
-  analyse.task_end_kernels(wd, n_per_task=n_per_task, num_probes=PROBES, log=lambda *_: None)
-  return wd
+  c.train.keep_checkpoints = max(int(c.train.keep_checkpoints), num_tasks(c) + 1)
+  return c
 
 
-def run_all(config, root: str, seeds: Sequence[int] = (0,), experiments_: str = "abcdef",
-            n_per_class: Sequence[int] = (), reg_temps: Sequence[float] = REG_TEMPS,
-            n_per_task: int = N_PER_TASK, log=print) -> dict:
-  """Trains what the chosen experiments need and returns {key: result}; ROOT/theory.json is
-  rewritten after each experiment, so an interrupted sweep keeps what it finished."""
-  os.makedirs(root, exist_ok=True)
-  out: dict = {}
-  quick = {"train.checkpoint_every_steps": 0}  # sweep runs checkpoint at task ends only
-  png = lambda k: os.path.join(root, f"theory_{k}.png")  # noqa: E731
+def record_path(root: str, arm: str, seed: int) -> str:
+  return os.path.join(root, arm, f"seed{seed}", "record.json")
 
-  def save():
-    results_lib.atomic_write_json(os.path.join(root, "theory.json"),
-                                  results_lib.jsonable({k: out[k] for k in sorted(out)}))
 
-  def grid_runs(grid_, n=lambda ov: n_per_task):
-    return {train_run(config, root, ov, s, quick, n(ov), log=log): ov
-            for ov in grid_ for s in seeds}
+def existing_record(path: str, config, settings: Mapping, parts: Sequence[str]
+                    ) -> Optional[dict]:
+  """The record at `path` if it is one of this run (same config up to bookkeeping, same
+  measurement settings, every part measured); None if there is none; cli.InputError if it is a
+  record of something else (nothing is overwritten)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      rec = json.load(f)
+  except ValueError as e:
+    raise cli.InputError(f"{path} is not JSON ({e}); delete it to rerun that run") from e
+  where = os.path.dirname(path)
+  want = grid.with_schema_defaults(json.loads(config.to_json_best_effort()))
+  have = grid.with_schema_defaults(rec.get("config", {}))
+  if have != want:
+    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    raise cli.InputError(f"{path} is the record of another config ({differ[:6]} differ); use "
+                         f"another --root, or delete {where} to rerun it")
+  if rec.get("schema") != SCHEMA or rec.get("settings") != dict(settings):
+    raise cli.InputError(f"{path} was measured with settings {rec.get('settings')} (schema "
+                         f"{rec.get('schema')}), not {dict(settings)} (schema {SCHEMA}); rerun "
+                         f"with those flags, or delete {where} to retrain and remeasure it")
+  if not set(parts) <= set(rec.get("parts", ())):
+    if not os.path.isdir(os.path.join(where, "checkpoints")):
+      raise cli.InputError(f"{path} lacks the kernel parts {sorted(set(parts) - set(rec['parts']))}"
+                           f" and its checkpoints are gone; delete {where} to retrain it")
+    return None
+  return rec
 
-  base_runs = [train_run(config, root, {}, s, quick, n_per_task, log=log) for s in seeds]
-  if "a" in experiments_:
-    out["a"] = experiments.overlap_vs_forgetting(base_runs, png("a"))
-  if "e" in experiments_:
-    out["e"] = experiments.spectra_and_drift(base_runs[0], png("e"))
-  save()
-  if "b" in experiments_:
-    out["b"] = experiments.orthogonality(grid_runs(ORTH_GRID), png("b"))
-    save()
-  if "d" in experiments_:
-    wd = train_run(config, root, {"train.checkpoint_every_steps": 1}, seeds[0],
-                   n_per_task=n_per_task, log=log)
-    out["d"] = experiments.lazy_regime(analyse.every_checkpoint(wd), png("d"))
-    save()
-  if "f" in experiments_:
-    grid_ = [{"method.reg_temp": float(r), "method.frozen_sets": f}
-             for f in (1, 0) for r in reg_temps]
-    out["f"] = experiments.regularisation_ema(grid_runs(grid_), png("f"))
-    save()
-  if "c" in experiments_:
-    full = int(config.data.max_per_class_train)
-    ns = list(n_per_class) or [max(1, full // 4), max(1, full // 2), full]
-    grid_ = [{"method.name": m, "data.max_per_class_train": n}
-             for m in ("channel", "patch", "ntkcl") for n in ns]
-    # kernels of at most as many images per task as the smallest task has
-    runs_ = grid_runs(grid_, lambda ov: min(n_per_task, int(ov["data.max_per_class_train"]) *
-                                            int(config.data.increment)))
-    views = analyse.analyse(base_runs[0], n_per_task=8, num_probes=4,
-                            views=("fused", "channel", "all"),
-                            out_dir=os.path.join(base_runs[0], "ntk", "views"),
-                            log=lambda *_: None, plot=False)["check_c_views"]
-    out["c"] = experiments.sample_size_and_views(runs_, views, png("c"))
-    save()
+
+def command(spec: str, base_overrides: Sequence[str], workdir: str, run_overrides: Mapping,
+            seed: int, keep: int) -> str:
+  """The launcher command that trains the same run (then measure_run reads its checkpoints)."""
+  ov = list(base_overrides) + [f"--config.seed={seed}"] + [
+      f"--config.{k}={_value_text(v)}" for k, v in sorted(run_overrides.items())] + [
+          "--config.train.checkpoint_every_steps=0", f"--config.train.keep_checkpoints={keep}"]
+  return " ".join(grid.launch_command(spec, workdir, ov))
+
+
+def run_arm(config, root: str, arm: str, overrides: Mapping[str, object], seed: int,
+            parts: Sequence[str], *, settings: Mapping = SETTINGS, spec: str = "",
+            base_overrides: Sequence[str] = (), sweep_command: str = "",
+            keep_checkpoints: bool = False, log: Callable[[str], None] = print,
+            **ntk_kwargs) -> dict:
+  """One run of the sweep: its record, read back if it exists, else trained (or resumed, or
+  reused), measured, written and its checkpoints deleted."""
+  c = run_config(config, overrides, seed)
+  path = record_path(root, arm, seed)
+  rec = existing_record(path, c, settings, parts)
+  if rec is not None:
+    return rec
+  wd = os.path.dirname(path)
+  t0 = time.time()
+  res = grid.train_unless_finished(c, wd, progress=False, log=log)
+  t1 = time.time()
+  log(f"measuring {wd} ({', '.join(parts)})")
+  kern = experiments.measure_run(wd, parts, n_per_task=settings["n_per_task"],
+                                 num_probes=settings["probes"], lin_train=settings["lin_train"],
+                                 lin_test=settings["lin_test"], log=log, **ntk_kwargs)
+  rec = {"schema": SCHEMA, "arm": arm, "seed": int(seed), "overrides": dict(overrides),
+         "settings": dict(settings), "config": json.loads(c.to_json_best_effort()),
+         "results": {k: res.get(k) for k in RESULT_KEYS},
+         "command": command(spec or "CONFIG", base_overrides, wd, overrides, seed,
+                            c.train.keep_checkpoints),
+         "sweep_command": sweep_command, "train_seconds": round(t1 - t0, 1), **kern}
+  results_lib.atomic_write_json(path, results_lib.jsonable(rec))
+  if not keep_checkpoints:
+    for sub in ("checkpoints", "ntk", "tb"):
+      shutil.rmtree(os.path.join(wd, sub), ignore_errors=True)
+  log(f"wrote {path}")
+  return rec
+
+
+def run_all(config, root: str, seeds: Sequence[int] = (0,), experiments_: str = "abcdef", *,
+            dis_temps: Sequence[float] = DIS_TEMPS, reg_temps: Sequence[float] = REG_TEMPS,
+            n_per_class: Sequence[int] = N_PER_CLASS, settings: Mapping = SETTINGS,
+            spec: str = "", base_overrides: Sequence[str] = (), sweep_command: str = "",
+            keep_checkpoints: bool = False, plan_only: bool = False,
+            log: Callable[[str], None] = print, **ntk_kwargs) -> list:
+  """Every run the chosen experiments need, seed by seed: the records (plan_only: the list of
+  (arm, seed, parts, done) without training anything)."""
+  arms = plan(config, experiments_, dis_temps, reg_temps, n_per_class)
+  out = []
+  for seed in seeds:
+    for arm, (ov, parts) in arms.items():
+      if plan_only:
+        c = run_config(config, ov, seed)
+        done = existing_record(record_path(root, arm, seed), c, settings, parts) is not None
+        out.append((arm, seed, parts, done))
+        continue
+      out.append(run_arm(config, root, arm, ov, seed, parts, settings=settings, spec=spec,
+                         base_overrides=base_overrides, sweep_command=sweep_command,
+                         keep_checkpoints=keep_checkpoints, log=log, **ntk_kwargs))
   return out
 
 
@@ -150,15 +247,26 @@ def _define_flags() -> None:
   """Registers the CLI's flags (only when run as a program)."""
   config_flags.DEFINE_config_file("config", "configs/tiny.py:data=digits",
                                   "base config of every run (overrides: --config.KEY=VALUE)")
-  flags.DEFINE_string("root", "", "directory of the runs, theory.json and the plots")
-  flags.DEFINE_list("seeds", ["0"], "seeds of every run")
-  flags.DEFINE_string("experiments", "abcdef", "which of a-f to run")
-  flags.DEFINE_integer("n_per_task", N_PER_TASK, "images per task in the task-end kernels")
-  flags.DEFINE_bool("compilation_cache", False, "persistent XLA cache under ROOT/.jax_cache "
-                    "(later runs of the grid skip most compiles; XLA logs each cache load)")
-  flags.DEFINE_list("reg_temps", [str(r) for r in REG_TEMPS], "(f): reg_temp values")
-  flags.DEFINE_list("n_per_class", [], "(c): training images per class (default: 1/4, 1/2, 1 "
-                    "of the config's data.max_per_class_train)")
+  flags.DEFINE_string("root", DEFAULT_ROOT, "directory of the runs and their records")
+  flags.DEFINE_list("seeds", ["0"], "seeds of every arm")
+  flags.DEFINE_string("experiments", "a,b,c,d,e,f", "which of a-f (letters, commas optional)")
+  flags.DEFINE_list("dis_temps", [_value_text(w) for w in DIS_TEMPS], "(b): positive weights")
+  flags.DEFINE_list("reg_temps", [_value_text(r) for r in REG_TEMPS], "(f): reg_temp values")
+  flags.DEFINE_list("n_per_class", [str(n) for n in N_PER_CLASS],
+                    "(c): training images per class (at least 2 values)")
+  flags.DEFINE_integer("n_per_task", SETTINGS["n_per_task"], "probe images per task of the "
+                       "kernels")
+  flags.DEFINE_integer("probes", SETTINGS["probes"], "random probes of the feature sketch")
+  flags.DEFINE_integer("lin_train", SETTINGS["lin_train"], "(d): training images per task of "
+                       "the linearised run")
+  flags.DEFINE_integer("lin_test", SETTINGS["lin_test"], "(d): test images per task it is "
+                       "compared on")
+  flags.DEFINE_bool("plan", False, "list the runs (arm x seed) and which records exist; train "
+                    "nothing")
+  flags.DEFINE_bool("keep_checkpoints", False, "keep each run's checkpoints after its record")
+  flags.DEFINE_bool("compilation_cache", False, "persistent XLA cache under ROOT/.jax_cache")
+  flags.DEFINE_float("memory_limit_gb", 0, "memory budget of one kernel in GiB (0: the "
+                     "default of ntk_analysis.kernels)")
 
 
 def main(_) -> None:
@@ -166,28 +274,52 @@ def main(_) -> None:
   if not fl["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   if not fl.root:
-    raise app.UsageError("--root is required (the directory for the runs, theory.json and plots)")
+    raise app.UsageError("--root is empty: give the directory of the runs and their records")
   if os.path.exists(fl.root) and not os.path.isdir(fl.root):
     raise app.UsageError(f"--root={fl.root} is a file, not a directory")
-  bad = set(fl.experiments) - set("abcdef")
-  if bad:
-    raise app.UsageError(f"--experiments={fl.experiments}: unknown {sorted(bad)}; use letters a-f")
+  exps = fl.experiments.replace(",", "")
+  bad = set(exps) - set("abcdef")
+  if bad or not exps:
+    raise app.UsageError(f"--experiments={fl.experiments}: unknown {sorted(bad)}; use letters "
+                         "a-f")
   try:
-    seeds, n_per_class = [int(s) for s in fl.seeds], [int(n) for n in fl.n_per_class]
-    reg_temps = [float(r) for r in fl.reg_temps]
+    seeds = [int(s) for s in fl.seeds]
+    n_per_class = [int(n) for n in fl.n_per_class]
+    dis_temps, reg_temps = [float(w) for w in fl.dis_temps], [float(r) for r in fl.reg_temps]
   except ValueError as e:
-    raise app.UsageError(f"--seeds / --n_per_class need integers and --reg_temps numbers ({e})")
-  fl.config.train.mesh_data, fl.config.train.mesh_model = 1, 1
+    raise app.UsageError(f"--seeds / --n_per_class need integers and --dis_temps / --reg_temps "
+                         f"numbers ({e})")
+  if "c" in exps and len(set(n_per_class)) < 2:
+    raise app.UsageError("--n_per_class needs at least 2 values for the slope of (c)")
+  settings = {"n_per_task": fl.n_per_task, "probes": fl.probes, "lin_train": fl.lin_train,
+              "lin_test": fl.lin_test}
+  argv = sys.argv[1:]
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+              "configs/tiny.py:data=digits")
+  base_overrides = [a for a in argv if a.startswith("--config.")]
+  sweep_command = "python scripts/theory.py " + " ".join(argv)
+  fl.config.train.mesh_data = 1
+  kw = {}
+  if fl.memory_limit_gb > 0:
+    kw["memory_limit"] = int(fl.memory_limit_gb * 2**30)
+  if fl.plan:
+    rows = run_all(fl.config, fl.root, seeds, exps, dis_temps=dis_temps, reg_temps=reg_temps,
+                   n_per_class=n_per_class, settings=settings, plan_only=True)
+    for arm, seed, parts, done in rows:
+      print(f"{'done   ' if done else 'missing'}  {arm:45s} seed {seed}  ({', '.join(parts)})")
+    arms = sorted({r[0] for r in rows})
+    print(f"{len(arms)} arms x {len(seeds)} seeds = {len(rows)} runs; "
+          f"{sum(not r[3] for r in rows)} missing under {fl.root}")
+    return
   if fl.compilation_cache:
     enable_compilation_cache(os.path.join(fl.root, ".jax_cache"))
   os.makedirs(fl.root, exist_ok=True)
-  with open(os.path.join(fl.root, "command.txt"), "w") as f:  # for docs/ntk.md
-    f.write("python scripts/theory.py " + " ".join(sys.argv[1:]) + "\n")
-  out = run_all(fl.config, fl.root, seeds, fl.experiments, n_per_class, reg_temps, fl.n_per_task)
-  for k, r in sorted(out.items()):
-    print(f"({k}) prediction: {r['prediction']}\n    measured: {r['measured']}\n"
-          f"    holds: {r['holds']}")
-  print("wrote", os.path.join(fl.root, "theory.json"))
+  recs = run_all(fl.config, fl.root, seeds, exps, dis_temps=dis_temps, reg_temps=reg_temps,
+                 n_per_class=n_per_class, settings=settings, spec=spec,
+                 base_overrides=base_overrides, sweep_command=sweep_command,
+                 keep_checkpoints=fl.keep_checkpoints, **kw)
+  print(f"{len(recs)} records under {fl.root}; the page: python scripts/ntk_page.py "
+        f"--theory={fl.root}")
 
 
 if __name__ == "__main__":

@@ -130,16 +130,14 @@ CASES = [
     ("results-page-unknown-dataset", B + ["scripts/results_page.py", "--datasets=nope",
                                           "--workdir={d}/results", "--output={d}/results.md"],
      "unknown datasets ['nope']"),
-    ("ntk-page-not-analysed", B + ["scripts/ntk_page.py", "--runs=x={d}/not_a_run",
-                                   "--output={d}/ntk.md"],
-     "no {d}/not_a_run/ntk/report.json"),
     ("ntk-page-not-theory", B + ["scripts/ntk_page.py", "--theory={d}/not_a_run",
-                                 "--output={d}/ntk.md"], "--theory={d}/not_a_run: no theory.json"),
-    ("ntk-page-bad-runs", B + ["scripts/ntk_page.py", "--runs=x", "--output={d}/ntk.md"],
-     "are not NAME=WORKDIR pairs"),
+                                 "--output={d}/ntk.md"], "--theory={d}/not_a_run: no record.json"),
+    ("ntk-page-bad-experiments", B + ["scripts/ntk_page.py", "--experiments=xyz",
+                                      "--output={d}/ntk.md"], "--experiments=xyz: unknown"),
     ("theory-missing-config", B + ["scripts/theory.py", "--config=configs/nope.py",
                                    "--root={d}/theory"], "config file not found: 'configs/nope.py'"),
-    ("theory-missing-root", B + ["scripts/theory.py"], "--root is required"),
+    ("theory-bad-experiments", B + ["scripts/theory.py", "--root={d}/theory",
+                                    "--experiments=xyz"], "--experiments=xyz: unknown"),
     ("theory-root-is-a-file", B + ["scripts/theory.py", "--root={d}/a_file"],
      "--root={d}/a_file is a file"),
     ("bench-train-step-model", B + ["benchmarks/train_step.py", "--model=nope"],
@@ -173,7 +171,7 @@ def test_bad_input_is_one_error_line(bad, cmd, expected):
 
 def test_traceback_on_request(bad):
   """NTKCL_TRACEBACK=1 shows the traceback of the same input error (for bug reports)."""
-  p = subprocess.run(B + ["scripts/ntk_page.py", f"--runs=x={bad}/not_a_run",
+  p = subprocess.run(B + ["scripts/ntk_page.py", f"--theory={bad}/not_a_run",
                           f"--output={bad}/ntk.md"], cwd=REPO, capture_output=True, text=True,
                      timeout=300, env=dict(os.environ, NTKCL_TRACEBACK="1"))
   assert p.returncode != 0 and "Traceback" in p.stderr and "InputError" in p.stderr

@@ -179,3 +179,22 @@ def test_config_arg_typos_are_errors():
   with pytest.raises(ValueError, match="unknown config argument 'sise'"):
     load("imagenette_dinov2s.py", "sise=56")
   assert load("imagenette_dinov2s.py", "size=56,epochs=1").model.image_size == 56
+
+
+def test_shipped_configs_load_from_any_directory(tmp_path, monkeypatch):
+  """`configs/NAME.py` (and `ntkcl_jax/configs/NAME.py`) name the package's own configs
+  (ntkcl_jax.configs) from a directory outside the repository, for load_config_file and for the
+  launcher's argv; a path that is a file where it is given wins, and a missing one is kept (for
+  the replaced-config hint)."""
+  expected = load("tiny.py", "data=digits").to_dict()
+  monkeypatch.chdir(tmp_path)
+  for spec in ("configs/tiny.py:data=digits", "ntkcl_jax/configs/tiny.py:data=digits"):
+    assert config_files.load_config_file(spec).to_dict() == expected
+  d = config_files.CONFIG_DIR
+  assert config_files.resolve_config_argv(
+      ["prog", "--config=configs/tiny.py:data=digits", "--config", "configs/demo.py", "--x=1"]) == [
+          "prog", f"--config={d}/tiny.py:data=digits", "--config", f"{d}/demo.py", "--x=1"]
+  assert config_files.resolve_path("configs/cifar100_in21k.py") == "configs/cifar100_in21k.py"
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "tiny.py").write_text("def get_config():\n  return None\n")
+  assert config_files.resolve_path("configs/tiny.py") == "configs/tiny.py"

@@ -322,7 +322,7 @@ BUNDLED = os.path.join(REPO, "ntkcl_jax", "data", "demo_images")
 
 def _demo(arg, monkeypatch, shared):
   """configs/demo.py as the launcher loads it, with the archives looked for in `shared`."""
-  from configs import dinov2s_real  # pylint: disable=g-import-not-at-top
+  from ntkcl_jax.configs import dinov2s_real  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(dinov2s_real, "SHARED_DATA", str(shared))
   return config_files.load_config_file(os.path.join(REPO, "configs", "demo.py") + (f":{arg}" if arg
                                                                             else ""))
@@ -368,7 +368,7 @@ def test_forced_sources_and_their_errors(tmp_path, monkeypatch):
   assert (c.data.name, c.data.source) == ("imagenette/160px", "tfds")
   with pytest.raises(ValueError, match="source='nope'"):
     _demo("source=nope", monkeypatch, tmp_path)
-  from configs import dinov2s_real  # pylint: disable=g-import-not-at-top
+  from ntkcl_jax.configs import dinov2s_real  # pylint: disable=g-import-not-at-top
   # more images or pixels than the bundled set holds: auto goes to tfds, a forced bundled errs
   assert dinov2s_real.pick_source("imagenette", "auto", 56, 31, 50) == "tfds"
   assert dinov2s_real.pick_source("imagenette", "auto", 112, 30, 50) == "tfds"
@@ -396,10 +396,10 @@ def test_bundled_set_holds_the_images_the_archive_demo_draws(shared_data, monkey
     assert (ss.labels[sidx] == fs.labels[idx]).all()
   # After the test transform a bundled test image is the archive's up to JPEG re-encoding.
   for k in (0, 123, 499):
-    a = full._eval_image("test", full.test_idx[k])  # pylint: disable=protected-access
-    b = small._eval_image("test", small.test_idx[k])  # pylint: disable=protected-access
+    a = full._eval_image("test", full.test_idx[k]) / 255.0  # pylint: disable=protected-access
+    b = small._eval_image("test", small.test_idx[k]) / 255.0  # pylint: disable=protected-access
     assert np.abs(a - b).mean() < 0.02, k  # JPEG q90 noise; unrelated images differ by ~0.2
-    other = full._eval_image("test", full.test_idx[(k + 250) % 500])  # pylint: disable=protected-access
+    other = full._eval_image("test", full.test_idx[(k + 250) % 500]) / 255.0  # pylint: disable=protected-access
     assert np.abs(other - b).mean() > 0.05
 
 

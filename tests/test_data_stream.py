@@ -2,7 +2,10 @@
 import hashlib
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from ntkcl_jax import data as data_lib
@@ -54,7 +57,7 @@ def test_contract_shapes_and_metadata():
   assert s.counts == {"train": [18, 27, 9], "test": [10, 15, 5]}
   assert s.num_train_batches(1, 4) == 7  # ceil(27 / 4), last partial batch kept
   b = next(iter(s.train_batches(1, 0, 4)))
-  assert b["image"].shape == (4, 12, 12, 3) and b["image"].dtype == np.float32
+  assert b["image"].shape == (4, 12, 12, 3) and b["image"].dtype == np.uint8
   assert b["label"].dtype == np.int32 and b["mask"].dtype == np.bool_
   assert set(b["label"].tolist()) <= set(s.tasks[1])
 
@@ -68,12 +71,54 @@ def test_labels_are_remapped_originals():
 
 
 def test_images_follow_epoch_order_and_normalisation():
-  # train_transform='none': each row is the resized, normalised source image of order[j].
+  # train_transform='none': each row is the resized source image of order[j], uint8; the
+  # model's input is that image / 255, normalised.
   s = _stream(transform="none")
   order = s.epoch_order(0, 2)
   got = _concat_masked(_epoch(s, 0, 2, 4))["image"]
-  want = np.stack([transforms.resize_only(s.train_set.image(i), 12) for i in order])
-  np.testing.assert_allclose(got, normalization.normalize(want, "inception"), atol=1e-6)
+  want = np.stack([transforms.resize_only_uint8(s.train_set.image(i), 12) for i in order])
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(s.model_input(got),
+                             normalization.normalize(want / np.float32(255), "inception"),
+                             atol=1e-6)
+
+
+def _old_float_train_transform(image, size, rng):
+  """The float path the stream had before it sent uint8: PIL crop + resize, float32 / 255, flip."""
+  img = transforms.to_pil(image)
+  top, left, h, w = transforms.random_resized_crop_box(img.width, img.height, rng)
+  img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+  out = np.asarray(img, np.float32) / 255.0
+  return np.ascontiguousarray(out[:, ::-1] if rng.uniform() < 0.5 else out)
+
+
+@pytest.mark.parametrize("normalize", ["none", "inception", "imagenet"])
+@pytest.mark.parametrize("transform", ["official", "none"])
+def test_uint8_images_normalised_on_device_equal_the_host_float_path(normalize, transform):
+  """The stream's uint8 batch through `model_input` inside jit (as the learner's step does)
+  equals, bit for bit, the float32 images the host used to normalise itself."""
+  s = _stream(transform=transform, normalize=normalize)
+  epoch = 1
+  order = s.epoch_order(0, epoch)
+  got = _concat_masked(_epoch(s, 0, epoch, 4))["image"]
+  if transform == "official":
+    floats = [_old_float_train_transform(s.train_set.image(i), 12,
+                                         transforms.example_rng(s.seed, epoch, int(i)))
+              for i in order]
+  else:
+    floats = [transforms.resize_only(s.train_set.image(i), 12) for i in order]
+  want = np.asarray(normalization.normalize(np.stack(floats), normalize), np.float32)
+  on_device = jax.jit(s.model_input)(got)
+  assert on_device.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(on_device), want)
+  np.testing.assert_array_equal(s.model_input(got), want)  # numpy (host) path too
+  proto = _concat_masked(list(s.eval_batches("proto", s.tasks[0], 4)))["image"]
+  idx = s.train_idx[np.isin(s.train_new[s.train_idx], s.tasks[0])]
+  test_transform = (transforms.test_transform if transform == "official" else
+                    transforms.resize_only)
+  want = normalization.normalize(np.stack([test_transform(s.train_set.image(i), 12)
+                                           for i in idx]), normalize)
+  np.testing.assert_array_equal(np.asarray(jax.jit(s.model_input)(proto)), want)
 
 
 def test_shuffle_depends_only_on_seed_task_epoch():
@@ -116,8 +161,7 @@ def test_two_hosts_see_every_example_once_per_epoch():
   s = _stream(transform="none")
   task = 1
   idx = s._task_train_indices(task)  # pylint: disable=protected-access
-  img_key = {_key(normalization.normalize(transforms.resize_only(s.train_set.image(i), 12),
-                                          "inception").astype(np.float32)): int(i) for i in idx}
+  img_key = {_key(transforms.resize_only_uint8(s.train_set.image(i), 12)): int(i) for i in idx}
   assert len(img_key) == len(idx)  # synthetic images are distinct
   seen = []
   for p in range(2):
@@ -178,8 +222,8 @@ def test_eval_batches_test_and_proto():
   assert all(b["image"].shape[0] == 4 for b in test + proto)
   # proto = training images under the deterministic TEST transform, in index order
   idx = s.train_idx[np.isin(s.train_new[s.train_idx], classes)]
-  want = np.stack([transforms.test_transform(s.train_set.image(i), 12) for i in idx])
-  np.testing.assert_allclose(p["image"], normalization.normalize(want, "inception"), atol=1e-6)
+  want = np.stack([transforms.test_transform_uint8(s.train_set.image(i), 12) for i in idx])
+  np.testing.assert_array_equal(p["image"], want)
   # no shuffling: a second pass is identical; two hosts stitch to the global batches
   again = _concat_masked(list(s.eval_batches("test", classes, 4)))
   np.testing.assert_array_equal(again["image"], t["image"])

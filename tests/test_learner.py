@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base
+from ntkcl_jax.configs import base
 from ntkcl_jax import data
 from ntkcl_jax import learner as learner_lib
 from ntkcl_jax import losses
@@ -93,17 +93,22 @@ def test_switches_official_forces_all_off():
     ntkcl.switches(cfg)
 
 
-@pytest.mark.parametrize("fix_ema", [False, True])
-def test_frozen_sets_follow_closed_form_after_t_tasks(fix_ema):
-  """docs/method.md §3.4: running mean of end-of-task values (official), or copy-then-EMA (fix_ema)."""
-  fixes = (("fix_ema", True), ("ema_decay", 0.7)) if fix_ema else ()
+@pytest.mark.parametrize("mode", ["official", "fix_ema", "copy"])
+def test_frozen_sets_follow_closed_form_after_t_tasks(mode):
+  """docs/method.md §3.4: running mean of end-of-task values (official), copy-then-EMA (fix_ema),
+  or the last task's values (frozen_update='copy', the EMA ablation)."""
+  fixes = {"official": (), "fix_ema": (("fix_ema", True), ("ema_decay", 0.7)),
+           "copy": (("frozen_update", "copy"),)}[mode]
+  fix_ema = mode == "fix_ema"
   lrn, _ = _learner("ntkcl", "corrected", fixes)
   state = lrn.init_state(jax.random.PRNGKey(3))
   ends = [jax.tree_util.tree_map(lambda x, s=s: x + float(s + 1), state["params"]["channel"])
           for s in range(4)]
   for t, cur in enumerate(ends):
     state = lrn._ema(dict(state, params=dict(state["params"], channel=cur)), jnp.int32(t))
-  if fix_ema:
+  if mode == "copy":
+    want = ends[-1]
+  elif fix_ema:
     want = ends[0]
     for cur in ends[1:]:
       want = jax.tree_util.tree_map(lambda a, b: 0.7 * a + 0.3 * b, want, cur)
@@ -121,11 +126,14 @@ def test_masked_rows_do_not_change_the_step():
   batch["mask"] = batch["mask"].copy()
   batch["mask"][5:] = False
   other = dict(batch, image=batch["image"].copy(), label=batch["label"].copy())
-  other["image"][5:] = 9.0
+  other["image"][5:] = 255 - other["image"][5:]  # uint8, as the stream sends them
   other["label"][5:] = 1 - other["label"][5:]
-  outs = [lrn._step(state, lrn.backbone, sharding.global_batch(b, lrn.mesh), jnp.float32(0.05),
-                    jnp.int32(0), jnp.int32(2)) for b in (batch, other)]
-  np.testing.assert_array_equal(outs[0][1], outs[1][1])
+  # the step donates its state: each call gets its own copy
+  outs = [lrn._step(jax.tree_util.tree_map(jnp.copy, state), lrn.backbone,
+                    sharding.global_batch(b, lrn.mesh), jnp.float32(0.05), jnp.int32(0),
+                    jnp.int32(2), jnp.bool_(True)) for b in (batch, other)]
+  assert not np.array_equal(batch["image"], other["image"])
+  np.testing.assert_array_equal(outs[0][1]["loss"], outs[1][1]["loss"])
   _assert_trees_identical(outs[0][0]["params"], outs[1][0]["params"])
 
 

@@ -132,6 +132,38 @@ def test_function_space_gd_helper_matches_block_diagonal_case():
   np.testing.assert_allclose(fx, xt @ w, atol=1e-12)
 
 
+def test_function_space_sgd_equals_torch_sgd_with_momentum_on_the_linearised_model(problem):
+  """Two heads of 3 logits (the mean CE of each, summed), a cosine learning-rate list and
+  momentum 0.9: weight-space SGD on the jvp-linearised MLP, b <- m b + g, p <- p - lr b, gives
+  the same train and held-out outputs as function_space_sgd with the full eNTK at p0."""
+  p, x, xt, labels = problem
+  with jax.enable_x64(True):
+    p = jax.tree_util.tree_map(jnp.asarray, p)
+    p = p[:-1] + [(jax.random.normal(jax.random.PRNGKey(1), (16, 6), jnp.float64),
+                   jnp.zeros(6, jnp.float64))]  # 6 outputs = 2 heads x 3 classes
+    xa = np.concatenate([x, xt])
+    f_lin = _lin(p)
+    y = np.eye(3)[labels]
+
+    def loss(q):
+      z = f_lin(q, x).reshape(len(x), 2, 3)
+      return -jnp.sum(y[:, None, :] * jax.nn.log_softmax(z)) / len(x)
+    grad = jax.jit(jax.grad(loss))
+    lrs = [0.3 * (1 + np.cos(np.pi * e / 3)) / 2 for e in range(3) for _ in range(4)]
+    q, buf = p, jax.tree_util.tree_map(jnp.zeros_like, p)
+    for lr in lrs:
+      buf = jax.tree_util.tree_map(lambda b, g: 0.9 * b + g, buf, grad(q))
+      q = jax.tree_util.tree_map(lambda a, b: a - lr * b, q, buf)
+    k = kernels.empirical_ntk(mlp, p, xa, trace=False, dtype=np.float64)  # (N, N, 6, 6)
+    got = linearized.function_space_sgd(k, np.asarray(mlp(p, xa)), np.arange(len(x)), labels,
+                                        lrs, 0.9, heads=2)
+    np.testing.assert_allclose(got, f_lin(q, xa), atol=1e-10)
+    assert np.abs(got - np.asarray(mlp(p, xa))).max() > 0.1  # the outputs did move
+    with pytest.raises(ValueError, match="heads"):
+      linearized.function_space_sgd(k, np.asarray(mlp(p, xa)), np.arange(len(x)), labels, lrs,
+                                    heads=4)
+
+
 def test_continuous_gd_is_the_small_step_limit_of_discrete_gd():
   rng = np.random.RandomState(1)
   a = rng.randn(6, 6)

@@ -1,10 +1,14 @@
-"""The mesh helpers: a data-parallel and a 2x4 tensor-parallel jitted step equal one device."""
+"""The mesh helpers: a jitted step data-parallel over 8 or 2 devices equals one device; the
+removed model axis is refused with one line (the full runs: tests/test_train.py)."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from ntkcl_jax import cli, config_files, train
 from ntkcl_jax import sharding as sh
 
 
@@ -17,8 +21,8 @@ def _step(params, opt_state, batch, tx):
   return optax.apply_updates(params, upd), opt_state, l
 
 
-@pytest.mark.parametrize("shape", [(8, 1), (2, 4)])
-def test_sharded_steps_equal_single_device(shape):
+@pytest.mark.parametrize("n", [8, 2])
+def test_data_parallel_steps_equal_single_device(n):
   assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
   rng = np.random.default_rng(0)
   params = {"w1": rng.normal(size=(16, 32)).astype(np.float32) * 0.3,
@@ -32,26 +36,44 @@ def test_sharded_steps_equal_single_device(shape):
   for _ in range(3):
     ref_p, ref_o, ref_l = step1(ref_p, ref_o, batch)
 
-  mesh = sh.make_mesh(*shape)
-  p_sh = sh.param_shardings(params, mesh, min_model_size=1)
-  p = sh.put(params, p_sh)
+  mesh = sh.make_mesh() if n == 8 else sh.make_mesh(n, devices=jax.devices()[:n])
+  assert mesh.axis_names == ("data",) and mesh.devices.size == n
+  p = sh.put_replicated(params, mesh)
   o = sh.put_replicated(tx.init(params), mesh)
-  o_sh = jax.tree_util.tree_map(lambda x: x.sharding, o)
+  p_sh, o_sh = (jax.tree_util.tree_map(lambda x: x.sharding, t) for t in (p, o))
   step = jax.jit(lambda p, o, b: _step(p, o, b, tx),
                  in_shardings=(p_sh, o_sh, sh.batch_sharding(mesh)),
                  out_shardings=(p_sh, o_sh, sh.replicated(mesh)), donate_argnums=(0, 1))
   b = sh.global_batch(batch, mesh)
+  # each device holds its own 16/n rows: the step really is split over the devices
+  assert [s.data.shape[0] for s in b["x"].addressable_shards] == [16 // n] * n
   for _ in range(3):
     p, o, l = step(p, o, b)
-  if shape[1] > 1:
-    assert p["w1"].sharding.spec == jax.sharding.PartitionSpec(None, "model")
   np.testing.assert_allclose(l, ref_l, rtol=1e-5)
   for k in params:
     np.testing.assert_allclose(p[k], ref_p[k], atol=1e-5)
 
 
 def test_mesh_errors_say_what_to_change():
-  with pytest.raises(ValueError, match="needs 6 devices"):
-    sh.make_mesh(3, 2)
+  with pytest.raises(ValueError, match="asked for, but 8 devices are given; set train.mesh_data"):
+    sh.make_mesh(3)
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
     sh.check_batch_divisible(12, sh.make_mesh())
+
+
+def test_removed_model_axis_is_one_line_saying_what_to_do(capsys):
+  tiny = os.path.join(config_files.REPO_ROOT, "configs", "tiny.py")
+  # on the command line: refused before anything is built, one `error:` line, exit 2
+  with pytest.raises(SystemExit) as e:
+    train.main(["train", f"--config={tiny}", "--config.train.mesh_model=2"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1
+  assert err.startswith("error: config key train.mesh_model was removed")
+  assert "train.mesh_data" in err
+  # in a config (file) that still sets it: the launcher's mesh refuses it the same way
+  config = config_files.load_config_file(tiny)
+  config.train.mesh_model = 1
+  with pytest.raises(cli.InputError, match="train.mesh_model was removed.*drop it"):
+    train.make_mesh(config)
+  del config.train["mesh_model"]
+  assert train.make_mesh(config).devices.size == 8

@@ -1,6 +1,8 @@
-"""ntk_analysis.experiments (a)-(f) against closed forms on constructed runs, and against a second
-computation path on a real tiny run trained by the sweep driver scripts/theory.py (training-time
-evaluation; naive jacrev e_lin and task-end kernels)."""
+"""scripts/theory.py: the arms each experiment needs, records that survive between sittings (skip,
+refuse another config), the shared zero-weight control of (b) (fix_orth at dis_temp=0 trains
+bit-identically to the official term at dis_temp=0), and the whole pipeline on tiny runs: train,
+measure, record, delete checkpoints, rerun without training, page from the records alone, each
+measured quantity against a second computation from the kept checkpoints."""
 import json
 import os
 import sys
@@ -12,183 +14,234 @@ import numpy as np
 import pytest
 
 from ntk_analysis import analyse, experiments, joint, metrics, readouts
-from ntkcl_jax import config_files, data
+from ntkcl_jax import cli, config_files, data
 from ntkcl_jax.checkpoints import runs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for scripts.*
-from scripts import theory  # noqa: E402
+from scripts import grid, ntk_page, theory  # noqa: E402
 
 
-# -- constructed runs: closed forms ------------------------------------------------------------
-def _fake_run(root, name, acc, kernels, seed=0, method="ntkcl", n_per_class=8):
-  """A workdir with results.json and task-end kernels (joint.task_end_path) from given kernels."""
-  wd = os.path.join(root, name)
-  t_count = len(acc)
-  for t, k in enumerate(kernels):
-    path = joint.task_end_path(wd, t)
-    os.makedirs(os.path.dirname(path))
-    n = k.shape[0] // t_count
-    joint.JointKernel(k=k, task_index=np.repeat(np.arange(t_count), n),
-                      indices={s: np.arange(n) for s in range(t_count)}, meta={}).save(path)
-  a = np.array(acc, float)
-  res = {"accuracy_matrix": acc, "avg_incremental_accuracy": 50.0,
-         "last_accuracy": float(np.nanmean(a[-1])),
-         "forgetting": float(np.mean([np.nanmax(a[:-1, s]) - a[-1, s] for s in range(t_count - 1)])),
-         "config": {"seed": seed, "method": {"name": method},
-                    "data": {"max_per_class_train": n_per_class}}}
-  with open(os.path.join(wd, "results.json"), "w") as f:
-    json.dump(res, f)
-  return wd
+def _tiny(**kw):
+  """configs/tiny.py (synthetic, 3 tasks x 2 classes), one epoch of 2 steps per task."""
+  c = config_files.load_config_file(os.path.join(config_files.CONFIG_DIR, "tiny.py"))
+  c.train.mesh_data = 1
+  c.optim.epochs = 1
+  c.data.max_per_class_train = 8
+  for k, v in kw.items():
+    node, leaf = theory._node(c, k)  # pylint: disable=protected-access
+    node[leaf] = v
+  return c
 
 
-def _two_task_kernel(c, n=3, scale=1.0):
-  """[[I, cI], [cI, I]] * scale: rho_01 = c exactly (||cI|| / sqrt(||I|| ||I||))."""
-  e = np.eye(n)
-  return scale * np.block([[e, c * e], [c * e, e]])
+def test_plan_names_arms_by_what_they_change_and_merges_arms_equal_to_the_base():
+  c = _tiny()
+  arms = theory.plan(c, "abcdef", dis_temps=(1e-4, 1e-2), reg_temps=(0.0, 1e-3, 10.0),
+                     n_per_class=(4, 8))
+  assert arms["base"] == ({}, experiments.PARTS)  # dis 1e-4, reg 1e-3 and N=8 are the base
+  assert set(arms) == {"base", "dis_temp=0", "dis_temp=0.01",
+                       "fix_orth=True,variant=corrected",  # at the config's dis_temp 1e-4
+                       "dis_temp=0.01,fix_orth=True,variant=corrected",
+                       "max_per_class_train=4,epochs=2", "reg_temp=0", "reg_temp=10",
+                       "frozen_update=copy"}
+  ov, parts = arms["dis_temp=0.01,fix_orth=True,variant=corrected"]
+  assert ov == {"method.dis_temp": 0.01, "method.variant": "corrected", "method.fix_orth": True}
+  assert parts == ("pairs",)
+  # half the images per class: twice the epochs, the base's SGD steps per task
+  assert arms["max_per_class_train=4,epochs=2"] == (
+      {"data.max_per_class_train": 4, "optim.epochs": 2}, ("pairs", "gap"))
+  # another switch set (but ignored) in the config is switched off in the fix_orth arm
+  c.method.fix_fusion = True
+  ov = theory.plan(c, "b", dis_temps=(1e-2,))["dis_temp=0.01,fix_fusion=False,fix_orth=True,"
+                                               "variant=corrected"][0]
+  assert ov["method.fix_fusion"] is False
+  assert set(theory.plan(c, "a")) == {"base"}
 
 
-ACC2 = [[90.0, float("nan")], [70.0, 80.0]]
+def test_records_are_reused_only_for_the_same_config_and_settings(tmp_path):
+  c = theory.run_config(_tiny(), {"method.dis_temp": 0.0}, 3)
+  assert c.seed == 3 and c.train.checkpoint_every_steps == 0 and c.train.keep_checkpoints >= 4
+  path = theory.record_path(str(tmp_path), "dis_temp=0", 3)
+  assert theory.existing_record(path, c, theory.SETTINGS, ("pairs",)) is None
+  os.makedirs(os.path.dirname(path))
+  rec = {"schema": theory.SCHEMA, "settings": dict(theory.SETTINGS), "parts": ["pairs"],
+         "config": json.loads(c.to_json_best_effort())}
+  with open(path, "w") as f:
+    json.dump(rec, f)
+  assert theory.existing_record(path, c, theory.SETTINGS, ("pairs",)) == rec
+  c2 = c.copy_and_resolve_references()
+  c2.train.keep_checkpoints = 99  # bookkeeping: the same run
+  assert theory.existing_record(path, c2, theory.SETTINGS, ("pairs",)) == rec
+  c2.method.reg_temp = 5.0
+  with pytest.raises(cli.InputError, match="record of another config"):
+    theory.existing_record(path, c2, theory.SETTINGS, ("pairs",))
+  with pytest.raises(cli.InputError, match="measured with settings"):
+    theory.existing_record(path, c, dict(theory.SETTINGS, n_per_task=4), ("pairs",))
+  with pytest.raises(cli.InputError, match="checkpoints are gone"):
+    theory.existing_record(path, c, theory.SETTINGS, ("pairs", "lazy"))
 
 
-def test_orthogonality_table_matches_closed_form(tmp_path):
-  runs_ = {}
-  for d, c in ((0.0, 0.5), (1e-4, 0.4), (1e-3, 0.2)):
-    k = _two_task_kernel(c)
-    wd = _fake_run(str(tmp_path), f"d{d}", ACC2, [k, k])
-    runs_[wd] = {"method.dis_temp": d}
-  res = experiments.orthogonality(runs_, str(tmp_path / "b.png"))
-  rho = {r["dis_temp"]: r["mean_rho"] for r in res["table"]}
-  np.testing.assert_allclose([rho[0.0], rho[1e-4], rho[1e-3]], [0.5, 0.4, 0.2], atol=1e-12)
-  assert res["holds"] is True and "mean rho by -0.3 " in res["measured"]
-  assert os.path.exists(tmp_path / "b.png")
+def _params_and_basis(workdir):
+  _, _, state, meta = runs.load_run(workdir)
+  return (jax.flatten_util.ravel_pytree(jax.device_get(
+      {k: state[k] for k in ("params", "frozen", "prototypes")}))[0],
+          np.asarray(state["orth_basis"]), meta["results"])
 
 
-def test_regularisation_ema_drift_and_u_shape(tmp_path):
-  runs_ = {}
-  n = 3
-  for ema in (1, 0):
-    for r, last in ((0.0, 40.0), (1e-3, 60.0), (1e-2, 50.0)):
-      # task-0 kernel at theta_0 is I; at theta_T it is diag(1, 1, 1 + b): S is known in closed form
-      b = 0.0 if ema else 1.0
-      k0 = _two_task_kernel(0.1, n)
-      k1 = k0.copy()
-      k1[n - 1, n - 1] += b
-      acc = [[90.0, float("nan")], [last, last]]
-      wd = _fake_run(str(tmp_path), f"r{r}_e{ema}", acc, [k0, k1])
-      runs_[wd] = {"method.reg_temp": r, "method.frozen_sets": ema}
-  res = experiments.regularisation_ema(runs_, str(tmp_path / "f.png"))
-  a, b = np.eye(n), np.diag([1.0, 1.0, 2.0])
-  expected = 1 - np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b))
-  drift = {(r["ema_sets"], r["reg_temp"]): r["old_kernel_drift"] for r in res["table"]}
-  assert drift[(1, 1e-3)] == pytest.approx(0.0, abs=1e-12)
-  assert drift[(0, 1e-3)] == pytest.approx(expected, rel=1e-9)
-  assert res["holds"] is True  # interior best reg_temp and less drift with EMA
+def test_fix_orth_at_zero_weight_trains_bit_identically_to_official(tmp_path):
+  """(b)'s two kinds of arm share one control: at dis_temp=0 the corrected orthogonality term
+  (with its own basis, which differs) changes no bit of training."""
+  official = _tiny(**{"method.dis_temp": 0.0})
+  fixed = _tiny(**{"method.dis_temp": 0.0, "method.variant": "corrected",
+                   "method.fix_orth": True})
+  out = []
+  for name, c in (("official", official), ("fix_orth", fixed)):
+    c.train.checkpoint_every_steps = 0
+    grid.train_unless_finished(c, str(tmp_path / name), progress=False, log=lambda *_: None)
+    out.append(_params_and_basis(str(tmp_path / name)))
+  (p0, b0, r0), (p1, b1, r1) = out
+  assert not np.array_equal(b0, b1)  # the switch is on: another basis is in use
+  np.testing.assert_array_equal(p0, p1)
+  assert r0["accuracy_matrix"] == r1["accuracy_matrix"]
 
 
-def test_overlap_vs_forgetting_rank_correlation(tmp_path):
-  """Three tasks; the pair with more overlap at theta_t^0 loses more: Spearman = 1."""
-  n = 2
-  e = np.eye(n)
-  k = np.block([[e, 0.1 * e, 0.6 * e], [0.1 * e, e, 0.3 * e], [0.6 * e, 0.3 * e, e]])
-  # drops: (0<-1) 2, (0<-2) 20, (1<-2) 10 ; rho: 0.1, 0.6, 0.3
-  acc = [[90.0, np.nan, np.nan], [88.0, 80.0, np.nan], [68.0, 70.0, 75.0]]
-  wd = _fake_run(str(tmp_path), "a", acc, [k, k, k])
-  res = experiments.overlap_vs_forgetting([wd])
-  tab = {(r["s"], r["t"]): r for r in res["table"]}
-  assert tab[(0, 2)]["rho"] == pytest.approx(0.6)
-  assert tab[(0, 2)]["accuracy_drop"] == pytest.approx(20.0)
-  assert "Spearman(rho, drop) = 1.00" in res["measured"] and res["holds"] is True
+# -- the pipeline on tiny runs -------------------------------------------------------------------
+SWEEP = dict(dis_temps=(0.1,), reg_temps=(0.0,), n_per_class=(4, 8),
+             settings={"n_per_task": 4, "probes": 4, "lin_train": 6, "lin_test": 6})
 
 
-def test_slope_is_minus_half_for_inverse_sqrt():
-  n = np.array([4.0, 16.0, 64.0])
-  assert metrics.loglog_slope(n, 3.0 / np.sqrt(n)) == pytest.approx(-0.5)
-
-
-def test_run_name_and_unknown_override(tmp_path):
-  assert theory.run_name({"method.reg_temp": 0.001, "method.frozen_sets": 0}, 2) == \
-      "frozen_sets=0_reg_temp=0.001_seed2"
-  config = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs", "tiny.py"))
-  with pytest.raises(KeyError, match="no such config key"):
-    theory.train_run(config, str(tmp_path), {"method.not_a_key": 1}, 0)
-
-
-# -- a real tiny run ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def lazy_run(tmp_path_factory):
+def sweep(tmp_path_factory):
+  """A tiny sweep of every experiment (seed 0, 7 runs); the base run, trained first, keeps its
+  checkpoints for the second computation."""
   root = str(tmp_path_factory.mktemp("theory"))
-  config = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs", "tiny.py"))
-  config.train.mesh_data = 1
-  config.optim.epochs = 1
-  wd = theory.train_run(config, root, {"train.checkpoint_every_steps": 1}, 0, n_per_task=4,
-                        extra_train={"train.keep_checkpoints": 1000}, log=lambda *_: None)
-  return wd
+  config = _tiny()
+  kept = theory.run_arm(config, root, "base", {}, 0, experiments.PARTS,
+                        settings=SWEEP["settings"], keep_checkpoints=True, log=lambda *_: None)
+  recs = theory.run_all(config, root, (0,), "abcdef", spec="configs/tiny.py",
+                        sweep_command="python scripts/theory.py --root=ROOT", log=lambda *_: None,
+                        **SWEEP)
+  return root, config, recs, kept
 
 
 @pytest.mark.slow
-def test_split_accuracies_match_training_time_evaluation(lazy_run):
-  """The post-hoc test accuracy per task equals the last row the learner wrote while training."""
-  df = experiments.split_accuracies(lazy_run)
-  last_row = experiments.results(lazy_run)["accuracy_matrix"][-1]
-  np.testing.assert_allclose(df["test_acc"], last_row, atol=1e-9)
-  np.testing.assert_allclose(df["gap"], df["train_acc"] - df["test_acc"])
+def test_sweep_writes_small_records_deletes_checkpoints_and_reruns_without_training(
+    sweep, monkeypatch):
+  root, config, recs, kept = sweep
+  arms = theory.plan(config, "abcdef", **{k: v for k, v in SWEEP.items() if k != "settings"})
+  assert [r["arm"] for r in recs] == list(arms) and len(arms) == 7
+  for arm in arms:
+    wd = os.path.dirname(theory.record_path(root, arm, 0))
+    assert os.path.getsize(os.path.join(wd, "record.json")) < 40_000
+    assert os.path.exists(os.path.join(wd, "checkpoints")) == (arm == "base")  # kept: base only
+  assert recs[0] == json.loads(json.dumps(kept))  # read back, not trained again
+  rec = next(r for r in recs if r["arm"] == "max_per_class_train=4,epochs=2")
+  assert "--config.seed=0" in rec["command"] and "--config.data.max_per_class_train=4" in \
+      rec["command"] and "--config.optim.epochs=2" in rec["command"]
+  assert rec["parts"] == ["pairs", "gap"] and len(rec["gap"]) == 3
+  assert rec["steps_per_task"] == kept["steps_per_task"]  # the same SGD steps at half the N
+  assert rec["results"]["accuracy_matrix"] and rec["counts"]["train"] == [8, 8, 8]
+
+  def no_training(*a, **k):
+    raise AssertionError("a run with a record was trained again")
+  monkeypatch.setattr(grid, "train_unless_finished", no_training)
+  again = theory.run_all(config, root, (0,), "abcdef", log=lambda *_: None, **SWEEP)
+  assert [r["arm"] for r in again] == [r["arm"] for r in recs]
+  rows = theory.run_all(config, root, (0, 1), "a", plan_only=True, **SWEEP)
+  assert [(a, s, d) for a, s, _, d in rows] == [("base", 0, True), ("base", 1, False)]
 
 
 @pytest.mark.slow
-def test_lazy_regime_against_naive_jacobian(lazy_run):
-  res = experiments.lazy_regime(analyse.every_checkpoint(lazy_run, n_per_task=2, num_probes=2))
-  df = __import__("pandas").DataFrame(res["table"])
-  first = df.groupby("task")["step"].transform("min") == df["step"]
-  np.testing.assert_allclose(df[first]["S_to_task_start"], 0.0, atol=1e-12)
-  # e_lin of one within-task pair, recomputed with a dense jacrev Jacobian
-  row = df[~first & df["e_lin"].notna()].iloc[0]
-  ids = list(df["checkpoint"])
-  a, b = int(ids[ids.index(row["checkpoint"]) - 1]), int(row["checkpoint"])
-  _, learner, s0, _ = runs.load_run(lazy_run, a)
-  config, _, s1, _ = runs.load_run(lazy_run, b)
-  images, _ = analyse.task_data(data.build_stream(config))
-  x = np.concatenate([images[t][joint.subset_indices(0, t, len(images[t]), 2)]
-                      for t in sorted(images)])
-  probe = readouts.probes(learner.spec.feature_dim, 2)
-  f, p0 = readouts.model_readout(learner, s0, "fused", probe)
-  _, p1 = readouts.model_readout(learner, s1, "fused", probe)  # the same (non-inert) leaves
-  flat0, unravel = jax.flatten_util.ravel_pytree(p0)
-  flat1, _ = jax.flatten_util.ravel_pytree(p1)
-  g = lambda v: f(unravel(v), x).ravel()  # noqa: E731
-  jac = jax.jacrev(g)(flat0)
-  lin = g(flat0) + jac @ (flat1 - flat0)
-  want = float(jnp.linalg.norm(g(flat1) - lin) / jnp.linalg.norm(g(flat1) - g(flat0)))
-  assert row["e_lin"] == pytest.approx(want, rel=1e-3, abs=1e-6)
-  # S to the task-start kernel, recomputed from dense jacrev kernels (sum over outputs)
-  ref = int(df[df["task"] == row["task"]]["checkpoint"].min())
-  _, learner_r, s_r, _ = runs.load_run(lazy_run, ref)
-  want_s = metrics.kernel_distance(_dense_kernel(learner_r, s_r, probe, x),
-                                   _dense_kernel(learner, s1, probe, x))
-  assert row["S_to_task_start"] == pytest.approx(want_s, rel=1e-3, abs=1e-7)
+def test_page_from_the_records_alone(sweep, tmp_path):
+  root = sweep[0]
+  out = tmp_path / "docs" / "ntk.md"
+  out.parent.mkdir()
+  (out.parent / "ntk").mkdir()
+  (out.parent / "ntk" / "stale.png").write_bytes(b"x")
+  ntk_page.check_inputs([root], str(out))
+  ntk_page.page([root], str(out))
+  text = out.read_text()
+  for k in "abcdef":
+    assert f"### ({k}) " in text
+  assert "Criterion (fixed before measuring)" in text and "(n=1, no interval)" in text
+  assert "one seed: no interval" in text and "**holds**" not in text.split("### Runs")[1]
+  assert "random frozen backbone" in text
+  assert "--config.seed={seed}" in text and "python scripts/theory.py --root=ROOT" in text
+  tag = os.path.basename(root)
+  assert os.path.exists(out.parent / "ntk" / f"{tag}_theory_a.png")
+  assert not os.path.exists(out.parent / "ntk" / "stale.png")
+  with pytest.raises(cli.InputError, match="no record.json"):
+    ntk_page.check_inputs([str(tmp_path)], str(out))
 
 
-def _dense_kernel(lrn, state, probe, x):
-  """The traced feature-sketch kernel from a dense jacrev Jacobian (mean over outputs)."""
-  fk, pk = readouts.model_readout(lrn, state, "fused", probe)
-  v, unr = jax.flatten_util.ravel_pytree(pk)
-  j = jax.jacrev(lambda u: fk(unr(u), x))(v)  # (N, O, P)
+def _dense_kernel(f, params, x):
+  """Traced kernel (mean over outputs) from a dense jacrev Jacobian."""
+  v, unravel = jax.flatten_util.ravel_pytree(params)
+  j = np.asarray(jax.jacrev(lambda u: f(unravel(u), x))(v), np.float64)  # (N, O, P)
   return np.einsum("iop,jop->ij", j, j) / j.shape[1]
 
 
 @pytest.mark.slow
-def test_task_end_kernels_from_the_saved_task_end_checkpoints(lazy_run):
-  """The sweep driver computed one kernel per task end: each from the first checkpoint saved
-  after that task's evaluation, equal to a dense jacrev kernel of that state."""
-  ends = analyse.task_end_checkpoints(lazy_run)
-  config, learner, _, _ = runs.load_run(lazy_run)
+def test_measured_quantities_against_a_second_computation(sweep):
+  """From the kept checkpoints of seed 0's base run: rho at theta_tau^0, the centred rho, the
+  drift, the stacked-view rank and the lazy check's S and e_lin, recomputed with dense jacrev
+  Jacobians and explicit formulas."""
+  _, _, _, rec = sweep
+  wd = os.path.dirname(theory.record_path(sweep[0], "base", 0))
+  ends = analyse.task_end_checkpoints(wd)
+  config, learner, _, _ = runs.load_run(wd, ends[max(ends)])
   images, _ = analyse.task_data(data.build_stream(config))
-  assert sorted(ends) == list(range(len(images)))
-  for t, cid in ends.items():
-    state, meta = runs.restore_state(lazy_run, learner, cid)
-    assert len(meta["task_records"]) == t + 1 and meta["position"]["task"] == t + 1
-    jk = experiments.task_kernel(lazy_run, t)
-    assert jk.meta["checkpoint"] == str(cid)
-    if t == len(images) - 1:
-      x = np.concatenate([images[s][jk.indices[s]] for s in jk.tasks])
-      want = _dense_kernel(learner, state, readouts.probes(learner.spec.feature_dim, 8), x)
-      np.testing.assert_allclose(jk.k, want, rtol=2e-4, atol=1e-6 * np.abs(want).max())
+  n = rec["n_per_task"]
+  x = np.concatenate([images[t][joint.subset_indices(0, t, len(images[t]), n)]
+                      for t in sorted(images)])
+  probe = readouts.probes(learner.spec.feature_dim, rec["probes"], 0)
+  states = [runs.restore_state(wd, learner, ends[t])[0] for t in sorted(ends)]
+  dense = [_dense_kernel(*readouts.model_readout(learner, s, "fused", probe), x) for s in states]
+  r = lambda t: slice(t * n, (t + 1) * n)  # noqa: E731
+  for p in rec["pairs"]:
+    k = dense[p["t"] - 1]  # theta_t^0 = the end of task t - 1
+    want = metrics.frob(k[r(p["s"]), r(p["t"])]) / np.sqrt(
+        metrics.frob(k[r(p["s"]), r(p["s"])]) * metrics.frob(k[r(p["t"]), r(p["t"])]))
+    assert p["rho"] == pytest.approx(want, rel=2e-3, abs=1e-6)
+    h = np.eye(len(k)) - 1.0 / len(k)
+    kc = h @ k @ h
+    want_c = metrics.frob(kc[r(p["s"]), r(p["t"])]) / np.sqrt(
+        metrics.frob(kc[r(p["s"]), r(p["s"])]) * metrics.frob(kc[r(p["t"]), r(p["t"])]))
+    assert p["rho_centred"] == pytest.approx(want_c, rel=2e-3, abs=1e-6)
+  t0 = rec["tasks"][0]
+  a, b = dense[0][r(0), r(0)], dense[-1][r(0), r(0)]
+  assert t0["drift_S"] == pytest.approx(1 - (a * b).sum() / (np.linalg.norm(a) *
+                                                             np.linalg.norm(b)), abs=1e-5)
+  # stacked views of the last task: the (3n, 3n) kernel of (channel, patch, fused) outputs
+  f_all, p_all = readouts.model_readout(learner, states[-1], "all", probe)
+  t_last = len(states) - 1
+  xs = x[r(t_last)]
+  v, unravel = jax.flatten_util.ravel_pytree(p_all)
+  j = np.asarray(jax.jacrev(lambda u: f_all(unravel(u), xs))(v), np.float64)  # (n, 3R, P)
+  j = j.reshape(n, 3, -1, j.shape[-1])
+  big = np.einsum("avop,bwop->avbw", j, j).reshape(3 * n, 3 * n) / j.shape[2]
+  got = rec["views"]["per_task"][t_last]["r_eff"]["stacked"]
+  assert got == pytest.approx(metrics.effective_rank(big), rel=2e-3)
+  # lazy check of task 1: theta_1^0 = start_task(end of task 0), theta_1 = its trained params
+  s0 = learner.start_task(states[0])
+  s1 = dict(s0, params=states[1]["params"])
+  f0, p0 = readouts.model_readout(learner, s0, "fused", probe)
+  _, p1 = readouts.model_readout(learner, s1, "fused", probe)
+  lazy = rec["lazy"][1]
+  assert lazy["S"] == pytest.approx(metrics.kernel_distance(_dense_kernel(f0, p0, x),
+                                                            _dense_kernel(f0, p1, x)),
+                                    rel=1e-2, abs=1e-6)
+  flat0, unravel = jax.flatten_util.ravel_pytree(p0)
+  flat1, _ = jax.flatten_util.ravel_pytree(p1)
+  g = lambda u: f0(unravel(u), x).ravel()  # noqa: E731
+  jac = jax.jacrev(g)(flat0)
+  lin = g(flat0) + jac @ (flat1 - flat0)
+  want = float(jnp.linalg.norm(g(flat1) - lin) / jnp.linalg.norm(g(flat1) - g(flat0)))
+  assert lazy["e_lin"] == pytest.approx(want, rel=1e-2, abs=1e-6)
+  assert 0 <= lazy["agreement"] <= 1 and lazy["steps"] == rec["steps_per_task"][1]
+  assert np.isclose(sum(rec["groups"]["shares"].values()), 1.0)
+
+
+def test_unknown_override_names_the_key():
+  with pytest.raises(KeyError, match="no such config key"):
+    theory.run_config(_tiny(), {"method.not_a_key": 1}, 0)
+

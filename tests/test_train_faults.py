@@ -108,7 +108,7 @@ def test_resuming_with_another_config_is_refused(tmp_path):
   config = tiny_config(**{"train.mesh_data": 1})
   ck = run_state.RunCheckpointer(str(tmp_path / "checkpoints"))
   lrn = learner_lib.Learner(config, checkpoints.build_backbone(config),
-                            sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
+                            sharding.make_mesh(1, devices=jax.devices()[:1]))
   state = lrn.init_state(jax.random.PRNGKey(0))
   cfg = json.loads(config.to_json_best_effort())
   other = json.loads(json.dumps(cfg))

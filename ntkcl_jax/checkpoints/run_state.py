@@ -5,25 +5,28 @@ classifier and prototypes, RNG, accuracy matrix: whatever `Learner.init_state` r
 of fixed shape) plus a JSON record: the learner's position (task, epoch, batch, phase), the config,
 the class order, the per-task results so far and the launcher's own counters.
 
-Checkpoints live in `WORKDIR/checkpoints/<id>/`, where `id` is the launcher's event counter (one
-per train step or task end), so ids only grow. Saves are asynchronous; orbax writes each into a
-`<id>.orbax-checkpoint-tmp*` directory and renames it when complete, so a process killed mid-save
-leaves only a temporary directory, which is never listed as a checkpoint and is deleted on the
-next start. `latest()` therefore only ever reads complete checkpoints.
+Checkpoints live in `WORKDIR/checkpoints/<id>/` (a local folder or a `gs://` URI: any directory
+orbax writes to), where `id` is the launcher's event counter (one per train step or task end), so
+ids only grow. Saves are asynchronous; orbax writes each into a `<id>.orbax-checkpoint-tmp*`
+directory and renames it when complete (on object stores it commits with a marker file instead),
+so a process killed mid-save leaves only a temporary directory, which is never listed as a
+checkpoint and is deleted on the next start. `latest()` therefore only ever reads complete
+checkpoints.
 """
 from __future__ import annotations
 
 import errno
 import logging
-import os
 from typing import Any, Optional
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from ntkcl_jax import cli
+from ntkcl_jax import paths
 from ntkcl_jax.checkpoints.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -76,13 +79,13 @@ def _write_error(directory: str, err: BaseException) -> CheckpointWriteError:
 class RunCheckpointer:
   """Saves and restores (state, meta) pairs under one directory; keeps the newest `keep`."""
 
-  def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: paths.PathLike, keep: int = 2, async_save: bool = True):
+    self.directory = paths.normalize(directory)  # a local path made absolute, or a gs:// URI
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(1, keep), create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
     try:
-      self._manager = ocp.CheckpointManager(self.directory, options=options)
+      self._manager = ocp.CheckpointManager(epath.Path(self.directory), options=options)
     except OSError as e:
       raise _write_error(self.directory, e) from e
 

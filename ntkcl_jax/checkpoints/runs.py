@@ -5,40 +5,51 @@
 
 The config is the one saved with the checkpoints, the backbone is rebuilt from it, and the
 learner runs on one device (the state is replicated, so any run's state restores on one device).
+The workdir may be local or a `gs://` URI (ntkcl_jax.paths).
 """
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional
 
+from etils import epath
 import jax
 import ml_collections
 
 from ntkcl_jax import checkpoints
+from ntkcl_jax import config_files
 from ntkcl_jax import learner as learner_lib
+from ntkcl_jax import paths
 from ntkcl_jax import sharding
 from ntkcl_jax.checkpoints import run_state
 
 
 def config_from_json(cfg: dict) -> ml_collections.ConfigDict:
-  """The run config saved with its checkpoints / results.json (tuples came back as lists)."""
+  """The run config saved with its checkpoints / results.json (tuples came back as lists; keys
+  since removed from configs/base.py, e.g. train.mesh_model of older runs, are dropped)."""
   c = ml_collections.ConfigDict(cfg)
+  for key in config_files.REMOVED_KEYS:
+    *sections, leaf = key.split(".")
+    node = c
+    for part in sections:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if isinstance(node, ml_collections.ConfigDict) and leaf in node:
+      del node[leaf]
   c.method.section_weights = tuple(c.method.section_weights)
   c.data.explicit_order = tuple(c.data.explicit_order)
   return c
 
 
-def _checkpointer(workdir: str) -> run_state.RunCheckpointer:
-  return run_state.RunCheckpointer(os.path.join(workdir, "checkpoints"), keep=100000,
+def _checkpointer(workdir: paths.PathLike) -> run_state.RunCheckpointer:
+  return run_state.RunCheckpointer(paths.join(workdir, "checkpoints"), keep=100000,
                                    async_save=False)
 
 
-def load_run(workdir: str, checkpoint_id: Optional[int] = None):
+def load_run(workdir: paths.PathLike, checkpoint_id: Optional[int] = None):
   """(config, learner, state, meta) of the newest (or given) checkpoint of a run's workdir;
   meta also holds `checkpoint_id` and, once the run finished, its `results`."""
-  ckdir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckdir):
+  ckdir = epath.Path(paths.join(workdir, "checkpoints"))
+  if not ckdir.is_dir():
     raise FileNotFoundError(f"{ckdir} not found: point --workdir at a training run's workdir "
                             "(python -m ntkcl_jax.train --workdir=...)")
   ckpt = _checkpointer(workdir)
@@ -47,20 +58,19 @@ def load_run(workdir: str, checkpoint_id: Optional[int] = None):
   if not ids:
     raise FileNotFoundError(f"{ckdir} holds no complete checkpoint")
   cid = int(ids[-1] if checkpoint_id is None else checkpoint_id)
-  with open(os.path.join(ckdir, str(cid), "meta", "metadata")) as f:
-    config = config_from_json(json.load(f)["config"])
-  config.train.mesh_data, config.train.mesh_model = 1, 1
-  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  config = config_from_json(json.loads((ckdir / str(cid) / "meta" / "metadata").read_text())
+                            ["config"])
+  config.train.mesh_data = 1
+  mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
   learner = learner_lib.Learner(config, checkpoints.build_backbone(config), mesh)
   state, meta = restore_state(workdir, learner, cid)
-  results = os.path.join(workdir, "results.json")
-  if os.path.exists(results):
-    with open(results) as f:
-      meta["results"] = json.load(f)
+  results = epath.Path(paths.join(workdir, "results.json"))
+  if results.exists():
+    meta["results"] = json.loads(results.read_text())
   return config, learner, state, meta
 
 
-def restore_state(workdir: str, learner, checkpoint_id: int):
+def restore_state(workdir: paths.PathLike, learner, checkpoint_id: int):
   """(state, meta) of one checkpoint of a run, for a learner already built (load_run)."""
   ckpt = _checkpointer(workdir)
   abstract = learner.abstract_state(jax.random.PRNGKey(learner.config.seed))

@@ -32,8 +32,9 @@ def check_same_classes(train, test, where: str) -> None:
                     f"with images in both splits")
 
 
-def load_splits(config):
-  """(train ImageSet, test ImageSet, description) for config.data."""
+def load_splits(config, process_index: int = 0, process_count: int = 1, allgather=None):
+  """(train ImageSet, test ImageSet, description) for config.data; folders are listed by all
+  hosts together when `allgather` is given (sources.folder_images)."""
   d = config.data
   ds = benchmarks.get(d.name)
   src = d.source
@@ -72,10 +73,12 @@ def load_splits(config):
     return sets[0], sets[1], f"{d.name} from {d.data_dir} ({what}, {check})"
   if src == "folder":
     root = benchmarks.folder_root(d.data_dir, ds, d.name)
-    train = sources.folder_images(os.path.join(root, "train"))
-    test = sources.folder_images(os.path.join(root, "test"))
+    train, test = (sources.folder_images(os.path.join(root, split), process_index, process_count,
+                                         allgather) for split in ("train", "test"))
     check_same_classes(train, test, root)
-    return train, test, f"{d.name} folders at {root}"
+    shared = (f"; each of {train.listed_by} hosts listed its share of the class folders"
+              if train.listed_by > 1 else "")
+    return train, test, f"{d.name} folders at {root}{shared}"
   # tfds / mock
   if not ds.tfds:
     raise ValueError(f"{d.name} has no tensorflow-datasets builder ({ds.note or 'use folders'})")
@@ -95,8 +98,15 @@ def load_splits(config):
 
 
 def build_stream(config, process_index: int = 0, process_count: int = 1) -> TaskStream:
-  """The task stream of config.data for one host of `process_count`."""
-  train, test, description = load_splits(config)
+  """The task stream of config.data for one host of `process_count`. When these are the running
+  JAX processes (a multi-host run), the hosts share the listing of folder datasets."""
+  allgather = None
+  if process_count > 1:
+    import jax  # pylint: disable=g-import-not-at-top  # lazy: single-host users need no JAX here
+    if jax.process_count() == process_count:
+      from ntkcl_jax import sharding  # pylint: disable=g-import-not-at-top
+      allgather = sharding.process_allgather_json
+  train, test, description = load_splits(config, process_index, process_count, allgather)
   if config.data.source == "mock":  # mock examples carry random labels: pin the class count
     c = config.data.num_classes
     for s in (train, test):

@@ -11,6 +11,8 @@ import dataclasses
 import os
 from typing import Optional
 
+from etils import epath
+
 from ntkcl_jax.data.sources import DataError
 
 
@@ -72,8 +74,8 @@ def get(name: str) -> Dataset:
 def folder_root(data_dir: str, ds: Dataset, name: str) -> str:
   """The folder holding `train/` and `test/` class folders: data_dir/<folder> or data_dir."""
   cands = [os.path.join(data_dir, ds.folder or name), data_dir]
-  for c in cands:
-    if os.path.isdir(os.path.join(c, "train")) and os.path.isdir(os.path.join(c, "test")):
+  for c in cands:  # local or remote (gs://) folders
+    if all(epath.Path(os.path.join(c, split)).is_dir() for split in ("train", "test")):
       return c
   raise FileNotFoundError(
       f"{name}: no image folders found. Expected `{cands[0]}/train/<class>/<image>` and "

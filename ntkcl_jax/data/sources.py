@@ -1,9 +1,12 @@
 """Image sources: one split of one dataset as (original labels, a loader of uint8 images).
 
 Kinds: ZIP archives and image folders in the `split/<class>/<file>` layout the official code
-expects (`train/` and `test/` or `val/`), tensorflow-datasets data sources, scikit-learn's bundled
-digits and synthetic class templates. Decoded images are cached in memory (the offline sets are
-small); errors name the file and say what to do.
+expects (`train/` and `test/` or `val/`; local or `gs://`), tensorflow-datasets data sources,
+scikit-learn's bundled digits and synthetic class templates. Decoded images are cached in memory
+(the offline sets are small); errors name the file and say what to do. On several hosts a folder
+is listed once in total: each host walks its share of the class folders and the hosts exchange
+the names (`folder_images(..., allgather=)`); every host can then read any image, as the rows it
+feeds of a global batch may come from any class (docs/design.md, Data on several hosts).
 """
 from __future__ import annotations
 
@@ -11,12 +14,16 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import threading
 import zipfile
 from typing import Callable, Optional
 
+from etils import epath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from ntkcl_jax import paths
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -43,6 +50,7 @@ class ImageSet:
     self.names = names
     self.class_names = class_names
     self.description = description
+    self.listed_by = 1  # hosts that shared the listing (folders of a multi-host run)
     self._cache: dict[int, np.ndarray] = {}
     self._cache_left = cache_budget_bytes() if cache_bytes is None else cache_bytes
     self._lock = threading.Lock()
@@ -115,14 +123,48 @@ def zip_labels(path: str) -> tuple[np.ndarray, list[str]]:
     return _by_class(zf.namelist(), path)[1:]
 
 
-def _list_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
-  if not os.path.isdir(root):
+def folder_classes(root: str) -> list[str]:
+  """The class folders of `root/<class>/...` (top level, hidden ones skipped), alphabetical."""
+  r = epath.Path(root)
+  if not r.is_dir():
     raise FileNotFoundError(f"image folder {root} not found: expected `{root}/<class>/<image>`")
-  files = []
-  for dirpath, _, fnames in os.walk(root, followlinks=True):
-    files += [os.path.relpath(os.path.join(dirpath, f), root) for f in fnames]
-  classes = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
-  return _by_class([f.replace(os.sep, "/") for f in files], root, classes)
+  return sorted(e.name for e in r.iterdir() if e.is_dir() and not e.name.startswith("."))
+
+
+def list_folder_share(root: str, classes: list[str], process_index: int = 0,
+                      process_count: int = 1) -> list[str]:
+  """`class/.../file` names under the class folders `classes[process_index::process_count]`:
+  one host's share of a folder's listing (the shares of all hosts are disjoint and together
+  list every file). Local folders follow symlinks; remote ones (`gs://`) are walked with epath."""
+  def bare(p) -> str:  # fsspec walks yield `bucket/dir`, gfile `gs://bucket/dir`: compare bare
+    return os.fspath(p).split("://", 1)[-1].strip("/")
+  names = []
+  for c in classes[process_index::process_count]:
+    top = os.path.join(root, c)
+    if paths.is_remote(root):
+      walk = ((d, fs) for d, _, fs in epath.Path(top).walk())
+    else:
+      walk = ((d, fs) for d, _, fs in os.walk(top, followlinks=True))
+    for dirpath, fnames in walk:
+      rel = (posixpath.relpath(bare(dirpath), bare(root)) if paths.is_remote(root)
+             else os.path.relpath(dirpath, root).replace(os.sep, "/"))
+      names += [f"{rel}/{f}" for f in fnames]
+  return names
+
+
+def _list_folder(root: str, process_index: int = 0, process_count: int = 1,
+                 allgather: Optional[Callable[[list], list]] = None):
+  """(names, labels, class names) of an image folder. With `allgather` (every host's value of
+  its argument, in host order: sharding.process_allgather_json), each of `process_count` hosts
+  walks only its share of the class folders and the hosts exchange their lists, so a pod lists
+  a large folder once in total; the result, sorted as on one host, is the same on every host."""
+  classes = folder_classes(root)
+  if allgather is None or process_count == 1:
+    names = list_folder_share(root, classes)
+  else:
+    names = [n for part in allgather(list_folder_share(root, classes, process_index,
+                                                       process_count)) for n in part]
+  return _by_class(names, root, classes)
 
 
 def folder_labels(root: str) -> tuple[np.ndarray, list[str]]:
@@ -130,15 +172,19 @@ def folder_labels(root: str) -> tuple[np.ndarray, list[str]]:
   return _list_folder(root)[1:]
 
 
-def folder_images(root: str) -> ImageSet:
-  """An image folder `root/<class>/<file>` (torchvision ImageFolder layout, alphabetical ids)."""
-  names, labels, classes = _list_folder(root)
+def folder_images(root: str, process_index: int = 0, process_count: int = 1,
+                  allgather: Optional[Callable[[list], list]] = None) -> ImageSet:
+  """An image folder `root/<class>/<file>` (torchvision ImageFolder layout, alphabetical ids),
+  local or remote (`gs://`); listed by all hosts together when `allgather` is given
+  (`_list_folder`)."""
+  names, labels, classes = _list_folder(root, process_index, process_count, allgather)
 
   def load(i):
     p = os.path.join(root, names[i])
-    with open(p, "rb") as f:
-      return _decode(f.read(), p)
-  return ImageSet(labels, load, names, classes, f"folder {root}")
+    return _decode(epath.Path(p).read_bytes(), p)
+  s = ImageSet(labels, load, names, classes, f"folder {root}")
+  s.listed_by = 1 if allgather is None else process_count
+  return s
 
 
 def array_images(images: np.ndarray, labels: np.ndarray, description: str,

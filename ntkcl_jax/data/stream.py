@@ -7,6 +7,11 @@ uninterrupted iterator, on any number of hosts. Each host materialises only its 
 [p*B/P, (p+1)*B/P) of every global batch. Partial last batches (kept, as the official loader
 does) are padded by repeating a real example and masked.
 
+Images are uint8, as the transforms leave them (every crop and resize ends in PIL's uint8):
+/255 and `model.normalize` happen on the device (`normalization.model_input`, bit-identical to
+doing them here), so a batch crosses to the device at a quarter of the float32 size.
+`prefetch_to_device` keeps the next batches' transfers in flight while a step runs.
+
 Why plain numpy + threads rather than grain or tf.data: there is no TensorFlow in the data path,
 grain's MapDataset would give the same random access but its iterator state is
 replaced here by the three integers the launcher already checkpoints, and the decoded offline
@@ -15,12 +20,14 @@ pipeline ahead of the train step (benchmarks/input_pipeline.py measures it).
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import itertools
 import math
 import os
 import queue
 import threading
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -28,13 +35,22 @@ from ntkcl_jax import normalization
 from ntkcl_jax.data import protocol, sources, transforms
 
 
-def subsample(labels: np.ndarray, per_class: int, salt: int) -> np.ndarray:
-  """Indices keeping at most `per_class` images of each class (fixed draw, independent of seed)."""
+def subsample_salt(config, split: str) -> tuple[int, ...]:
+  """The seed material of a split's subsample: fixed per split, or also the run's seed when
+  `data.subsample_per_seed` (so seeds differ in their images, not only in order and init)."""
+  salt = {"train": 11, "test": 12}[split]
+  return (salt, int(config.seed)) if config.data.subsample_per_seed else (salt,)
+
+
+def subsample(labels: np.ndarray, per_class: int, salt) -> np.ndarray:
+  """Indices keeping at most `per_class` images of each class, a draw fixed by `salt` (an int or
+  a tuple of ints, see `subsample_salt`)."""
   keep = []
   for c in np.unique(labels):
     idx = np.flatnonzero(labels == c)
     if per_class and len(idx) > per_class:
-      idx = np.sort(np.random.RandomState([salt, int(c)]).choice(idx, per_class, replace=False))
+      rs = np.random.RandomState([*np.atleast_1d(salt).tolist(), int(c)])
+      idx = np.sort(rs.choice(idx, per_class, replace=False))
     keep.append(idx)
   return np.sort(np.concatenate(keep))
 
@@ -72,8 +88,10 @@ class TaskStream:
     self.tasks = protocol.task_splits(self.num_classes, d.init_cls, d.increment)
     self.num_tasks = len(self.tasks)
     self.train_set, self.test_set = train, test
-    self.train_idx = subsample(train.labels, d.max_per_class_train, 11)
-    self.test_idx = subsample(test.labels, d.max_per_class_test, 12)
+    self.train_idx = subsample(train.labels, d.max_per_class_train,
+                               subsample_salt(config, "train"))
+    self.test_idx = subsample(test.labels, d.max_per_class_test,
+                              subsample_salt(config, "test"))
     self.train_new = protocol.remap(train.labels, self.class_order)  # new label per image
     self.test_new = protocol.remap(test.labels, self.class_order)
     self.description = description
@@ -102,11 +120,12 @@ class TaskStream:
   def _train_image(self, i: int, epoch: int) -> np.ndarray:
     img = self.train_set.image(i)
     if self.augment == "official":
-      return transforms.train_transform(img, self.size, transforms.example_rng(self.seed, epoch, i))
-    return transforms.resize_only(img, self.size)
+      return transforms.train_transform_uint8(img, self.size,
+                                              transforms.example_rng(self.seed, epoch, i))
+    return transforms.resize_only_uint8(img, self.size)
 
   def _eval_image(self, split: str, i: int) -> np.ndarray:
-    """Test-transformed image; deterministic, so kept (as uint8) within the cache budget."""
+    """Test-transformed uint8 image; deterministic, so kept within the cache budget."""
     key = (split, int(i))
     out = self._test_cache.get(key)
     if out is None:
@@ -117,7 +136,7 @@ class TaskStream:
       if out.nbytes <= self._test_cache_left:
         self._test_cache[key] = out
         self._test_cache_left -= out.nbytes
-    return out.astype(np.float32) / 255.0
+    return out
 
   # -- batches ---------------------------------------------------------------------------------
   def _host_rows(self, rows: np.ndarray, batch_size: int):
@@ -130,11 +149,15 @@ class TaskStream:
     sl = slice(self.pi * per, (self.pi + 1) * per)
     return rows[sl], mask[sl]
 
+  def model_input(self, images):
+    """A batch's uint8 images -> the model's float32 input (`model.normalize`), numpy or jax."""
+    return normalization.model_input(images, self.normalize)
+
   def _make(self, rows, mask, labels_of, image_fn) -> dict:
-    images = list(self._pool.map(image_fn, rows))
-    x = normalization.normalize(np.stack(images).astype(np.float32), self.normalize)
-    return {"image": np.asarray(x, np.float32), "label": labels_of[rows].astype(np.int32),
-            "mask": mask}
+    images = np.stack(list(self._pool.map(image_fn, rows)))
+    if images.dtype != np.uint8:
+      raise TypeError(f"image transforms gave {images.dtype}; the stream sends uint8")
+    return {"image": images, "label": labels_of[rows].astype(np.int32), "mask": mask}
 
   def _prefetched(self, jobs) -> Iterator[dict]:
     """Runs the batch builders one or more ahead of the consumer (data.prefetch)."""
@@ -206,6 +229,28 @@ class TaskStream:
     return self._prefetched(lambda b=b: job(b) for b in range(n))
 
 
+def prefetch_to_device(batches: Iterable[dict], put: Callable[[dict], dict],
+                       size: int = 2) -> Iterator[dict]:
+  """Yields `put(batch)` (e.g. `Learner.device_batch`: sharded global arrays) for each batch,
+  `size` batches ahead, so the next batches' host-to-device copies run while the current step
+  does (flax.jax_utils.prefetch_to_device, for global arrays split over a mesh)."""
+  it = iter(batches)
+  ahead: collections.deque = collections.deque()
+
+  def enqueue(n):
+    for batch in itertools.islice(it, n):
+      ahead.append(put(batch))
+  try:
+    enqueue(max(1, size))
+    while ahead:
+      yield ahead.popleft()
+      enqueue(1)
+  finally:
+    close = getattr(it, "close", None)
+    if close:
+      close()
+
+
 class _Resumable:
   """An iterator of train batches with a grain-style state {task, epoch, next_batch}."""
 
@@ -222,6 +267,12 @@ class _Resumable:
     self._state["next_batch"] += 1
     return batch
 
+  def close(self) -> None:
+    """Stops the prefetching thread behind this iterator (also done when it is collected)."""
+    close = getattr(self._it, "close", None)
+    if close:
+      close()
+
   def get_state(self) -> dict:
     """Pass to `set_state`, or to `train_batches(task, epoch, B, start_batch=s['next_batch'])`."""
     return dict(self._state)
@@ -231,8 +282,6 @@ class _Resumable:
     if (state.get("task"), state.get("epoch")) != (self._state["task"], self._state["epoch"]):
       raise ValueError(f"iterator state {state} belongs to another (task, epoch) than "
                        f"{self._state}; call stream.train_batches for that task and epoch")
-    close = getattr(self._it, "close", None)
-    if close:
-      close()
+    self.close()
     self._it = self._batches_from(int(state["next_batch"]))
     self._state = dict(state)

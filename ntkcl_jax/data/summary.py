@@ -44,7 +44,7 @@ def _labels_without_images(config) -> Optional[tuple[np.ndarray, np.ndarray, str
 
 
 def _task_counts(labels: np.ndarray, order: np.ndarray, tasks, per_class_max: int,
-                 salt: int) -> list[int]:
+                 salt) -> list[int]:
   new = protocol.remap(labels, order)[stream.subsample(labels, per_class_max, salt)]
   return [int(np.isin(new, t).sum()) for t in tasks]
 
@@ -66,8 +66,10 @@ def split_summary(config) -> dict:
   caps = (int(d.max_per_class_train), int(d.max_per_class_test))
   if listed is not None:
     train, test, how = listed
-    counts = {"train": _task_counts(train, order, tasks, caps[0], 11),
-              "test": _task_counts(test, order, tasks, caps[1], 12)}
+    counts = {"train": _task_counts(train, order, tasks, caps[0],
+                                    stream.subsample_salt(config, "train")),
+              "test": _task_counts(test, order, tasks, caps[1],
+                                   stream.subsample_salt(config, "test"))}
   elif ds.per_class and d.source in ("tfds", "folder", "zip"):
     counts = {split: [len(t) * (min(n, cap) if cap else n) for t in tasks]
               for split, n, cap in zip(("train", "test"), ds.per_class, caps)}

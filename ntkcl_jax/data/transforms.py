@@ -49,12 +49,17 @@ def to_pil(image: np.ndarray) -> Image.Image:
 
 def train_transform(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
   """uint8 (H, W, 3) -> float32 (size, size, 3) in [0, 1]."""
+  return train_transform_uint8(image, size, rng).astype(np.float32) / 255.0
+
+
+def train_transform_uint8(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+  """The train transform before ToTensor's /255 (uint8: what the stream sends to the device)."""
   img = to_pil(image)
   top, left, h, w = random_resized_crop_box(img.width, img.height, rng)
   # crop, then resize: what torchvision's F.resized_crop does on PIL images (resizing with
   # `box=` would also read pixels outside the crop at its border).
   img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
-  out = np.asarray(img, np.float32) / 255.0
+  out = np.asarray(img, np.uint8)
   if rng.uniform() < 0.5:
     out = out[:, ::-1]
   return np.ascontiguousarray(out)

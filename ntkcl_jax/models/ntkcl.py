@@ -29,6 +29,10 @@ Official PyTorch state dict (PromptNet) -> ours (Linear weights are transposed i
 
 Feature layout: every branch's feature is the concatenation of D-wide sections, outermost first:
 [PTM (if use_init_ptm) ; frozen set 0 .. F-1 ; current] (docs/method.md §1.4), so Dt = S * D.
+
+Precision policy (docs/design.md, "Precision, fused attention and remat"): the ViT, the PEFT
+modules and the fusion compute in `model.dtype`; `features` returns at least float32, so the
+losses, logits, prototypes and NTK readouts downstream never run in bf16.
 """
 from __future__ import annotations
 
@@ -71,10 +75,32 @@ def switches(config) -> Switches:
   return Switches(**{s: bool(m[s]) and m.variant == "corrected" for s in SWITCHES})
 
 
+# The compute-policy keys of the `model` config section and the ViTConfig fields they set.
+POLICY_KEYS = ("dtype", "matmul_precision", "attention", "remat")
+DTYPES = ("float32", "bfloat16")
+
+
 def vit_config(config) -> vit.ViTConfig:
-  """The backbone's ViTConfig of a run config (`model.name`, `image_size`, `overrides`)."""
-  return vit.get_config(config.model.name, image_size=config.model.image_size,
-                        **config.model.overrides.to_dict())
+  """The backbone's ViTConfig of a run config (`model.name`, `image_size`, `overrides`, and the
+  compute policy `dtype`, `matmul_precision`, `attention`, `remat`)."""
+  m = config.model
+  overrides = m.overrides.to_dict()
+  clash = sorted(set(overrides) & set(POLICY_KEYS))
+  if clash:
+    raise ValueError(f"model.overrides.{clash[0]} is not a shape override: set "
+                     f"model.{clash[0]} instead (e.g. --config.model.{clash[0]}=...)")
+  if m.dtype not in DTYPES:
+    raise ValueError(f"model.dtype={m.dtype!r}: choose one of {DTYPES} (parameters, optimiser "
+                     "state and losses stay float32 either way)")
+  return vit.get_config(m.name, image_size=m.image_size, dtype=jnp.dtype(m.dtype),
+                        matmul_precision=m.matmul_precision or None, attention=m.attention,
+                        remat=bool(m.remat), **overrides)
+
+
+def matmul_precision(spec: "ModelSpec"):
+  """Context for code outside the model (losses, prototypes, logits) that traces its matmuls at
+  the model's `matmul_precision` (vit.precision_context)."""
+  return vit.precision_context(spec.vit.matmul_precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,11 +157,12 @@ class ModelSpec:
 
   def channel_factory(self):
     return functools.partial(peft.ChannelAdapter, ffn_num=self.ffn_num, scalar=self.ffn_scalar,
-                             dropout=self.adapter_dropout)
+                             dropout=self.adapter_dropout, dtype=self.vit.dtype)
 
   def patch_factory(self):
     return functools.partial(peft.PatchPrompt, num_prompts=self.num_prompts,
-                             scalar=self.ffn_scalar, nonzero_init=self.switches.fix_patch_init)
+                             scalar=self.ffn_scalar, nonzero_init=self.switches.fix_patch_init,
+                             dtype=self.vit.dtype)
 
   def vit_module(self, branch: Optional[str]) -> vit.ViT:
     if branch == "channel":
@@ -146,9 +173,9 @@ class ModelSpec:
 
   def fusion_module(self):
     if self.fusion != "attention":
-      return peft.FUSIONS[self.fusion]()
+      return peft.FUSIONS[self.fusion](dtype=self.vit.dtype)
     return peft.AttentionFusion(num_heads=8, dropout=self.fusion_dropout,
-                                multi_token=self.switches.fix_fusion)
+                                multi_token=self.switches.fix_fusion, dtype=self.vit.dtype)
 
 
 def spec_from_config(config) -> ModelSpec:
@@ -268,12 +295,22 @@ def features(spec: ModelSpec, backbone, trainable, frozen, images, *, train: boo
   patch_sections=(B, S, D)); for single-branch methods the missing branch and `fused` alias the
   branch present (docs/method.md §3.5: 'channel'/'patch' modes use c / p), for 'simplecil' all are the PTM.
   `ptm`: a precomputed PTM feature (B, D) to reuse; `rng` is needed when train=True (dropout).
+  Computed in spec.vit.dtype at spec.vit.matmul_precision; every output is at least float32.
   """
   chex.assert_rank(images, 4)
   if train and rng is None:
     raise ValueError("features(train=True) needs an rng for adapter/fusion dropout")
+  with vit.precision_context(spec.vit.matmul_precision):
+    out = _features(spec, backbone, trainable, frozen, images, train, rng, ptm)
+  return jax.tree_util.tree_map(lambda x: x.astype(vit.softmax_dtype(x.dtype)), out)
+
+
+def _features(spec, backbone, trainable, frozen, images, train, rng, ptm):
+  """`features` in the compute dtype."""
   if spec.has_ptm and ptm is None:
     ptm = ptm_feature(spec, backbone, images)
+  if ptm is not None:
+    ptm = ptm.astype(spec.vit.dtype)
   rngs = jax.random.split(rng, 3) if rng is not None else [None] * 3
   out = {}
   for i, b in enumerate(spec.branches):
@@ -306,7 +343,8 @@ features_jit = jax.jit(features, static_argnums=0, static_argnames=("train",))
 def eval_logits(spec: ModelSpec, prototypes, fused, num_seen, sigma=1.0):
   """forward_reweight over the seen classes (docs/method.md §4.1), scaled by the prototype head's sigma
   (fc.sigma: 1 in every run of ours; kept from imported official models); unseen get -inf."""
-  logits = peft.reweighted_logits(fused, prototypes, spec.section_weights, sigma)
+  with matmul_precision(spec):
+    logits = peft.reweighted_logits(fused, prototypes, spec.section_weights, sigma)
   return jnp.where(jnp.arange(prototypes.shape[0]) < num_seen, logits, -jnp.inf)
 
 

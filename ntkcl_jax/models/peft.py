@@ -12,15 +12,22 @@ maps them one to one (PyTorch Linear weight (out, in) = our Dense kernel (in, ou
   AttentionFusion:                                       query|key|value/{kernel (Dt, Dt),
                                                                          bias (Dt,)}
   cosine classifier (plain pytree, not a module):       {'weight': (C, Dt), 'sigma': ()}
+
+Every module takes `dtype`, the compute dtype (None: inferred from inputs and parameters, the flax
+default); parameters are created float32 (flax `param_dtype`) whatever it is, and softmaxes run in
+at least float32 (docs/design.md, "Precision, fused attention and remat").
 """
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ntkcl_jax.models import vit
 
 
 def torch_linear_init(fan_in: int):
@@ -38,15 +45,16 @@ class ChannelAdapter(nn.Module):
   ffn_num: int = 16
   scalar: float = 0.1
   dropout: float = 0.1
+  dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, h, deterministic: bool = True):
     d = h.shape[-1]
     x = nn.Dense(self.ffn_num, kernel_init=torch_linear_init(d), bias_init=nn.initializers.zeros,
-                 name="down_proj")(h)
+                 dtype=self.dtype, name="down_proj")(h)
     x = nn.Dropout(self.dropout)(nn.relu(x), deterministic=deterministic)
     x = nn.Dense(d, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
-                 name="up_proj")(x)
+                 dtype=self.dtype, name="up_proj")(x)
     return self.scalar * x
 
 
@@ -65,10 +73,13 @@ class PatchPrompt(nn.Module):
   num_prompts: int = 10
   scalar: float = 0.1
   nonzero_init: bool = False
+  dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, h, deterministic: bool = True):
     del deterministic
+    if self.dtype is not None:
+      h = h.astype(self.dtype)
     p = self.num_prompts
     if self.layer == 0:
       base, old = h, None
@@ -84,7 +95,7 @@ class PatchPrompt(nn.Module):
         w["bias"].astype(h.dtype)[None, :, None]
     scale_init = nn.initializers.ones if self.nonzero_init else nn.initializers.zeros
     g = nn.LayerNorm(epsilon=1e-6, scale_init=scale_init, bias_init=nn.initializers.zeros,
-                     name="prompt_norm")(mixed)
+                     dtype=self.dtype, name="prompt_norm")(mixed)
     prompts = g if old is None else g + self.scalar * old
     z = jnp.concatenate([base[:, :1], prompts, base[:, 1:]], axis=1)
     if old is None:
@@ -106,52 +117,64 @@ class AttentionFusion(nn.Module):
   num_heads: int = 8
   dropout: float = 0.1
   multi_token: bool = False
+  dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, c, p, deterministic: bool = True):
     chex.assert_equal_shape([c, p])
+    c, p = _cast(self.dtype, c, p)
     b, d = c.shape
     if d % self.num_heads:
       raise ValueError(f"fusion dim {d} is not divisible by {self.num_heads} heads")
     hd = d // self.num_heads
     dense = lambda name: nn.Dense(d, kernel_init=torch_linear_init(d),
-                                  bias_init=torch_linear_init(d), name=name)
+                                  bias_init=torch_linear_init(d), dtype=self.dtype, name=name)
     kv_in = jnp.stack([c, p], 1) if self.multi_token else c[:, None]
     heads = lambda x: x.reshape(b, x.shape[1], self.num_heads, hd).transpose(0, 2, 1, 3)
     q = heads(dense("query")(p[:, None]))
     k = heads(dense("key")(kv_in))
     v = heads(dense("value")(kv_in))
-    attn = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd), axis=-1)
+    logits = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd)
+    attn = jax.nn.softmax(logits.astype(vit.softmax_dtype(logits.dtype)), axis=-1).astype(v.dtype)
     attn = nn.Dropout(self.dropout)(attn, deterministic=deterministic)
     fused = (attn @ v).transpose(0, 2, 1, 3).reshape(b, d)
     return 0.5 * fused + 1.0 * c + 0.1 * p
 
 
+def _cast(dtype, *xs):
+  """xs in `dtype` (unchanged for None)."""
+  return xs if dtype is None else tuple(x.astype(dtype) for x in xs)
+
+
 class FusionNetwork(nn.Module):
   """Official plain alternative (unused by the official runs): m = 0.5 ReLU(W[c;p]) + c + p."""
+  dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, c, p, deterministic: bool = True):
     del deterministic
+    c, p = _cast(self.dtype, c, p)
     d = c.shape[-1]
     fused = nn.relu(nn.Dense(d, kernel_init=torch_linear_init(2 * d),
-                             bias_init=torch_linear_init(2 * d), name="fc1")(
+                             bias_init=torch_linear_init(2 * d), dtype=self.dtype, name="fc1")(
                                  jnp.concatenate([c, p], -1)))
     return 0.5 * fused + c + p
 
 
 class MultimodalFusion(nn.Module):
   """Official plain alternative: i = ReLU(fc1(c*p)) * interact; m = 0.1 ReLU(fc2[c;p;i]) + c + p."""
+  dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, c, p, deterministic: bool = True):
     del deterministic
+    c, p = _cast(self.dtype, c, p)
     d = c.shape[-1]
     inter = nn.relu(nn.Dense(d, kernel_init=torch_linear_init(d), bias_init=torch_linear_init(d),
-                             name="fc1")(c * p))
-    inter = inter * self.param("interact", nn.initializers.normal(1.0), (d,))
+                             dtype=self.dtype, name="fc1")(c * p))
+    inter = inter * self.param("interact", nn.initializers.normal(1.0), (d,)).astype(inter.dtype)
     fused = nn.relu(nn.Dense(d, kernel_init=torch_linear_init(3 * d),
-                             bias_init=torch_linear_init(3 * d), name="fc2")(
+                             bias_init=torch_linear_init(3 * d), dtype=self.dtype, name="fc2")(
                                  jnp.concatenate([c, p, inter], -1)))
     return 0.1 * fused + c + p
 

@@ -17,9 +17,15 @@ Extension points (no second copy of the ViT is ever needed):
     `hook(h, deterministic) -> (mlp_input, residual)`; the block output is
     `residual + MLP(LN2(mlp_input))`. This is where generated prompt tokens are inserted after CLS
     (docs/method.md §1.3); the token count may change from block to block.
+
+Compute policy (docs/design.md, "Precision, fused attention and remat"): `dtype` is the compute
+dtype of every layer (parameters stay float32: flax `param_dtype`); the attention softmax runs in
+at least float32; every matmul runs at `matmul_precision`; `attention='fused'` uses
+`jax.nn.dot_product_attention`; `remat` recomputes each block's activations in the backward pass.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Optional
 
@@ -45,8 +51,19 @@ class ViTConfig:
   ln_eps: float = 1e-6
   num_classes: int = 0  # 0: no head, the output is the pre-logits feature.
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32.
+  # 'highest' by default so that TPU (bf16 passes) and GPU (TF32) match the CPU parity tests;
+  # None leaves JAX's own default (see precision_context).
+  matmul_precision: Optional[str] = "highest"
+  attention: str = "einsum"  # einsum (the official code's op order) | fused (dot_product_attention)
+  remat: bool = False        # recompute each block's activations in the backward pass
 
   def __post_init__(self):
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))  # hashable, prints as 'bfloat16'
+    if not jnp.issubdtype(self.dtype, jnp.floating):
+      raise ValueError(f"ViT dtype must be a floating dtype, got {self.dtype}")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTIONS}")
+    check_matmul_precision(self.matmul_precision)
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                        f"{self.patch_size}")
@@ -70,6 +87,36 @@ class ViTConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+
+ATTENTIONS = ("einsum", "fused")
+
+
+def check_matmul_precision(precision: Optional[str]) -> None:
+  """Raises a ValueError naming the accepted values unless JAX accepts `precision`."""
+  if precision is None:
+    return
+  try:
+    with jax.default_matmul_precision(precision):
+      pass
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"matmul_precision={precision!r} is not accepted by JAX ({e}); use e.g. "
+                     "'highest', 'high', 'default', 'bfloat16', 'tensorfloat32' or 'float32'"
+                     ) from e
+
+
+def precision_context(precision: Optional[str]):
+  """Context that traces every matmul inside at `precision` (a no-op for None).
+
+  `jax.default_matmul_precision` is read when a dot is traced and stored in it, so the backward
+  dots that autodiff builds from a forward dot keep the precision even outside the context.
+  """
+  return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
+
+
+def softmax_dtype(dtype) -> jnp.dtype:
+  """At least float32: softmax and the losses never run in bf16 (float64 stays float64)."""
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 # width, depth, heads, mlp, patch, layerscale
@@ -119,9 +166,15 @@ class MlpBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention with separate query/key/value (kernels (D, heads, head_dim))."""
+  """Multi-head self-attention with separate query/key/value (kernels (D, heads, head_dim)).
+
+  attention='einsum': explicit logits and softmax, the official code's order of operations.
+  attention='fused': `jax.nn.dot_product_attention` with implementation=None, so XLA picks cuDNN
+  flash attention on GPU where it applies (bf16/fp16) and its own XLA path elsewhere.
+  """
   num_heads: int
   dtype: Any = jnp.float32
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x):
@@ -129,12 +182,16 @@ class SelfAttention(nn.Module):
     hd = d // self.num_heads
     proj = lambda name: nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype, name=name)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # (B, N, H, hd)
-    # Scaling q (B*N*hd values) rather than the logits (B*H*N*N) saves an elementwise pass each
-    # way; with hd = 64 the factor is a power of two, so the result is bit-identical.
-    q = q * jnp.asarray(hd ** -0.5, q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    if self.attention == "fused":
+      out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5, implementation=None)
+    else:
+      # Scaling q (B*N*hd values) rather than the logits (B*H*N*N) saves an elementwise pass each
+      # way; with hd = 64 the factor is a power of two, so the result is bit-identical.
+      q = q * jnp.asarray(hd ** -0.5, q.dtype)
+      sm = softmax_dtype(q.dtype)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=sm)
+      weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(out)
 
 
@@ -159,8 +216,8 @@ class EncoderBlock(nn.Module):
   def __call__(self, x, deterministic: bool = True):
     cfg = self.config
     ln = lambda name: nn.LayerNorm(epsilon=cfg.ln_eps, dtype=cfg.dtype, name=name)
-    y = SelfAttention(cfg.num_heads, cfg.dtype, name="MultiHeadDotProductAttention_1")(
-        ln("LayerNorm_0")(x))
+    y = SelfAttention(cfg.num_heads, cfg.dtype, cfg.attention,
+                      name="MultiHeadDotProductAttention_1")(ln("LayerNorm_0")(x))
     if cfg.layerscale:
       y = LayerScale(name="LayerScale_1")(y)
     h = x + y
@@ -184,6 +241,7 @@ class AddPositionEmbs(nn.Module):
 
 
 class Encoder(nn.Module):
+  """Position embedding, the blocks (each under nn.remat when config.remat), final LayerNorm."""
   config: ViTConfig
   mlp_adapter: Optional[ModuleFactory] = None
   token_hook: Optional[ModuleFactory] = None
@@ -191,21 +249,29 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     x = AddPositionEmbs(name="posembed_input")(x)
+    # remat keeps only each block's input for the backward pass; `deterministic` (argument 2,
+    # counting self) is a Python bool that selects code paths, so it must stay static.
+    block = nn.remat(EncoderBlock, static_argnums=(2,)) if self.config.remat else EncoderBlock
     for i in range(self.config.num_layers):
-      x = EncoderBlock(self.config, i, self.mlp_adapter, self.token_hook,
-                       name=f"encoderblock_{i}")(x, deterministic)
+      x = block(self.config, i, self.mlp_adapter, self.token_hook,
+                name=f"encoderblock_{i}")(x, deterministic)
     return nn.LayerNorm(epsilon=self.config.ln_eps, dtype=self.config.dtype,
                         name="encoder_norm")(x)
 
 
 class ViT(nn.Module):
-  """images (B, H, W, 3), already normalised -> CLS feature (B, D), or logits if num_classes > 0."""
+  """images (B, H, W, 3), already normalised -> CLS feature (B, D) in config.dtype, or logits (at
+  least float32) if num_classes > 0."""
   config: ViTConfig
   mlp_adapter: Optional[ModuleFactory] = None
   token_hook: Optional[ModuleFactory] = None
 
   @nn.compact
   def __call__(self, images, *, deterministic: bool = True, return_tokens: bool = False):
+    with precision_context(self.config.matmul_precision):
+      return self._forward(images, deterministic, return_tokens)
+
+  def _forward(self, images, deterministic, return_tokens):
     cfg = self.config
     chex.assert_rank(images, 4)
     if images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
@@ -225,7 +291,7 @@ class ViT(nn.Module):
       return tokens
     feature = tokens[:, 0]
     if cfg.num_classes:
-      return nn.Dense(cfg.num_classes, name="head")(feature)
+      return nn.Dense(cfg.num_classes, dtype=softmax_dtype(cfg.dtype), name="head")(feature)
     return feature
 
 

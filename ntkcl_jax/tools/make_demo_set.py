@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from configs import demo, dinov2s_real
+from ntkcl_jax.configs import demo, dinov2s_real
 from ntkcl_jax.data import sources
 from ntkcl_jax.data.stream import subsample
 

@@ -105,7 +105,6 @@ def faithful_config(config, sd: dict):
     config.method.adapter_dropout = 0.0
     config.method.fusion_dropout = 0.0
     config.train.mesh_data = 1
-    config.train.mesh_model = 1
   return config
 
 
@@ -137,7 +136,7 @@ def state_from_official(sd: dict, config, key=None):
   if "fusion" not in variables["trainable"] or not variables["frozen"]:
     raise cli.InputError("the state dict has no fusion_model or no pre_ prompt lists: only the "
                          "official 'both' model with one frozen set is supported")
-  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
   lrn = learner_lib.Learner(config, variables["backbone"], mesh)
   state = lrn.init_state(key if key is not None else jax.random.PRNGKey(0))
   if lrn.n_max != n_new:

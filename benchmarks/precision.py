@@ -1,0 +1,166 @@
+r"""Compute-policy benchmark: the NTK-CL train step in float32 vs bfloat16, einsum vs fused
+attention, remat off vs on; prints a markdown section for docs/benchmarks.md.
+
+    python benchmarks/precision.py              # ViT-S/16 width, 6 blocks, 64 px, batch 16, CPU
+    python benchmarks/precision.py --depth=0 --steps=5    # all 12 blocks (about twice as long)
+    python benchmarks/precision.py --model=DINOv2-S/14 --image_size=56
+
+What is timed: `Learner.step_given` (every NTK-CL branch pass, all loss terms, gradients, the SGD
+update; official settings: ffn_num 16, P = 10, one frozen set) on random images with a random
+backbone, state carried from step to step. Every setting is compiled and warmed up first, then
+the settings are timed in turn, `--steps` rounds, and each reports its median: a change of the
+machine's load during the run then shifts all settings alike instead of one. Memory: XLA's own
+estimate of the compiled step's temporary buffers (`compiled.memory_analysis()`
+.temp_size_in_bytes), which is what remat trades for recomputation. The bf16-vs-f32 accuracy of
+a whole run is checked by tests/test_precision.py (tiny config).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import train_step  # noqa: E402  benchmarks/train_step.py, beside this file
+from ntkcl_jax import cli  # noqa: E402
+from ntkcl_jax import config_files  # noqa: E402
+from ntkcl_jax import learner as learner_lib  # noqa: E402
+from ntkcl_jax import sharding  # noqa: E402
+from ntkcl_jax.models import ntkcl  # noqa: E402
+from ntkcl_jax.models import vit  # noqa: E402
+
+# (label, model keys): the float32 einsum step without remat is the reference of every row.
+SETTINGS = (
+    ("float32, einsum", {}),
+    ("bfloat16, einsum", {"dtype": "bfloat16"}),
+    ("float32, fused attention", {"attention": "fused"}),
+    ("float32, einsum, remat", {"remat": True}),
+)
+
+
+def cpu_bf16_flags() -> str:
+  """The bf16 matmul instructions this CPU advertises (avx512_bf16, amx_bf16), or 'none'."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = set(f.read().split())
+  except OSError:
+    return "unknown (/proc/cpuinfo unreadable)"
+  found = sorted(flags & {"avx512_bf16", "amx_bf16"})
+  return ", ".join(found) if found else "none"
+
+
+def cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return "unknown CPU"
+
+
+def make_config(model: str, image_size: int, depth: int, batch: int, **policy):
+  """configs/tiny.py turned into the official NTK-CL settings on `model` (random backbone)."""
+  c = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs", "tiny.py"))
+  c.model.name, c.model.image_size = model, image_size
+  c.model.overrides = ml_collections.ConfigDict({"num_layers": depth} if depth else {})
+  c.model.update(policy)
+  c.method.ffn_num, c.method.num_prompt_tokens = 16, 10
+  c.optim.batch_size = batch
+  c.data.num_classes, c.data.init_cls, c.data.increment = 20, 10, 10
+  c.train.mesh_data = 1
+  return c
+
+
+def step_and_args(config, backbone, batch: int, state=None):
+  """`Learner.step_given` with its arguments (task 0, fixed NCE rows and dropout key). `state`:
+  a start-of-task state to reuse (the compute policy does not change the state's shapes)."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  lrn = learner_lib.Learner(config, backbone, mesh)
+  if state is None:
+    state = lrn._new_task(lrn.init_state(jax.random.PRNGKey(0)))  # pylint: disable=protected-access
+  size = config.model.image_size
+  rng = np.random.RandomState(0)
+  b = {"image": jnp.asarray(rng.rand(batch, size, size, 3), jnp.float32),
+       "label": jnp.asarray(rng.randint(0, 10, batch), jnp.int32),
+       "mask": jnp.ones(batch, bool)}
+  k_rows, k_drop = jax.random.split(jax.random.PRNGKey(1))
+  rows = lrn.nce_rows(k_rows, jnp.int32(0), jnp.int32(10))
+  return lrn.step_given, (state, lrn.backbone, b, jnp.float32(0.01), jnp.int32(0),
+                          jnp.int32(10), rows, k_drop)
+
+
+def main(argv=None):
+  return cli.run(_main, argv)
+
+
+def _main(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", default="ViT-S/16", help=f"ViT variant: {vit.variant_names()}")
+  p.add_argument("--image_size", type=int, default=64)
+  p.add_argument("--depth", type=int, default=6,
+                 help="number of blocks (0 = the variant's; 6 keeps the run under ~5 min on 2 "
+                 "CPU cores, compile time grows with depth)")
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--steps", type=int, default=5)
+  a = p.parse_args(argv)
+  if a.model not in vit.variant_names():
+    raise cli.InputError(f"--model={a.model}: unknown ViT variant; known {vit.variant_names()}")
+  if a.batch < 1 or a.steps < 1 or a.depth < 0 or a.image_size < 1:
+    raise cli.InputError("--batch, --steps and --image_size must be >= 1, --depth >= 0")
+  base = make_config(a.model, a.image_size, a.depth, a.batch)
+  vcfg = ntkcl.vit_config(base)  # also checks image_size against the patch size
+  backbone = vit.init_params(vcfg, jax.random.PRNGKey(0))
+  runners, rows = [], []
+  for label, policy in SETTINGS:
+    cfg = make_config(a.model, a.image_size, a.depth, a.batch, **policy)
+    jitted, args = step_and_args(cfg, backbone, a.batch, rows[0][1]["state"] if rows else None)
+    t0 = time.perf_counter()
+    compiled, once = train_step.compiled_runner(jitted, args, carry_index=0)
+    compile_s = time.perf_counter() - t0
+    once()  # warm-up
+    mem = compiled.memory_analysis()
+    runners.append(once)
+    rows.append((label, {"compile_s": compile_s, "times": [], "state": args[0],
+                         "temp_bytes": getattr(mem, "temp_size_in_bytes", 0) if mem else 0}))
+    print(f"  compiled {label} in {compile_s:.0f} s", file=sys.stderr, flush=True)
+  for _ in range(a.steps):
+    for once, (_, r) in zip(runners, rows):
+      t0 = time.perf_counter()
+      once()
+      r["times"].append(time.perf_counter() - t0)
+  for _, r in rows:
+    r["s_per_step"] = statistics.median(r["times"])
+  ref = rows[0][1]
+  lines = [
+      f"## Compute policy: bf16, fused attention, remat ({a.model} width, {vcfg.num_layers} "
+      f"blocks, {vcfg.image_size} px, batch {a.batch}, CPU)", "",
+      f"`python benchmarks/precision.py --model={a.model} --depth={a.depth} "
+      f"--image_size={a.image_size} --batch={a.batch} --steps={a.steps}`", "",
+      f"{cpu_name()}, {os.cpu_count()} CPU threads, JAX {jax.__version__} on "
+      f"{jax.devices()[0].platform}; bf16 matmul instructions on this CPU: {cpu_bf16_flags()}. "
+      f"One NTK-CL train step (`Learner.step_given`), {vcfg.num_layers} blocks, random weights; "
+      f"median of {a.steps} steps (settings timed in turn) after compiling; XLA temp = the "
+      "compiled step's temporary buffers (`memory_analysis()`).", "",
+      "| setting | ms/step | vs float32 einsum | compile s | XLA temp MB |",
+      "|---|---:|---:|---:|---:|"]
+  for label, r in rows:
+    lines.append(f"| {label} | {r['s_per_step'] * 1e3:.0f} | "
+                 f"{r['s_per_step'] / ref['s_per_step']:.2f}x | {r['compile_s']:.1f} | "
+                 f"{r['temp_bytes'] / 2**20:.1f} |")
+  print("\n".join(lines))
+  return rows
+
+
+if __name__ == "__main__":
+  main()
