@@ -63,9 +63,10 @@ def existing_sections(path: str) -> dict:
 
 
 def existing_sections_from(lines: list) -> dict:
-  out, title = {}, None
+  out, title, in_code = {}, None, False
   for line in lines:
-    if line.startswith("## "):
+    in_code ^= line.startswith("```")  # a command's own "## " lines are output, not sections
+    if line.startswith("## ") and not in_code:
       title = line[3:]
       out[title] = []
     elif title is not None:

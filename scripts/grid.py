@@ -66,9 +66,11 @@ def comparable(cfg_json: dict) -> dict:
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
+  """{'section.key': leaf}; an empty dict names nothing and leaves no key (else a default
+  `model.overrides: {}` would count as a difference beside a saved `model.overrides.patch_size`)."""
   out = {}
   for k, v in tree.items():
-    if isinstance(v, dict) and v:
+    if isinstance(v, dict):
       out.update(_flat(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
@@ -83,6 +85,24 @@ def with_schema_defaults(saved: dict) -> dict:
   return {**{k: v for k, v in defaults.items() if k not in have}, **have}
 
 
+def read_json(path: str, what: str, remedy: str):
+  """The JSON document at `path`; where it is not JSON, a cli.InputError saying that `path` is
+  not `what` and what to do (`remedy`)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise cli.InputError(f"{path} is not {what} ({e}); {remedy}") from e
+
+
+def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list:
+  """The flat keys (`section.key`) where a saved run's config differs from `config`; keys added
+  since the run was saved count at their defaults (with_schema_defaults)."""
+  want = _flat(comparable(json.loads(config.to_json_best_effort())))
+  have = with_schema_defaults(saved)
+  return sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+
+
 def finished_results(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict]:
   """The results of the finished run of `config` in `workdir`, or None when there is none yet.
 
@@ -91,20 +111,15 @@ def finished_results(config: ml_collections.ConfigDict, workdir: str) -> Optiona
   path = os.path.join(workdir, "results.json")
   if not os.path.exists(path):
     return None
-  try:
-    with open(path) as f:
-      results = json.load(f)
-  except ValueError as e:
-    raise cli.InputError(f"{path} is not a results.json written by ntkcl_jax.train ({e}); delete "
-                         f"it (or its run directory) to rerun that run") from e
+  what, remedy = ("a results.json written by ntkcl_jax.train",
+                  "delete it (or its run directory) to rerun that run")
+  results = read_json(path, what, remedy)
   if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
-    raise cli.InputError(f"{path} has no config: not a results.json written by ntkcl_jax.train; "
-                         f"delete it (or its run directory) to rerun that run")
-  want = _flat(comparable(json.loads(config.to_json_best_effort())))
-  have = with_schema_defaults(results["config"])
-  if have != want:
-    differ = sorted({k.split(".")[0] for k in set(have) | set(want) if have.get(k) != want.get(k)})
-    raise cli.InputError(f"{workdir} holds a finished run of another config (sections {differ} "
+    raise cli.InputError(f"{path} has no config: not {what}; {remedy}")
+  differ = config_differences(results["config"], config)
+  if differ:
+    sections = sorted({k.split(".")[0] for k in differ})
+    raise cli.InputError(f"{workdir} holds a finished run of another config (sections {sections} "
                          f"differ); give this run another workdir, or delete that one to retrain")
   return results
 

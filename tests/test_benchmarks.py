@@ -52,6 +52,18 @@ def test_head_to_head_table_from_benchmark_outputs(tmp_path):
   assert "| 1.59 |" not in text.split("## Summary")[1].split("\n## ")[0]  # profile's row: not summed
 
 
+def test_headings_printed_by_a_command_stay_inside_its_section(tmp_path):
+  """--rerun keeps sections by title: a command that prints its own "## " heading (precision.py,
+  host_sync.py) must not split its section in two."""
+  body = _section("Host syncs per step", ["## Host syncs of the train loop", "", "| a | b |"])
+  body += _section("Input pipeline at 224 px", ["12 img/s"])
+  page = tmp_path / "benchmarks.md"
+  report.write(str(page), ["# header"], body)
+  sections = report.existing_sections(str(page))
+  assert list(sections) == ["Host syncs per step", "Input pipeline at 224 px"]
+  assert "## Host syncs of the train loop" in sections["Host syncs per step"]
+
+
 def test_head_to_head_is_left_out_without_the_official_run():
   body = _section(report.OURS, ["machine float32 matmul throughput: 1 GFLOP/s"])
   assert report.head_to_head(body) == []

@@ -95,6 +95,18 @@ def test_memory_estimate_bounds_the_measured_peak(devices):
   assert measured <= r["estimate_bytes"] <= 2 * measured, r
 
 
+@pytest.mark.slow
+def test_device_count_benchmark_rows_agree():
+  """The benchmark's device-count table (docs/benchmarks.md): one subprocess per count of fake
+  CPU devices, the same joint kernel in each (equal traces), the samples split over the devices."""
+  rows = benchmark.device_table([1, 4], tasks=2, n=4, chunk=4)
+  assert len(rows) == 4 and "error" not in "".join(rows), rows
+  cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
+  assert [c[0] for c in cells] == ["1", "4"] and [c[1] for c in cells] == ["8", "8"]
+  assert int(cells[1][2]) < int(cells[0][2])  # fewer samples per device and Jacobian call
+  np.testing.assert_allclose(float(cells[0][6]), float(cells[1][6]), rtol=1e-5)
+
+
 def test_formula_bounds_xla_activations():
   """Where XLA reports no memory_analysis the formula stands in: on the activation-heavy case
   it is at least XLA's own count of the temporaries, and within 4x."""
