@@ -104,14 +104,18 @@ def estimate_bytes(n1: int, n2: int, outputs: int, n_params: int, chunk: int,
                    trace: bool, itemsize: int = 4, same: bool = False,
                    activations: int = 0) -> int:
   """Host bytes: Jacobian panels of both inputs (one if `same` and the panel covers all n1), the
-  float64 kernel, and `activations`: what the Jacobian calls add on this host (MemoryPlan:
-  devices whose memory is the host's (CPU) count their arguments, activations and output, and
-  every call's gathered output), which is counted, not modelled."""
+  float64 kernel, the contraction's contiguous copies of one output's panel slices (traced
+  kernels of several outputs: _contract), and `activations`: what the Jacobian calls add on this
+  host (MemoryPlan: devices whose memory is the host's (CPU) count their arguments, activations
+  and output, and every call's gathered output), which is counted, not modelled."""
   c1, c2 = min(chunk, n1), min(chunk, n2)
   rows = c1 if (same and chunk >= n1) else c1 + c2
   jac = rows * outputs * n_params * itemsize
   kern = n1 * n2 * (1 if trace else outputs * outputs) * 8
-  return jac + kern + activations
+  copies = 0
+  if trace and outputs > 1:  # ja[:, i] is strided: each slice of P is copied, both panels
+    copies = (c1 + c2) * min(n_params, _contract_step(c1, c2, outputs, trace)) * itemsize
+  return jac + kern + copies + activations
 
 
 def choose_chunk(n1: int, n2: int, outputs: int, n_params: int, trace: bool, limit: int,

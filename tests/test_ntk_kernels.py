@@ -126,13 +126,19 @@ def test_memory_guard_refuses_with_what_to_shrink(tiny_vit_adapter):
 
 
 def _brute_force_chunk(n1, n2, o, p, trace, limit, same, scratch):
-  """Independent expectation: bytes held are the Jacobian rows of the panels alive at once."""
+  """Independent expectation: bytes held are the Jacobian rows of the panels alive at once, the
+  kernel, and (traced, several outputs) the float32 copies of one output's rows of both panels
+  over a slice of parameters that keeps the copies under 256 MiB (at least 4096, at most 2^18
+  parameters)."""
   best = None
   for c in range(1, max(n1, n2) + 1):
     if same and c > n1:
       break
     rows = n1 if (same and c >= n1) else min(c, n1) + min(c, n2)
-    need = rows * o * p * 4 + n1 * n2 * (1 if trace else o * o) * 8 + scratch
+    both = min(c, n1) + min(c, n2)
+    cols = min(p, 2**18, max(4096, (256 << 20) // (4 * both)))
+    copies = both * cols * 4 if trace and o > 1 else 0
+    need = rows * o * p * 4 + n1 * n2 * (1 if trace else o * o) * 8 + copies + scratch
     if need <= limit:
       best = c
   return best
