@@ -1,8 +1,21 @@
-"""Test set-up: 8 fake CPU devices (must happen before JAX initialises its backends)."""
+"""Test set-up: 8 fake CPU devices (must happen before JAX initialises its backends), and one
+persistent XLA compilation cache for the whole session, shared with the subprocesses tests start
+(they inherit this environment): many tests build the same tiny models and launcher runs, and a
+cached executable is the one XLA compiled (same HLO, same machine), so results are unchanged."""
 import os
+import shutil
+import tempfile
 
+_OWN_CACHE = None
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="ntkcl-tests-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  # Loading a cached CPU executable logs a benign C++ warning about tuning flags (prefer-no-gather)
+  # on stderr; the CLI tests read stderr line by line.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pathlib
 
@@ -18,3 +31,9 @@ def shared_data():
     pytest.skip(f"real image archives not found at {SHARED_DATA}: only the project's own "
                 "machines have ../shared/data; this test needs them")
   return SHARED_DATA
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -236,7 +236,10 @@ def test_measured_quantities_against_a_second_computation(sweep):
   jac = jax.jacrev(g)(flat0)
   lin = g(flat0) + jac @ (flat1 - flat0)
   want = float(jnp.linalg.norm(g(flat1) - lin) / jnp.linalg.norm(g(flat1) - g(flat0)))
-  assert lazy["e_lin"] == pytest.approx(want, rel=1e-2, abs=1e-6)
+  # Two float32 steps of the tiny run barely move the outputs: e_lin is ~1e-4 here, a residual
+  # f(p1) - f(p0) - J delta at the float32 rounding of f (jvp and jacrev round differently), so
+  # both computations agree only to about 1e-5 in absolute terms.
+  assert lazy["e_lin"] == pytest.approx(want, rel=1e-2, abs=1e-5)
   assert 0 <= lazy["agreement"] <= 1 and lazy["steps"] == rec["steps_per_task"][1]
   assert np.isclose(sum(rec["groups"]["shares"].values()), 1.0)
 
