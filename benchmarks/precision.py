@@ -4,6 +4,7 @@ attention, remat off vs on; prints a markdown section for docs/benchmarks.md.
     python benchmarks/precision.py              # ViT-S/16 width, 6 blocks, 64 px, batch 16, CPU
     python benchmarks/precision.py --depth=0 --steps=5    # all 12 blocks (about twice as long)
     python benchmarks/precision.py --model=DINOv2-S/14 --image_size=56
+    python benchmarks/precision.py --accuracy_seeds=0,1,2,3,4   # + whole runs, bf16 vs f32
 
 What is timed: `Learner.step_given` (every NTK-CL branch pass, all loss terms, gradients, the SGD
 update; official settings: ffn_num 16, P = 10, one frozen set) on random images with a random
@@ -12,11 +13,15 @@ the settings are timed in turn, `--steps` rounds, and each reports its median: a
 machine's load during the run then shifts all settings alike instead of one. Memory: XLA's own
 estimate of the compiled step's temporary buffers (`compiled.memory_analysis()`
 .temp_size_in_bytes), which is what remat trades for recomputation. The bf16-vs-f32 accuracy of
-a whole run is checked by tests/test_precision.py (tiny config).
+a whole run is checked by tests/test_precision.py (tiny config); `--accuracy_seeds` also compares
+whole runs on real data: the faithful Split-Imagenette runs of docs/results.md (real DINOv2-S/14,
+its scale) against the same runs in bfloat16, paired by seed (scripts/results_page.py trains them
+unless finished, in its run directory), with each run's wall time.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -27,11 +32,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts.*
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train_step  # noqa: E402  benchmarks/train_step.py, beside this file
 from ntkcl_jax import cli  # noqa: E402
+from ntkcl_jax import evidence  # noqa: E402
 from ntkcl_jax import config_files  # noqa: E402
 from ntkcl_jax import learner as learner_lib  # noqa: E402
 from ntkcl_jax import sharding  # noqa: E402
@@ -100,6 +106,47 @@ def step_and_args(config, backbone, batch: int, state=None):
                           jnp.int32(10), rows, k_drop)
 
 
+# bf16 against f32 over whole runs: 'no effect' if the paired interval lies within this many
+# accuracy points (the criterion of the accuracy table, fixed before measuring).
+ACC_MARGIN = 1.0
+
+
+def accuracy_lines(seeds, workdir: str) -> list:
+  """The faithful Split-Imagenette runs of docs/results.md in float32 and in bfloat16 (trained
+  unless finished), paired by seed: a markdown table of Ā, A_T and wall time per run, and the
+  paired differences with bootstrap intervals and a verdict against ACC_MARGIN."""
+  from scripts import results_page  # pylint: disable=g-import-not-at-top  # the runs' owner
+  scale = results_page.DEFAULT_SCALE
+  with contextlib.redirect_stdout(sys.stderr):  # the runs' logs; stdout is the page section
+    runs = {m: {s: results_page.run_cell("imagenette", m, s, scale, workdir) for s in seeds}
+            for m in ("official", "official_bf16")}
+  lines = ["", f"Whole runs on real data: Split-Imagenette at docs/results.md's scale (`{scale}`, "
+           f"real DINOv2-S/14), faithful NTK-CL in float32 and in bfloat16 compute, seeds "
+           f"{list(seeds)} (same class order, images and initialisation within a seed); runs in "
+           f"{os.path.relpath(workdir, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}"
+           f"/imagenette/{{official,official_bf16}}/seed<s>.", "",
+           "| seed | Ā f32 | Ā bf16 | A_T f32 | A_T bf16 | max abs diff of the accuracy matrix | "
+           "wall s f32 | wall s bf16 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for s in seeds:
+    a, b = runs["official"][s], runs["official_bf16"][s]
+    ma, mb = (np.array([[np.nan if v is None else v for v in row] for row in r["accuracy_matrix"]])
+              for r in (a, b))
+    lines.append(f"| {s} | {a['avg_incremental_accuracy']:.2f} | "
+                 f"{b['avg_incremental_accuracy']:.2f} | {a['last_accuracy']:.2f} | "
+                 f"{b['last_accuracy']:.2f} | {np.nanmax(np.abs(ma - mb)):.2f} | "
+                 f"{a['wall_time_s']:.0f} | {b['wall_time_s']:.0f} |")
+  lines += ["", f"Paired bf16 − f32 (mean over seeds, percentile-bootstrap 95% interval); "
+            f"criterion: no effect if the interval lies within ±{ACC_MARGIN:g} point:", ""]
+  for key, name in (("avg_incremental_accuracy", "ΔĀ"), ("last_accuracy", "ΔA_T"),
+                    ("wall_time_s", "Δ wall s")):
+    iv = evidence.paired({s: runs["official_bf16"][s][key] for s in seeds},
+                         {s: runs["official"][s][key] for s in seeds})
+    text = (evidence.describe(iv, "=0", ACC_MARGIN) if key != "wall_time_s"
+            else iv.text(0))
+    lines.append(f"- {name}: {text}")
+  return lines
+
+
 def main(argv=None):
   return cli.run(_main, argv)
 
@@ -113,7 +160,16 @@ def _main(argv):
                  "CPU cores, compile time grows with depth)")
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--accuracy_seeds", default="",
+                 help="also compare whole runs (docs/results.md's faithful Split-Imagenette runs) "
+                      "in f32 and bf16 for these seeds, e.g. 0,1,2,3,4")
+  p.add_argument("--workdir", default=os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "runs", "results"), help="run directory of those runs")
   a = p.parse_args(argv)
+  try:
+    acc_seeds = [int(x) for x in a.accuracy_seeds.split(",") if x]
+  except ValueError as e:
+    raise cli.InputError(f"--accuracy_seeds={a.accuracy_seeds}: comma-separated integers") from e
   if a.model not in vit.variant_names():
     raise cli.InputError(f"--model={a.model}: unknown ViT variant; known {vit.variant_names()}")
   if a.batch < 1 or a.steps < 1 or a.depth < 0 or a.image_size < 1:
@@ -146,7 +202,8 @@ def _main(argv):
       f"## Compute policy: bf16, fused attention, remat ({a.model} width, {vcfg.num_layers} "
       f"blocks, {vcfg.image_size} px, batch {a.batch}, CPU)", "",
       f"`python benchmarks/precision.py --model={a.model} --depth={a.depth} "
-      f"--image_size={a.image_size} --batch={a.batch} --steps={a.steps}`", "",
+      f"--image_size={a.image_size} --batch={a.batch} --steps={a.steps}"
+      + (f" --accuracy_seeds={a.accuracy_seeds}`" if acc_seeds else "`"), "",
       f"{cpu_name()}, {os.cpu_count()} CPU threads, JAX {jax.__version__} on "
       f"{jax.devices()[0].platform}; bf16 matmul instructions on this CPU: {cpu_bf16_flags()}. "
       f"One NTK-CL train step (`Learner.step_given`), {vcfg.num_layers} blocks, random weights; "
@@ -158,6 +215,8 @@ def _main(argv):
     lines.append(f"| {label} | {r['s_per_step'] * 1e3:.0f} | "
                  f"{r['s_per_step'] / ref['s_per_step']:.2f}x | {r['compile_s']:.1f} | "
                  f"{r['temp_bytes'] / 2**20:.1f} |")
+  if acc_seeds:
+    lines += accuracy_lines(acc_seeds, a.workdir)
   print("\n".join(lines))
   return rows
 

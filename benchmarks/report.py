@@ -182,7 +182,7 @@ def _main(argv):
                    [py, "-m", "ntk_analysis.benchmark", "--tasks=5", "--n=64",
                     "--skip=jax:ntvp:1,neural_tangents:jacobian:2"]))
   sections.append(("Compute policy: float32 against bfloat16, einsum against fused attention, "
-                   "remat", [py, "benchmarks/precision.py"]))
+                   "remat", [py, "benchmarks/precision.py", "--accuracy_seeds=0,1,2,3,4"]))
   sections.append(("Host syncs per step", [py, "benchmarks/host_sync.py"]))
   sections.append(("Empirical NTK across devices: joint kernel of 5 tasks x 64 images, tiny "
                    "config", [py, "-m", "ntk_analysis.benchmark", "--device_counts=1,2,4,8"]))

@@ -7,14 +7,16 @@ full test set.
 COMMAND:
   python -m ntkcl_jax.train --config=configs/cifar10_dinov2s.py --workdir=workdirs/cifar10-seed0
 Args (`--config=configs/cifar10_dinov2s.py:size=112,per_class=1000`): image size, training images
-per class (0 = all 1,000 of the archive), test images per class (0 = all), epochs, source=zip|tfds.
+per class (0 = all 1,000 of the archive), test images per class (0 = all), epochs, source=zip|tfds,
+batch (SGD batch size).
 """
 from ntkcl_jax.configs import dinov2s_real
 from ntkcl_jax.configs.config_args import parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, size=56, per_class=300, test_per_class=0, epochs=5, source="auto")
+  a = parse_arg(arg, size=56, per_class=300, test_per_class=0, epochs=5, source="auto",
+                batch=16)
   return dinov2s_real.get_config("cifar10", image_size=a.size, per_class_train=a.per_class,
                                  per_class_test=a.test_per_class, epochs=a.epochs,
-                                 source=a.source)
+                                 source=a.source, batch_size=a.batch)

@@ -66,7 +66,7 @@ def pick_source(dataset: str, source: str, image_size: int, per_class_train: int
 
 
 def get_config(dataset: str, image_size: int, per_class_train: int, per_class_test: int,
-               epochs: int, source: str = "auto"):
+               epochs: int, source: str = "auto", batch_size: int = 16):
   """NTK-CL (official variant) on Split-<dataset>, 5 tasks x 2 classes, DINOv2-S/14 backbone."""
   folder, tfds_name, bundled = SOURCES[dataset]
   c = base.get_config()
@@ -103,7 +103,7 @@ def get_config(dataset: str, image_size: int, per_class_train: int, per_class_te
   c.optim.lr = 0.02
   c.optim.weight_decay = 5e-3
   c.optim.epochs = epochs
-  c.optim.batch_size = 16
+  c.optim.batch_size = batch_size
   c.optim.eval_batch_size = 64
   c.topk = 1
   c.train.checkpoint_every_steps = 50

@@ -18,6 +18,8 @@ record.json before the checkpoints are deleted. Parts (docs/ntk_theory.md §2.2 
   'groups'  each parameter group's share of the trace of the kernel and of the centred kernel at
             theta_T (param_groups.NTKCL_GROUPS).
   'gap'     per task, accuracy at theta_T on its training images and on its test images.
+  'nt_check' the fused kernel at theta_T computed once more through neural-tangents (the `ntk`
+            extra), and its agreement with the JAX backend's kernel the other parts use.
 
 Judging (`Sweep` of records; every function returns the paper's prediction, the criterion fixed
 before measuring, findings with bootstrap intervals over seeds (ntkcl_jax.evidence) and verdicts):
@@ -46,7 +48,7 @@ import pandas as pd
 from ntk_analysis import joint, kernels, linearized, metrics, param_groups, plots, readouts
 from ntkcl_jax import evidence
 
-PARTS = ("pairs", "views", "lazy", "groups", "gap")
+PARTS = ("pairs", "views", "lazy", "groups", "gap", "nt_check")
 TOP_K = 3  # principal cosines averaged in (a) and eigenvalues in the (e) share
 SWITCHES = ("fix_fusion", "fix_nce_sign", "fix_orth", "fix_l2_all", "fix_ema", "fix_patch_init",
             "fix_old_pool")
@@ -331,8 +333,26 @@ def measure_run(workdir: str, parts: Sequence[str] = PARTS, *, n_per_task: int =
       log(f"  lazy check of task {t}: e_lin {row['e_lin']:.3g}, agreement "
           f"{row['agreement']:.2f}, {time.time() - t0:.0f} s")
     out["lazy"] = lazy
+  if "nt_check" in parts:
+    out["nt_check"] = nt_agreement(*readouts.model_readout(learner, states[-1], "fused", probe),
+                                   x, last)
+    log(f"  neural-tangents cross-check: max relative error "
+        f"{out['nt_check']['max_rel_error']:.2g}, {time.time() - t0:.0f} s")
   out["measure_seconds"] = time.time() - t0
   return _rounded(out)
+
+
+def nt_agreement(f, params, x, reference: np.ndarray, implementation: int = 1) -> dict:
+  """The traced kernel of f over x through neural-tangents, against `reference` (the JAX
+  backend's kernel of the same f, params and x): relative errors and seconds."""
+  t = time.time()
+  k = kernels.ntk_fn(f, backend="neural_tangents", implementation=implementation)(params, x)
+  scale = float(np.abs(reference).max())
+  return {"at": "theta_T", "implementation": implementation, "n": int(k.shape[0]),
+          "max_rel_error": float(np.abs(k - reference).max() / scale) if scale else 0.0,
+          "frob_rel_error": float(np.linalg.norm(k - reference) / np.linalg.norm(reference))
+                            if scale else 0.0,
+          "seconds": time.time() - t}
 
 
 def _results(workdir: str) -> dict:

@@ -108,6 +108,25 @@ def experiment_section(res: dict, img_prefix: str) -> list:
   return lines
 
 
+def nt_section(sweep: experiments.Sweep) -> list:
+  """The base runs' kernels at theta_T recomputed through neural-tangents (record part
+  'nt_check'), against the JAX backend's kernels the experiments read."""
+  rows = [{"seed": seed, "images": r["nt_check"]["n"],
+           "max relative error": f"{r['nt_check']['max_rel_error']:.1e}",
+           "Frobenius relative error": f"{r['nt_check']['frob_rel_error']:.1e}",
+           "neural-tangents s": f"{r['nt_check']['seconds']:.0f}"}
+          for seed, r in sorted(sweep.base().items()) if r.get("nt_check")]
+  if not rows:
+    return []
+  return ["### neural-tangents on the same kernels", "",
+          "The fused-view kernel at theta_T of each base run (the full NTK-CL readout: channel "
+          "adapters, patch prompts, fusion, frozen set) computed once more through "
+          "neural-tangents 0.6.5 (`empirical_ntk_fn`, implementation 1, via "
+          "ntk_analysis/nt_compat.py), against the JAX backend's kernel the experiments read. "
+          "The same check on the 12-block backbone: [ntk_nt_check.md](ntk_nt_check.md).", ""
+          ] + table(rows) + [""]
+
+
 def sweep_section(root: str, out_dir: str, keys: str = "abcdef") -> tuple[list, list]:
   """The page section of one sweep, and the plot files it wrote."""
   tag = os.path.basename(os.path.normpath(root))
@@ -130,7 +149,7 @@ def sweep_section(root: str, out_dir: str, keys: str = "abcdef") -> tuple[list, 
   for k, r in report.items():
     lines.append(f"| ({k}) {r['name']} | {_verdict(r['verdict']) or ('not measured' if r.get('missing') else 'see rows')} | "
                  f"{_fmt(r.get('headline') or r.get('missing') or '')} |")
-  lines += ["", "### Runs", ""] + runs_section(sweep) + [""]
+  lines += [""] + nt_section(sweep) + ["### Runs", ""] + runs_section(sweep) + [""]
   plots = []
   for r in report.values():
     lines += experiment_section(r, f"{IMG_DIR}/")

@@ -18,10 +18,12 @@ every run whose record exists with the same config and settings, and stops at a 
 another config (delete that arm's directory, or use another --root).
 
 Arms (an override equal to the config's value is dropped: an arm equal to the base is the base):
-  base                        every kernel part; (a), (c) views, (d), (e), and the reference of (f)
+  base                        every kernel part; (a), (c) views, (d), (e), the reference of (f),
+                              and the neural-tangents cross-check of its kernel (--nt_check)
   (b) dis_temp=0              the zero-weight control of both kinds of term
       dis_temp=w              the official signed-sum term, w in --dis_temps
-      dis_temp=w,fix_orth=..  variant=corrected with only fix_orth on (the paper's penalty)
+      dis_temp=w,fix_orth=..  variant=corrected with only fix_orth on (the paper's penalty), w in
+                              --orth_weights (empty: the --dis_temps)
   (c) max_per_class_train=N   N in --n_per_class: the gap against N, each with the base's SGD
                               steps per task (epochs scaled by the base's N / N)
   (f) reg_temp=r              r in --reg_temps
@@ -52,7 +54,12 @@ from scripts import grid  # noqa: E402
 
 SCHEMA = 1  # of record.json
 DEFAULT_ROOT = os.path.join("runs", "theory")
-DIS_TEMPS = (1e-4, 1e-3, 1e-2)
+# (b): the official weight 1e-4 and two far above it for the signed-sum term (a linear functional
+# of normalised features: its gradient is bounded at any weight); the fix_orth penalty (a squared
+# projection, at most 2 per image) from a weight where it is small beside the CE terms up to one
+# where it dominates them.
+DIS_TEMPS = (1e-4, 1e-2, 1e-1)
+ORTH_WEIGHTS = (1e-2, 1e-1, 1.0)
 # (f): the official 1e-3 and values far above it. On the tiny digits config A_T first moves at
 # reg_temp 1 (docs/ntk.md, "(f)"), so the grid brackets 1e-1 .. 100 around it.
 REG_TEMPS = (0.0, 1e-3, 1e-1, 1.0, 10.0, 100.0)
@@ -90,10 +97,12 @@ def num_tasks(config) -> int:
 
 
 def plan(config, experiments_: str = "abcdef", dis_temps: Sequence[float] = DIS_TEMPS,
-         reg_temps: Sequence[float] = REG_TEMPS,
-         n_per_class: Sequence[int] = N_PER_CLASS) -> dict:
+         reg_temps: Sequence[float] = REG_TEMPS, n_per_class: Sequence[int] = N_PER_CLASS,
+         nt_check: bool = True, orth_weights: Optional[Sequence[float]] = None) -> dict:
   """{arm: (overrides, parts)}: the arms the experiments need (module docstring), overrides
-  equal to the config's value dropped, and the kernel parts measured of each."""
+  equal to the config's value dropped, and the kernel parts measured of each (`nt_check`: the
+  base runs' kernel at theta_T once more through neural-tangents). The fix_orth arms of (b) use
+  `orth_weights` (None: dis_temps)."""
   arms: dict = {}
 
   def add(overrides, parts):
@@ -102,12 +111,13 @@ def plan(config, experiments_: str = "abcdef", dis_temps: Sequence[float] = DIS_
     have = set(arms[name][1]) if name in arms else set()
     arms[name] = (ov, tuple(p for p in experiments.PARTS if p in have | set(parts)))
 
-  add({}, experiments.PARTS)
+  add({}, [p for p in experiments.PARTS if nt_check or p != "nt_check"])
   if "b" in experiments_:
     add({"method.dis_temp": 0.0}, ("pairs",))
     others_off = {f"method.{s}": False for s in experiments.SWITCHES if s != "fix_orth"}
     for w in dis_temps:
       add({"method.dis_temp": float(w)}, ("pairs",))
+    for w in dis_temps if orth_weights is None else orth_weights:
       add({"method.dis_temp": float(w), "method.variant": "corrected", "method.fix_orth": True,
            **others_off}, ("pairs",))
   if "c" in experiments_:
@@ -146,16 +156,10 @@ def existing_record(path: str, config, settings: Mapping, parts: Sequence[str]
   record of something else (nothing is overwritten)."""
   if not os.path.exists(path):
     return None
-  try:
-    with open(path) as f:
-      rec = json.load(f)
-  except ValueError as e:
-    raise cli.InputError(f"{path} is not JSON ({e}); delete it to rerun that run") from e
+  rec = grid.read_json(path, "JSON", "delete it to rerun that run")
   where = os.path.dirname(path)
-  want = grid.with_schema_defaults(json.loads(config.to_json_best_effort()))
-  have = grid.with_schema_defaults(rec.get("config", {}))
-  if have != want:
-    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+  differ = grid.config_differences(rec.get("config", {}), config)
+  if differ:
     raise cli.InputError(f"{path} is the record of another config ({differ[:6]} differ); use "
                          f"another --root, or delete {where} to rerun it")
   if rec.get("schema") != SCHEMA or rec.get("settings") != dict(settings):
@@ -217,11 +221,12 @@ def run_all(config, root: str, seeds: Sequence[int] = (0,), experiments_: str = 
             dis_temps: Sequence[float] = DIS_TEMPS, reg_temps: Sequence[float] = REG_TEMPS,
             n_per_class: Sequence[int] = N_PER_CLASS, settings: Mapping = SETTINGS,
             spec: str = "", base_overrides: Sequence[str] = (), sweep_command: str = "",
-            keep_checkpoints: bool = False, plan_only: bool = False,
+            keep_checkpoints: bool = False, plan_only: bool = False, nt_check: bool = True,
+            orth_weights: Optional[Sequence[float]] = None,
             log: Callable[[str], None] = print, **ntk_kwargs) -> list:
   """Every run the chosen experiments need, seed by seed: the records (plan_only: the list of
   (arm, seed, parts, done) without training anything)."""
-  arms = plan(config, experiments_, dis_temps, reg_temps, n_per_class)
+  arms = plan(config, experiments_, dis_temps, reg_temps, n_per_class, nt_check, orth_weights)
   out = []
   for seed in seeds:
     for arm, (ov, parts) in arms.items():
@@ -250,7 +255,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("root", DEFAULT_ROOT, "directory of the runs and their records")
   flags.DEFINE_list("seeds", ["0"], "seeds of every arm")
   flags.DEFINE_string("experiments", "a,b,c,d,e,f", "which of a-f (letters, commas optional)")
-  flags.DEFINE_list("dis_temps", [_value_text(w) for w in DIS_TEMPS], "(b): positive weights")
+  flags.DEFINE_list("dis_temps", [_value_text(w) for w in DIS_TEMPS], "(b): positive weights "
+                    "of the official signed-sum term")
+  flags.DEFINE_list("orth_weights", [_value_text(w) for w in ORTH_WEIGHTS], "(b): positive "
+                    "weights of the fix_orth penalty (empty: --dis_temps)")
   flags.DEFINE_list("reg_temps", [_value_text(r) for r in REG_TEMPS], "(f): reg_temp values")
   flags.DEFINE_list("n_per_class", [str(n) for n in N_PER_CLASS],
                     "(c): training images per class (at least 2 values)")
@@ -264,6 +272,8 @@ def _define_flags() -> None:
   flags.DEFINE_bool("plan", False, "list the runs (arm x seed) and which records exist; train "
                     "nothing")
   flags.DEFINE_bool("keep_checkpoints", False, "keep each run's checkpoints after its record")
+  flags.DEFINE_bool("nt_check", True, "recompute each base run's kernel at theta_T through "
+                    "neural-tangents (needs the `ntk` extra)")
   flags.DEFINE_bool("compilation_cache", False, "persistent XLA cache under ROOT/.jax_cache")
   flags.DEFINE_float("memory_limit_gb", 0, "memory budget of one kernel in GiB (0: the "
                      "default of ntk_analysis.kernels)")
@@ -286,9 +296,10 @@ def main(_) -> None:
     seeds = [int(s) for s in fl.seeds]
     n_per_class = [int(n) for n in fl.n_per_class]
     dis_temps, reg_temps = [float(w) for w in fl.dis_temps], [float(r) for r in fl.reg_temps]
+    orth_weights = [float(w) for w in fl.orth_weights] or None
   except ValueError as e:
-    raise app.UsageError(f"--seeds / --n_per_class need integers and --dis_temps / --reg_temps "
-                         f"numbers ({e})")
+    raise app.UsageError(f"--seeds / --n_per_class need integers and --dis_temps / --reg_temps / "
+                         f"--orth_weights numbers ({e})")
   if "c" in exps and len(set(n_per_class)) < 2:
     raise app.UsageError("--n_per_class needs at least 2 values for the slope of (c)")
   settings = {"n_per_task": fl.n_per_task, "probes": fl.probes, "lin_train": fl.lin_train,
@@ -304,7 +315,8 @@ def main(_) -> None:
     kw["memory_limit"] = int(fl.memory_limit_gb * 2**30)
   if fl.plan:
     rows = run_all(fl.config, fl.root, seeds, exps, dis_temps=dis_temps, reg_temps=reg_temps,
-                   n_per_class=n_per_class, settings=settings, plan_only=True)
+                   n_per_class=n_per_class, settings=settings, plan_only=True,
+                   nt_check=fl.nt_check, orth_weights=orth_weights)
     for arm, seed, parts, done in rows:
       print(f"{'done   ' if done else 'missing'}  {arm:45s} seed {seed}  ({', '.join(parts)})")
     arms = sorted({r[0] for r in rows})
@@ -317,7 +329,8 @@ def main(_) -> None:
   recs = run_all(fl.config, fl.root, seeds, exps, dis_temps=dis_temps, reg_temps=reg_temps,
                  n_per_class=n_per_class, settings=settings, spec=spec,
                  base_overrides=base_overrides, sweep_command=sweep_command,
-                 keep_checkpoints=fl.keep_checkpoints, **kw)
+                 keep_checkpoints=fl.keep_checkpoints, nt_check=fl.nt_check,
+                 orth_weights=orth_weights, **kw)
   print(f"{len(recs)} records under {fl.root}; the page: python scripts/ntk_page.py "
         f"--theory={fl.root}")
 

@@ -242,6 +242,10 @@ def test_measured_quantities_against_a_second_computation(sweep):
   assert lazy["e_lin"] == pytest.approx(want, rel=1e-2, abs=1e-5)
   assert 0 <= lazy["agreement"] <= 1 and lazy["steps"] == rec["steps_per_task"][1]
   assert np.isclose(sum(rec["groups"]["shares"].values()), 1.0)
+  # the same kernel at theta_T through neural-tangents (the full readout: fusion, patch prompts,
+  # frozen set), against the JAX backend's kernel that the rows above checked
+  nt = rec["nt_check"]
+  assert nt["n"] == len(x) and nt["implementation"] == 1 and nt["max_rel_error"] < 1e-5
 
 
 def test_unknown_override_names_the_key():

