@@ -84,6 +84,9 @@ EXTRAS = {
     "tfds": ["tensorflow-cpu>=2.18,<2.22"],
     "test": [
         "pytest==9.2.0",
+        # Two test processes (README's `-n 2 --dist loadfile`): most tests are bound by XLA's
+        # single-threaded compiles, so two of them use both cores of a CI machine.
+        "pytest-xdist==3.8.0",
         "nbclient>=0.10",  # executes the notebooks in CI
         "nbformat>=5.10",
         "ipykernel>=6.29",

@@ -16,6 +16,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   # Loading a cached CPU executable logs a benign C++ warning about tuning flags (prefer-no-gather)
   # on stderr; the CLI tests read stderr line by line.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if os.environ.get("PYTEST_XDIST_WORKER") and _OWN_CACHE is None:
+  # A pytest-xdist worker (README: `-n 2`) inherits the controller's cache; JAX writes cache
+  # entries without a lock, so each worker (and its subprocesses) keeps a folder of its own
+  # inside it, removed with it.
+  _worker_cache = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"],
+                               os.environ["PYTEST_XDIST_WORKER"])
+  os.makedirs(_worker_cache, exist_ok=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _worker_cache
 
 import pathlib
 

@@ -2,11 +2,13 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
 
+import precision  # noqa: E402  pylint: disable=g-import-not-at-top
 import report  # noqa: E402  pylint: disable=g-import-not-at-top
 import train_step  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -98,3 +100,29 @@ def test_profile_accounts_for_all_op_time():
     kinds[m.group(1)] = float(m.group(3))
   assert abs(sum(kinds.values()) - 100.0) < 0.5, kinds
   assert any(k.startswith("matmul") for k in kinds), kinds
+
+
+@pytest.mark.parametrize("shift,verdict", [(0.05, "holds"), (-4.0, "fails")])
+def test_precision_accuracy_table_pairs_runs_by_seed(monkeypatch, tmp_path, shift, verdict):
+  """bf16 − f32 per seed, their mean with an interval and a verdict against ±1 point; the
+  matrix column is the largest entry-wise gap (the runs themselves are whole trainings, stubbed
+  here by finished results)."""
+  from scripts import results_page  # pylint: disable=g-import-not-at-top  # precision's path
+  rng = np.random.default_rng(0)
+  base = {s: 40 + rng.normal() for s in range(5)}
+  noise = {s: 0.02 * (s - 2) for s in range(5)}
+
+  def fake(dataset, method, seed, scale, workdir):
+    assert dataset == "imagenette" and workdir == str(tmp_path)
+    a = base[seed] + (shift + noise[seed] if method == "official_bf16" else 0.0)
+    return {"avg_incremental_accuracy": a + 10, "last_accuracy": a, "wall_time_s": 100.0,
+            "accuracy_matrix": [[a + 1, None], [a - 1, a]]}
+  monkeypatch.setattr(results_page, "run_cell", fake)
+  text = "\n".join(precision.accuracy_lines(range(5), str(tmp_path)))
+  rows = [l for l in text.splitlines() if l.startswith("| ") and l[2].isdigit()]
+  assert len(rows) == 5
+  assert rows[3].split(" | ")[5] == f"{abs(shift + noise[3]):.2f}"  # max abs matrix diff
+  want = np.mean([shift + noise[s] for s in range(5)])
+  for name in ("ΔĀ", "ΔA_T"):
+    line = next(l for l in text.splitlines() if l.startswith(f"- {name}: "))
+    assert line.startswith(f"- {name}: {want:+.2f} [") and f"**{verdict}**" in line, line

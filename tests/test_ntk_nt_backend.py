@@ -269,9 +269,11 @@ def test_full_readout_jax_backend_equals_naive_jacrev(full_readout, fusion):
     assert sum(v for k, v in norms.items() if name in k) > 0, name
 
 
+# Every implementation on the multi-token fusion; on the official fusion (whose readouts take
+# longest here) the one the analysis uses by default. test_t12_* compare all of them elsewhere.
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", [1, 2, 3])
-@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("fusion,impl", [("official", 1), ("fix_fusion", 1), ("fix_fusion", 2),
+                                         ("fix_fusion", 3)])
 def test_full_readout_neural_tangents_equals_jax_and_naive(full_readout, fusion, impl):
   """neural-tangents' JACOBIAN_CONTRACTION (1), NTK_VECTOR_PRODUCTS (2) and
   STRUCTURED_DERIVATIVES (3) on the fused feature sketch, full and traced."""
