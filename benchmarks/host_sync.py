@@ -18,6 +18,7 @@ compiled step. Prints a markdown section.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -80,7 +81,8 @@ def measure(config) -> dict:
   for obj, name, fn in patches:
     setattr(obj, name, fn)
   try:
-    with tempfile.TemporaryDirectory() as wd:
+    # the launcher's log goes to stderr: stdout is the page section
+    with tempfile.TemporaryDirectory() as wd, contextlib.redirect_stdout(sys.stderr):
       train.run(config, wd, progress=False)
   finally:
     for obj, name, fn in saved:
