@@ -347,11 +347,9 @@ def nt_agreement(f, params, x, reference: np.ndarray, implementation: int = 1) -
   backend's kernel of the same f, params and x): relative errors and seconds."""
   t = time.time()
   k = kernels.ntk_fn(f, backend="neural_tangents", implementation=implementation)(params, x)
-  scale = float(np.abs(reference).max())
+  err = metrics.kernel_agreement(k, reference)
   return {"at": "theta_T", "implementation": implementation, "n": int(k.shape[0]),
-          "max_rel_error": float(np.abs(k - reference).max() / scale) if scale else 0.0,
-          "frob_rel_error": float(np.linalg.norm(k - reference) / np.linalg.norm(reference))
-                            if scale else 0.0,
+          "max_rel_error": err["max_rel"], "frob_rel_error": err["fro_rel"],
           "seconds": time.time() - t}
 
 

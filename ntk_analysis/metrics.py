@@ -180,6 +180,17 @@ def relative_change(k_old, k_new) -> float:
   return frob(np.asarray(k_new, np.float64) - np.asarray(k_old, np.float64)) / frob(k_old)
 
 
+def kernel_agreement(k, ref) -> dict:
+  """One kernel against a reference (e.g. neural-tangents against the JAX backend): max relative
+  error max|K - K_ref| / max|K_ref| and Frobenius relative error (both 0 for an all-zero ref)."""
+  k, ref = np.asarray(k, np.float64), np.asarray(ref, np.float64)
+  scale = np.abs(ref).max()
+  if not scale:
+    return {"max_rel": 0.0, "fro_rel": 0.0}
+  return {"max_rel": float(np.abs(k - ref).max() / scale),
+          "fro_rel": float(np.linalg.norm(k - ref) / np.linalg.norm(ref))}
+
+
 def linearisation_error(f, params_0, params_1, x) -> float:
   """e_lin = ||f(p1) - f(p0) - J(p0)(p1 - p0)|| / ||f(p1) - f(p0)|| (docs/ntk_theory.md §2.2): one JVP."""
   delta = jax.tree_util.tree_map(lambda a, b: b - a, params_0, params_1)

@@ -24,7 +24,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from ntk_analysis import analyse, joint, kernels, nt_compat, readouts
+from ntk_analysis import analyse, joint, kernels, metrics, nt_compat, readouts
 from ntkcl_jax import cli, data, learner as learner_lib, sharding
 from ntkcl_jax import checkpoints
 from ntkcl_jax.configs import imagenette_dinov2s
@@ -124,13 +124,6 @@ def measure(f, params, images, *, n: int, seed: int, backend: str, implementatio
   return out
 
 
-def agreement(k, ref) -> dict:
-  """Max relative error max|K - K_ref| / max|K_ref| and Frobenius relative error."""
-  k, ref = np.asarray(k, np.float64), np.asarray(ref, np.float64)
-  return {"max_rel": float(np.abs(k - ref).max() / np.abs(ref).max()),
-          "fro_rel": float(np.linalg.norm(k - ref) / np.linalg.norm(ref))}
-
-
 def _gib(b) -> str:
   return f"{b / 2**30:.2f}"
 
@@ -179,7 +172,7 @@ def page(command: str, config_arg: str, setup: dict, records, runs, env: dict) -
             "| backend | implementation | wall (s) | CPU (s) | peak RSS (GiB) | added (GiB) | "
             "max rel. error | Frobenius rel. error |", "|---|---|---|---|---|---|---|---|"]
   for r in runs:
-    err = agreement(r["k"], ref)
+    err = metrics.kernel_agreement(r["k"], ref)
     impl = "" if r["implementation"] is None else (
         f"{r['implementation']} ({nt_compat.IMPLEMENTATIONS[r['implementation']]})")
     lines.append(f"| {r['backend']} | {impl} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
@@ -221,7 +214,7 @@ def main(_):
     runs.append(measure(f, params, images, n=FLAGS.n_per_task, seed=FLAGS.seed, backend=NT,
                         implementation=impl))
   for r in runs[1:]:
-    err = agreement(r["k"], runs[0]["k"])
+    err = metrics.kernel_agreement(r["k"], runs[0]["k"])
     print(f"  neural-tangents implementation {r['implementation']} vs jax: max relative error "
           f"{err['max_rel']:.2e}, Frobenius relative error {err['fro_rel']:.2e}")
   setup = {"tasks": FLAGS.tasks, "probes": FLAGS.probes, "n_per_task": FLAGS.n_per_task,

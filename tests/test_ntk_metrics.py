@@ -262,3 +262,12 @@ def test_ntkcl_group_labels_cover_the_model_tree():
       param_groups.NTKCL_GROUPS)
   assert sorted(set(labels.values())) == ["adapter down", "adapter up", "fusion Q", "fusion V",
                                           "prompt LN bias", "prompt LN scale", "prompt Mix"]
+
+
+def test_kernel_agreement_closed_form():
+  ref = np.array([[4.0, 1.0], [1.0, 2.0]])
+  k = ref + np.array([[0.0, 0.5], [0.5, 0.0]])
+  err = metrics.kernel_agreement(k, ref)
+  assert err["max_rel"] == pytest.approx(0.5 / 4.0)
+  assert err["fro_rel"] == pytest.approx(np.sqrt(0.5) / np.sqrt(22.0))
+  assert metrics.kernel_agreement(ref, ref) == {"max_rel": 0.0, "fro_rel": 0.0}
