@@ -44,6 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
   # False: one fixed subsample for every seed; True: drawn per seed, so a spread over seeds also
   # covers which images were drawn (the evidence pages use this).
   c.data.subsample_per_seed = False
+  # Train and evaluate only the first N tasks of the protocol (0 = all). Class order, task splits
+  # and the EMA schedule stay the full protocol's, so such a run equals the first N tasks of the
+  # whole run (the corrections page's two-task runs).
+  c.data.tasks_to_run = 0
   c.data.train_transform = "official"  # official (RandomResizedCrop(0.05,1)+flip) | none
   c.data.prefetch = 2
 

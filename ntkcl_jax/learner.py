@@ -334,12 +334,19 @@ class Learner:
     of its classes from `proto_batches` (its training images under the test transform)."""
     if t < self.t - 1 and state["frozen"]:
       state = self._ema(state, jnp.int32(t))
+    return self.prototypes_from(state, proto_batches, f"task {t}")
+
+  def prototypes_from(self, state, proto_batches: Iterable[dict], what: str = "prototypes"):
+    """The state with the prototype of every class in `proto_batches` replaced by its class mean
+    of the fused feature under this state (docs/method.md §3.5); other rows are kept. At a task
+    end these are the task's classes; over all seen classes of a final state it is the
+    oracle-prototype diagnostic (no stale prototypes, which no exemplar-free method can have)."""
     acc = None
     for batch in proto_batches:
       part = self._proto_sums(state, self.backbone, self._global(batch))
       acc = part if acc is None else self._add(acc, part)
     if acc is None:
-      raise ValueError(f"task {t}: the 'proto' split yielded no batches")
+      raise ValueError(f"{what}: the 'proto' split yielded no batches")
     return self._set_protos(state, *acc)
 
   def evaluate(self, state, t: int, test_batches: Iterable[dict], tasks: Sequence[Sequence[int]]):

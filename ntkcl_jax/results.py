@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import jax
@@ -67,8 +67,11 @@ def task_record(result: dict, task: int) -> dict:
 
 
 def build(task_records: list[dict], num_tasks: int, class_order, config, wall_time_s: float,
-          topk: int, tasks_classes=None) -> dict:
-  """results.json from the per-task records (one per finished task)."""
+          topk: int, tasks_classes=None, oracle: Optional[dict] = None) -> dict:
+  """results.json from the per-task records (one per finished task). `oracle`: the task record
+  of the final state evaluated with every seen class's prototype recomputed from its training
+  images (train.py; a diagnostic of stale prototypes, not a result any exemplar-free method
+  reaches)."""
   r = np.full((num_tasks, num_tasks), np.nan)
   for rec in task_records:
     t = rec["task"]
@@ -95,6 +98,8 @@ def build(task_records: list[dict], num_tasks: int, class_order, config, wall_ti
       "config": json.loads(config.to_json_best_effort()),
       "versions": versions(),
       "wall_time_s": wall_time_s,
+      **({} if oracle is None else {"oracle_prototypes": {
+          k: oracle[k] for k in ("task", "per_task", "top1", "old", "new")}}),
   }
 
 

@@ -117,6 +117,8 @@ def validate_config(config) -> None:
   if o.epochs <= 0 or o.batch_size <= 0:
     raise cli.InputError(f"optim.epochs={o.epochs} and optim.batch_size={o.batch_size} must be "
                          "> 0")
+  if d.tasks_to_run < 0:
+    raise cli.InputError(f"data.tasks_to_run={d.tasks_to_run}: must be >= 0 (0 = every task)")
   if config.train.checkpoint_every_steps < 0:
     raise cli.InputError("train.checkpoint_every_steps must be >= 0 (0 = only at task ends)")
 
@@ -198,7 +200,12 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
   stream = data.build_stream(config, jax.process_index(), jax.process_count())
   class_order = [int(c) for c in np.asarray(stream.class_order).reshape(-1)]
   task_classes = [[class_order[int(c)] for c in np.asarray(t).reshape(-1)] for t in stream.tasks]
-  say(f"data: {config.data.name} ({stream.description}); {stream.num_tasks} tasks, class order "
+  num_run = stream.num_tasks if config.data.tasks_to_run == 0 else config.data.tasks_to_run
+  if num_run > stream.num_tasks:
+    raise cli.InputError(f"data.tasks_to_run={num_run}, but the protocol has only "
+                         f"{stream.num_tasks} tasks; use at most {stream.num_tasks} (0 = all)")
+  say(f"data: {config.data.name} ({stream.description}); {stream.num_tasks} tasks"
+      f"{f' (the first {num_run} run)' if num_run < stream.num_tasks else ''}, class order "
       f"{class_order}")
 
   # Learner state ------------------------------------------------------------------------------
@@ -206,7 +213,7 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
   epochs = learner.epochs()
   key = jax.random.PRNGKey(config.seed)
   abstract = learner.abstract_state(key)
-  num_events = sum(epochs * stream.num_train_batches(t, bsz) + 1 for t in range(stream.num_tasks))
+  num_events = sum(epochs * stream.num_train_batches(t, bsz) + 1 for t in range(num_run))
   prepare_workdir(workdir, min_free_bytes=(min(config.train.keep_checkpoints, num_events) + 1)
                   * run_state.state_nbytes(abstract))
   ckpt = run_state.RunCheckpointer(os.path.join(workdir, "checkpoints"),
@@ -299,7 +306,7 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
   log_every, every = max(1, config.train.log_every_steps), config.train.checkpoint_every_steps
   bar = None
   try:
-    for t in range(pos.task, stream.num_tasks):
+    for t in range(pos.task, num_run):
       classes = stream.tasks[t]
       learner.check_task(t, classes)
       if pos.phase == "train":
@@ -310,7 +317,7 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
           first = pos.batch if e == pos.epoch else 0
           if is_main and progress:
             bar = tqdm(total=nb, initial=first, mininterval=1.0, leave=False, dynamic_ncols=True,
-                       desc=f"task {t + 1}/{stream.num_tasks} epoch {e + 1}/{epochs}")
+                       desc=f"task {t + 1}/{num_run} epoch {e + 1}/{epochs}")
           # uint8 batches, each put on the devices while the step before it runs
           batches = stream_lib.prefetch_to_device(
               stream.train_batches(t, e, bsz, start_batch=first), learner.device_batch)
@@ -352,7 +359,7 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
         writer.scalars(step, {"topk_all_seen": rec["topk"]}, "eval")
       writer.scalars(step, {f"task_{s}": v for s, v in enumerate(rec["per_task"])}, "eval")
       writer.flush()
-      say(f"task {t + 1}/{stream.num_tasks}: accuracy on all seen classes {rec['top1']:.2f}%, "
+      say(f"task {t + 1}/{num_run}: accuracy on all seen classes {rec['top1']:.2f}%, "
           f"per task {[round(v, 2) for v in rec['per_task']]}")
       pos = Position(t + 1)
       save(state, pos)
@@ -366,10 +373,20 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
   ckpt.wait()
   ckpt.close()
 
+  # Oracle-prototype diagnostic: the final state with every seen class's prototype recomputed
+  # from its training images (forward passes only); against the last row it shows how much of
+  # the forgetting is stale prototypes and how much is the features.
+  seen = [c for s in range(num_run) for c in stream.tasks[s]]
+  oracle_state = learner.prototypes_from(state, stream.eval_batches("proto", seen, ebsz),
+                                         "oracle prototypes")
+  oracle = results.task_record(learner.evaluate(
+      oracle_state, num_run - 1, stream.eval_batches("test", seen, ebsz), stream.tasks),
+      num_run - 1)
+
   # Results ------------------------------------------------------------------------------------
   wall = wall_before + time.time() - t_start
-  out = results.build(records, stream.num_tasks, class_order, config, wall, topk=config.topk,
-                      tasks_classes=task_classes)
+  out = results.build(records, num_run, class_order, config, wall, topk=config.topk,
+                      tasks_classes=task_classes[:num_run], oracle=oracle)
   if is_main:
     results.atomic_write_json(os.path.join(workdir, "results.json"), out)
     title = f"{config.data.name} {config.method.name} seed {config.seed}"

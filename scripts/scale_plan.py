@@ -28,7 +28,7 @@ sys.path.insert(0, REPO)  # run as `python scripts/scale_plan.py`: `scripts.*` f
 
 from ntkcl_jax import cli  # noqa: E402
 from scripts import grid  # noqa: E402
-from scripts import results_page  # noqa: E402
+from scripts import pages  # noqa: E402
 
 DEFAULT_SIZES = "56,84,112,224"
 # What each evidence page trains: (page, datasets, trained methods, seeds) -- the plan's rows.
@@ -59,8 +59,8 @@ def steps_per_task(scale: str, classes_per_task: int = 2) -> int:
 def simplecil_cell(dataset: str, size: int, seed: int, scale: str, base: str):
   """Results of SimpleCIL at this size and seed with the page's scale otherwise (the same
   config as that page's SimpleCIL runs but for the size), run unless finished."""
-  spec = os.path.join(REPO, f"{results_page.DATASETS[dataset]}:{at_size(scale, size)}")
-  config = grid.load_config(spec, [f"--config.seed={seed}", *results_page.COMMON,
+  spec = os.path.join(REPO, f"{pages.DATASETS[dataset]}:{at_size(scale, size)}")
+  config = grid.load_config(spec, [f"--config.seed={seed}", *pages.COMMON,
                                    "--config.method.name=simplecil"])
   workdir = os.path.join(base, dataset, f"simplecil_{size}", f"seed{seed}")
   return grid.train_unless_finished(config, workdir, progress=False,
@@ -187,7 +187,7 @@ def _main(argv) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--sizes", default=DEFAULT_SIZES)
   p.add_argument("--seeds", default="0")
-  p.add_argument("--scale", default=results_page.DEFAULT_SCALE,
+  p.add_argument("--scale", default=pages.DEFAULT_SCALE,
                  help="config args of the results page; size= is replaced by each --sizes")
   p.add_argument("--steps", type=int, default=5, help="timed train steps per size and method")
   p.add_argument("--workdir", default=os.path.join(REPO, "runs", "scale"))
@@ -209,14 +209,14 @@ def _main(argv) -> int:
   steps = {}
   for size in sizes:
     steps[size] = {m: step_seconds("imagenette_dinov2s.py", size, batch,
-                                   results_page.METHODS[m][1], a.steps)
+                                   pages.METHODS[m][1], a.steps)
                    for m in ("official", "corrected", "channel")}
     print(f"{size} px: " + ", ".join(f"{m} {v['step_s']:.3f} s/step"
                                      for m, v in steps[size].items()), flush=True)
-  theory_step = step_seconds("theory_dinov2s.py", 56, batch, results_page.METHODS["official"][1],
+  theory_step = step_seconds("theory_dinov2s.py", 56, batch, pages.METHODS["official"][1],
                              a.steps, extra=f",depth={THEORY_DEPTH}")["step_s"]
   simple = {d: {size: [simplecil_cell(d, size, s, a.scale, a.workdir) for s in seeds]
-                for size in sizes} for d in results_page.DATASETS}
+                for size in sizes} for d in pages.DATASETS}
   command = "python scripts/scale_plan.py " + " ".join(sys.argv[1:] if argv is None else argv)
   text = page(simple, steps, theory_step, sizes, seeds, a.scale, load, command.strip())
   print(f"{n_steps} SGD steps per task")

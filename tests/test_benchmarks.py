@@ -107,7 +107,7 @@ def test_precision_accuracy_table_pairs_runs_by_seed(monkeypatch, tmp_path, shif
   """bf16 − f32 per seed, their mean with an interval and a verdict against ±1 point; the
   matrix column is the largest entry-wise gap (the runs themselves are whole trainings, stubbed
   here by finished results)."""
-  from scripts import results_page  # pylint: disable=g-import-not-at-top  # precision's path
+  from scripts import pages  # pylint: disable=g-import-not-at-top  # precision's path
   rng = np.random.default_rng(0)
   base = {s: 40 + rng.normal() for s in range(5)}
   noise = {s: 0.02 * (s - 2) for s in range(5)}
@@ -117,7 +117,7 @@ def test_precision_accuracy_table_pairs_runs_by_seed(monkeypatch, tmp_path, shif
     a = base[seed] + (shift + noise[seed] if method == "official_bf16" else 0.0)
     return {"avg_incremental_accuracy": a + 10, "last_accuracy": a, "wall_time_s": 100.0,
             "accuracy_matrix": [[a + 1, None], [a - 1, a]]}
-  monkeypatch.setattr(results_page, "run_cell", fake)
+  monkeypatch.setattr(pages, "run_cell", fake)
   text = "\n".join(precision.accuracy_lines(range(5), str(tmp_path)))
   rows = [l for l in text.splitlines() if l.startswith("| ") and l[2].isdigit()]
   assert len(rows) == 5

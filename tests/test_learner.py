@@ -190,6 +190,11 @@ def test_end_to_end_three_tasks_well_above_chance(run_of, method, variant, fixes
   assert sum(line["event"] == "step" for line in lines) == expected_steps
   if method == "ntkcl":
     assert set(res["losses"][0]) >= {"ce_channel", "ce_patch", "ce_fused", "nce", "orth", "reg"}
+  oracle = res["oracle_prototypes"]  # every seen class's prototype recomputed at the end
+  assert oracle["task"] == 2 and len(oracle["per_task"]) == 3
+  if method == "simplecil":  # frozen features: the recomputed prototypes are the same ones
+    assert oracle["per_task"] == res["accuracy_matrix"][-1]
+    assert oracle["top1"] == res["last_accuracy"]
 
 
 def test_old_pool_size_closed_forms():

@@ -8,11 +8,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for scripts.*
 
 from ntkcl_jax import cli  # noqa: E402
-from scripts import results_page, scale_plan  # noqa: E402
+from scripts import pages, scale_plan  # noqa: E402
 
 
 def test_the_results_page_scale_gives_100_steps_per_task_at_every_size():
-  scale = results_page.DEFAULT_SCALE
+  scale = pages.DEFAULT_SCALE
   assert scale_plan.steps_per_task(scale) == 100  # 2 classes x 200 images / batch 8 x 2 epochs
   assert scale_plan.at_size(scale, 112) == scale.replace("size=56", "size=112")
   assert scale_plan.steps_per_task("size=56,per_class=25,epochs=16,batch=8") == 7 * 16  # 50 / 8
@@ -34,11 +34,11 @@ def test_plan_rows_multiply_runs_by_steps_and_passes():
 
 def test_page_lists_every_size_and_the_chosen_scale():
   res = {"avg_incremental_accuracy": 60.0, "last_accuracy": 45.0, "wall_time_s": 50.0}
-  simple = {d: {56: [res], 112: [res]} for d in results_page.DATASETS}
+  simple = {d: {56: [res], 112: [res]} for d in pages.DATASETS}
   t = {"step_s": 0.4, "compile_s": 30.0}
   steps = {56: {m: t for m in ("official", "corrected", "channel")},
            112: {m: dict(t, step_s=1.0) for m in ("official", "corrected", "channel")}}
-  text = scale_plan.page(simple, steps, 0.1, [56, 112], [0], results_page.DEFAULT_SCALE, "0.5",
+  text = scale_plan.page(simple, steps, 0.1, [56, 112], [0], pages.DEFAULT_SCALE, "0.5",
                          "python scripts/scale_plan.py --sizes=56,112")
   assert "| imagenette | 112 px | 65 | 60.00 ± 0.00 | 45.00 ± 0.00 | 50 s |" in text
   assert "| 112 px | 1.000 | 1.000 | 1.000 | 30 |" in text

@@ -97,6 +97,20 @@ def test_one_device_equals_eight_devices_and_task_end_checkpoints_kept(tiny_run,
   ck.close()
 
 
+def test_tasks_to_run_equals_the_first_tasks_of_the_whole_run(tiny_run, tmp_path):
+  """data.tasks_to_run=2 trains and evaluates the first two tasks exactly as the whole run does
+  (same class order, splits and EMA schedule), and refuses more tasks than the protocol has."""
+  _, whole = tiny_run
+  part = train.run(tiny_config(**{"data.tasks_to_run": 2}), str(tmp_path / "two"),
+                   progress=False)
+  assert part["accuracy_matrix"] == [row[:2] for row in whole["accuracy_matrix"][:2]]
+  assert part["losses"] == whole["losses"][:2]
+  assert part["class_order"] == whole["class_order"] and len(part["tasks"]) == 2
+  assert part["oracle_prototypes"]["task"] == 1
+  with pytest.raises(cli.InputError, match="tasks_to_run=4, but the protocol has only 3"):
+    train.run(tiny_config(**{"data.tasks_to_run": 4}), str(tmp_path / "four"), progress=False)
+
+
 def test_unknown_override_lists_valid_keys():
   with pytest.raises(cli.InputError) as e:
     config_files.check_overrides(["--config=configs/tiny.py", "--config.optim.lrr=0.1"])

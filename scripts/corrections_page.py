@@ -1,0 +1,232 @@
+r"""Regenerates docs/results_corrections.md: each corrected-mode switch alone against faithful
+NTK-CL, and which switch (or pair) makes the corrected mode collapse.
+
+    python scripts/corrections_page.py                  # trains what is missing, then the page
+    python scripts/corrections_page.py --finished_only
+
+The collapse shows after the second task (docs/results.md: with all six switches, accuracy on
+the first task's classes falls far below faithful's once old prototypes exist), so every run
+here trains the first two tasks of the results page's protocol (`data.tasks_to_run=2`: the same
+class order, splits and EMA schedule, equal to the first two tasks of a whole run) at the results
+page's scale, on Split-Imagenette. Stage 1: faithful, all six switches, and each switch alone.
+Stage 2, only when no switch alone reproduces the collapse: pairs of the suspects. Runs go to
+WORKDIR/imagenette/<arm>/seed<s> (default runs/corrections).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run as `python scripts/corrections_page.py`
+
+from ntkcl_jax import cli  # noqa: E402
+from ntkcl_jax import evidence  # noqa: E402
+from scripts import pages  # noqa: E402
+
+DATASET = "imagenette"
+EXTRA = ["--config.data.tasks_to_run=2"]
+STAGE1 = ("official", "corrected", *pages.FIXES)
+STAGE2 = tuple(m for m in pages.METHODS if "+" in m)
+# Criteria, fixed before measuring. The collapse is the accuracy on task 0's classes after task 1,
+# A[1, 0], paired against faithful: an arm reproduces it if the whole t interval of ΔA[1, 0] lies
+# below -COLLAPSE points; a switch has no effect on it if the interval lies within ±NO_EFFECT.
+COLLAPSE = 20.0
+NO_EFFECT = 5.0
+TERMS = (("nce", "nce_temp", "NCE term L_mi"), ("orth", "dis_temp", "orthogonality term L_orth"))
+PLOT = os.path.join("results", "corrections_terms.png")
+
+
+def a10(r):
+  return pages.matrix(r)[1, 0]
+
+
+def a11(r):
+  return pages.matrix(r)[1, 1]
+
+
+def a1(r):
+  return r["accuracy_per_step"][1]
+
+
+QUANTITIES = (("A[1,0]: task 0's classes after task 1", a10),
+              ("A[1,1]: task 1's classes", a11), ("A_1: all seen classes after task 1", a1))
+
+
+def collapse(by_method: dict) -> dict:
+  """{arm: (Interval of ΔA[1,0] vs faithful, verdict 'reproduces' / 'no effect' / ...)}"""
+  out = {}
+  ctl = pages.values(by_method.get("official", {}), a10)
+  for m, by_seed in by_method.items():
+    if m == "official" or not by_seed:
+      continue
+    iv = evidence.paired(pages.values(by_seed, a10), ctl)
+    if evidence.verdict(iv, "<0", COLLAPSE) == "holds":
+      reading = "reproduces the collapse"
+    elif evidence.verdict(iv, "=0", NO_EFFECT) == "holds":
+      reading = "no effect on it"
+    else:
+      reading = "neither (inconclusive)"
+    out[m] = (iv, reading)
+  return out
+
+
+def trajectories(base: str, by_method: dict, arms) -> dict:
+  """{arm: {term: (steps, mean over seeds per logged step, task of each step)}} from the runs'
+  metrics.jsonl step lines."""
+  out = {}
+  for m in arms:
+    per_seed = []
+    for seed in by_method.get(m, {}):
+      path = os.path.join(base, DATASET, m, f"seed{seed}", "metrics.jsonl")
+      if os.path.exists(path):
+        with open(path) as f:
+          per_seed.append([json.loads(x) for x in f if '"event": "step"' in x])
+    if not per_seed:
+      continue
+    n = min(len(p) for p in per_seed)
+    steps = [p["step"] for p in per_seed[0][:n]]
+    tasks = [p["task"] for p in per_seed[0][:n]]
+    out[m] = {t: (steps, np.mean([[p[t] for p in s[:n]] for s in per_seed], 0), tasks)
+              for t, _, _ in TERMS}
+  return out
+
+
+def plot_terms(traj: dict, path: str, weights: dict) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(TERMS), figsize=(11, 3.6))
+  for ax, (term, weight, title) in zip(axes, TERMS):
+    for m, by_term in traj.items():
+      steps, mean, tasks = by_term[term]
+      ax.plot(steps, np.asarray(mean) * weights[m][weight], label=pages.METHODS[m][0], lw=1.2)
+    first = [s for s, t, prev in zip(steps, tasks, [tasks[0]] + tasks[:-1]) if t != prev]
+    for s in first:
+      ax.axvline(s, color="grey", ls=":", lw=0.8)
+    ax.set_title(f"{weight} × {title}")
+    ax.set_xlabel("SGD step (dotted: task 1 starts)")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def page(by_method: dict, seeds, scale: str, base: str, regenerate: str, plot_path: str) -> str:
+  found = collapse(by_method)
+  culprits = [m for m, (_, reading) in found.items()
+              if reading == "reproduces the collapse" and m != "corrected"]
+  lines = pages.header("Each correction alone", "scripts/corrections_page.py") + [
+      "",
+      "Faithful NTK-CL against each corrected-mode switch alone (docs/variants.md), on",
+      "Split-Imagenette with the real DINOv2-S/14, at the scale of [results.md](results.md)",
+      f"(`{scale}`), trained for the first two tasks of that page's protocol",
+      "(`data.tasks_to_run=2`: same class order, splits and EMA schedule; a two-task run equals",
+      "the first two tasks of a whole run, tests/test_train.py). With all six switches on, the",
+      "corrected mode collapses once old prototypes exist: this page finds which switch does it.",
+      "", *pages.STATISTICS, "",
+      f"**Criterion (fixed before measuring).** The collapse is ΔA[1,0], the paired difference",
+      f"against faithful of the accuracy on task 0's classes after task 1. An arm *reproduces the",
+      f"collapse* if the whole t interval of ΔA[1,0] lies below −{COLLAPSE:g} points; a switch has",
+      f"*no effect on it* if the interval lies within ±{NO_EFFECT:g} points. When no switch alone",
+      "reproduces it, the pairs of the suspects (fix_nce_sign, fix_orth, fix_patch_init,",
+      "fix_fusion) are run as well.", ""]
+  if culprits:
+    names = ", ".join(f"`{m}`" for m in culprits)
+    lines += [f"**Finding:** {names} reproduce{'s' if len(culprits) == 1 else ''} the collapse "
+              f"({'; '.join(f'{m}: ΔA[1,0] {found[m][0].text()}' for m in culprits)}).", ""]
+  elif found:
+    lines += ["**Finding:** no arm other than all six switches together reproduces the collapse "
+              "by the criterion above (yet).", ""]
+  lines += ["| arm | " + " | ".join(q for q, _ in QUANTITIES) + " | seeds |",
+            "|---|" + "---|" * len(QUANTITIES) + "---|"]
+  for m, by_seed in by_method.items():
+    if by_seed:
+      lines.append(f"| {pages.METHODS[m][0]} | " + " | ".join(
+          pages.mean_sd(pages.values(by_seed, fn).values()) for _, fn in QUANTITIES) +
+          f" | {len(by_seed)} |")
+  lines += ["", "Paired against faithful (arm − faithful):", "",
+            "| arm | " + " | ".join(f"Δ{q.split(':')[0]}" for q, _ in QUANTITIES) +
+            " | reading of ΔA[1,0] |", "|---|" + "---|" * len(QUANTITIES) + "---|"]
+  ctl = by_method.get("official", {})
+  for m, (iv, reading) in found.items():
+    cells = [pages.paired_text(evidence.paired(pages.values(by_method[m], fn),
+                                               pages.values(ctl, fn)), None)
+             for _, fn in QUANTITIES]
+    lines.append(f"| {pages.METHODS[m][0]} | " + " | ".join(cells) + f" | {reading} |")
+  # The terms that switch on when old prototypes first exist, per task (results.json 'losses').
+  lines += ["", "## The NCE and orthogonality terms", "",
+            "Mean over each task's steps and over seeds of the raw terms (the loss adds "
+            "nce_temp·L_mi and dis_temp·L_orth); both change at task 1, when old prototypes "
+            "first exist (the NCE term's old rows; the orthogonality basis is built from "
+            "prototypes).", "",
+            "| arm | L_mi task 0 | L_mi task 1 | L_orth task 0 | L_orth task 1 |",
+            "|---|---|---|---|---|"]
+  for m, by_seed in by_method.items():
+    if by_seed:
+      cell = lambda term, t: pages.mean_sd([r["losses"][t][term] for r in by_seed.values()])  # noqa: E731
+      lines.append(f"| {pages.METHODS[m][0]} | {cell('nce', 0)} | {cell('nce', 1)} | "
+                   f"{cell('orth', 0)} | {cell('orth', 1)} |")
+  shown = ["official", "corrected", *culprits]
+  traj = trajectories(os.path.join(REPO, base), by_method, shown)
+  if traj:
+    weights = {m: next(iter(by_method[m].values()))["config"]["method"] for m in traj}
+    plot_terms(traj, plot_path, weights)
+    lines += ["", "Trajectories of the weighted terms over training (mean over seeds, as logged "
+              "every few steps) for faithful, all six switches and each arm that reproduces the "
+              "collapse:", "", f"![NCE and orthogonality terms over training]({PLOT})"]
+  lines += ["", "## Commands", "", "This page:", "", "```", regenerate, "```", "",
+            "Each row's runs (seed S = each of the seeds above):", "", "```"]
+  for m in by_method:
+    cmd = pages.command(DATASET, m, "S", scale, os.path.join(base, DATASET, m, "seedS"), EXTRA)
+    lines.append(" ".join(c if " " not in c else repr(c) for c in cmd))
+  lines += ["```", ""]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--seeds", default=pages.DEFAULT_SEEDS)
+  p.add_argument("--scale", default=pages.DEFAULT_SCALE)
+  p.add_argument("--workdir", default=os.path.join(REPO, "runs", "corrections"))
+  p.add_argument("--finished_only", action="store_true",
+                 help="train nothing: build the page from the runs already finished")
+  p.add_argument("--output", default=os.path.join(REPO, "docs", "results_corrections.md"))
+  a = p.parse_args(argv)
+  seeds = pages.parse_seeds(a.seeds)
+  pages.check_output(a.output, a.workdir)
+  log = lambda m: print(m, flush=True)  # noqa: E731
+
+  def gather(arms):
+    return pages.collect([DATASET], lambda _: arms, seeds, a.scale, a.workdir, a.finished_only,
+                         EXTRA, log)[DATASET]
+  by_method = gather(STAGE1)
+  if not any(r == "reproduces the collapse" for m, (_, r) in collapse(by_method).items()
+             if m != "corrected"):
+    by_method.update(gather(STAGE2))
+  regenerate = "python scripts/corrections_page.py" + "".join(
+      f" --{k}={v}" for k, v, default in (
+          ("seeds", a.seeds, pages.DEFAULT_SEEDS), ("scale", a.scale, pages.DEFAULT_SCALE),
+          ("workdir", os.path.relpath(a.workdir, REPO), "runs/corrections"),
+          ("output", os.path.relpath(a.output, REPO), "docs/results_corrections.md"))
+      if v != default)
+  plot = os.path.join(os.path.dirname(os.path.abspath(a.output)), PLOT)
+  os.makedirs(os.path.dirname(plot), exist_ok=True)
+  text = page(by_method, seeds, a.scale, os.path.relpath(a.workdir, REPO), regenerate, plot)
+  with open(a.output, "w") as f:
+    f.write(text)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
