@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_analysis import kernels, readouts
+from ntk_analysis import kernel_memory, kernels, readouts
 from ntkcl_jax import tree_utils
 from ntkcl_jax.models import ntkcl, vit
 
@@ -102,8 +102,8 @@ def _peak_growth(fn) -> tuple:
 
 
 def measure_memory(case: str, chunk=None, jac_batch=None) -> dict:
-  """One kernel of MEMORY_CASES[case] on every device of this process, called twice: the
-  estimate (kernels.MemoryPlan) and the peak RSS each call added (the first also compiles)."""
+  """One kernel of MEMORY_CASES[case] on every device of this process, called twice: the estimate
+  (kernel_memory.MemoryPlan) and the peak RSS each call added (the first also compiles)."""
   f, p, x = MEMORY_CASES[case]()
   prof = {}
   kernel_fn = kernels.ntk_fn(f, devices="all", profile=prof, chunk=chunk, jac_batch=jac_batch)
@@ -133,8 +133,8 @@ def run_devices(tasks: int, n: int, chunk: int) -> dict:
     t0 = time.time()
     np.asarray(kernel_fn(p, x))
     times.append(time.time() - t0)
-  return {"devices": prof["devices"], "N": len(x), "P": kernels.num_params(p), "chunk": chunk,
-          "jac_batch": prof["jac_batch"], "first_call_s": round(first, 2),
+  return {"devices": prof["devices"], "N": len(x), "P": kernel_memory.num_params(p),
+          "chunk": chunk, "jac_batch": prof["jac_batch"], "first_call_s": round(first, 2),
           "call_s": round(float(np.median(times)), 2), "trace": float(np.trace(k))}
 
 
@@ -197,7 +197,7 @@ def run_one(backend, method, impl, tasks, n, chunk):
   dt = time.time() - t0
   rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return {"backend": backend, "method": method, "implementation": impl, "N": len(x),
-          "P": kernels.num_params(p), "seconds": round(dt, 2), "chunk": chunk,
+          "P": kernel_memory.num_params(p), "seconds": round(dt, 2), "chunk": chunk,
           "peak_rss_mb": round(rss1 / 1024, 1), "rss_growth_mb": round((rss1 - rss0) / 1024, 1),
           "shape": list(k.shape), "trace": float(k.trace()), "jax": jax.__version__}
 

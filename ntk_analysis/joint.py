@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ntk_analysis import kernels, metrics
+from ntk_analysis import kernel_memory, kernels, metrics
 
 
 def task_end_path(workdir: str, task: int, view: str = "fused") -> str:
@@ -93,6 +93,6 @@ def compute(f: Callable, params, task_data: Mapping[int, np.ndarray], *, n: int,
   k = (kernel_fn or kernels.ntk_fn(f, **ntk_kwargs))(params, x)
   meta = {"checkpoint": checkpoint, "method": ntk_kwargs.get("method", "jacobian"),
           "trace": ntk_kwargs.get("trace", True), "readout": readout, "probe_seed": probe_seed,
-          "groups": list(groups), "P": kernels.num_params(params), "seed": seed, "n": n,
+          "groups": list(groups), "P": kernel_memory.num_params(params), "seed": seed, "n": n,
           "backend": ntk_kwargs.get("backend", "jax")}
   return JointKernel(k=np.asarray(k), task_index=task_index, indices=indices, meta=meta)

@@ -20,19 +20,18 @@ device runs `jac_batch` samples per call; the host contracts the panels in float
 Memory: the 'jax' Jacobian path holds the Jacobians of one or two panels of `chunk` samples (one
 when a joint kernel's panel covers every sample: each Jacobian is then computed exactly once and
 K = J J^T is one product). `chunk=None` picks the largest panel whose estimate fits `memory_limit`
-(default: half the available memory, at most DEFAULT_MEMORY_CAP). The estimate counts, per
-device, the compiled Jacobian call's arguments, activations (forward and backward temporaries)
-and output, from XLA's `memory_analysis()` where the backend reports it, else a formula
-(`call_memory_formula`); a call too large for the per-device budget runs fewer samples per device.
-When a traced kernel's single panel does not fit, the outputs are split into groups instead:
-K = sum_g (|g|/O) K_g, each K_g again one pass that computes each Jacobian once (`output_groups`
-sets the number of groups). `log` receives the estimate (`MemoryPlan.describe`).
+(default: half the available memory, at most DEFAULT_MEMORY_CAP). The estimate (kernel_memory)
+counts, per device, the compiled Jacobian call's arguments, activations (forward and backward
+temporaries) and output, from XLA's `memory_analysis()` where the backend reports it, else a
+formula (`call_memory_formula`); a call too large for the per-device budget runs fewer samples
+per device. When a traced kernel's single panel does not fit, the outputs are split into groups
+instead: K = sum_g (|g|/O) K_g, each K_g again one pass that computes each Jacobian once
+(`output_groups` sets the number of groups). `log` receives the estimate (`MemoryPlan.describe`).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
+import functools
 import time
 from typing import Callable, Optional, Sequence, Union
 
@@ -42,127 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from ntk_analysis import kernel_memory
+
 METHODS = ("jacobian", "ntvp")
-MEMORY_FRACTION = 0.5  # of the available memory a kernel may use by default (the rest: others)
-# Default budget cap: the README analysis (80 samples, 8 outputs, 754K parameters) then splits
-# the fused view's outputs in two and peaks under 4 GB RSS in all, at about the same speed.
-DEFAULT_MEMORY_CAP = 3 << 29  # 1.5 GiB
-FALLBACK_MEMORY = 4 << 30  # bytes assumed available where the OS does not say
 # Samples per compiled Jacobian call: small vmapped batches ran fastest per sample on CPU
 # (benchmarks/ntk_profile.py); the panels of `chunk` samples are filled by repeated calls.
 JAC_BATCH = 4
-CONTRACT_BYTES = 256 << 20  # float64 scratch of the blockwise contraction
-DEVICE_MEMORY_FRACTION = 0.8  # of an accelerator's free memory one Jacobian call may use
 AXIS = "samples"  # the mesh axis the samples of a Jacobian call are split over
-
-
-class KernelMemoryError(MemoryError):
-  """The requested kernel would not fit; the message says what to shrink."""
-
-
-def num_params(params) -> int:
-  return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
-
-
-def available_memory() -> int:
-  """Bytes the machine can still give: MemAvailable (capped by a cgroup limit), else psutil."""
-  avail = None
-  try:
-    with open("/proc/meminfo") as fh:
-      for line in fh:
-        if line.startswith("MemAvailable:"):
-          avail = int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  if avail is None:
-    try:
-      import psutil  # pylint: disable=g-import-not-at-top  # optional, absent on minimal installs
-      avail = int(psutil.virtual_memory().available)
-    except ImportError:
-      avail = FALLBACK_MEMORY
-  for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-    try:
-      with open(path) as fh:
-        cap = fh.read().strip()
-      if cap.isdigit() and int(cap) < avail:
-        used = path.replace("memory.max", "memory.current").replace("limit_in_bytes",
-                                                                     "usage_in_bytes")
-        with open(used) as fh:
-          avail = max(0, int(cap) - int(fh.read().strip()))
-    except OSError:
-      pass
-  return avail
-
-
-def default_memory_limit() -> int:
-  """The budget of a kernel computation when none is given: MEMORY_FRACTION of available_memory,
-  at most DEFAULT_MEMORY_CAP."""
-  return min(int(available_memory() * MEMORY_FRACTION), DEFAULT_MEMORY_CAP)
-
-
-def estimate_bytes(n1: int, n2: int, outputs: int, n_params: int, chunk: int,
-                   trace: bool, itemsize: int = 4, same: bool = False,
-                   activations: int = 0) -> int:
-  """Host bytes: Jacobian panels of both inputs (one if `same` and the panel covers all n1), the
-  float64 kernel, the contraction's contiguous copies of one output's panel slices (traced
-  kernels of several outputs: _contract), and `activations`: what the Jacobian calls add on this
-  host (MemoryPlan: devices whose memory is the host's (CPU) count their arguments, activations
-  and output, and every call's gathered output), which is counted, not modelled."""
-  c1, c2 = min(chunk, n1), min(chunk, n2)
-  rows = c1 if (same and chunk >= n1) else c1 + c2
-  jac = rows * outputs * n_params * itemsize
-  kern = n1 * n2 * (1 if trace else outputs * outputs) * 8
-  copies = 0
-  if trace and outputs > 1:  # ja[:, i] is strided: each slice of P is copied, both panels
-    copies = (c1 + c2) * min(n_params, _contract_step(c1, c2, outputs, trace)) * itemsize
-  return jac + kern + copies + activations
-
-
-def choose_chunk(n1: int, n2: int, outputs: int, n_params: int, trace: bool, limit: int,
-                 itemsize: int = 4, same: bool = False, activations: int = 0) -> Optional[int]:
-  """The largest chunk (<= max(n1, n2)) whose estimate_bytes fits `limit`; None if not even 1."""
-  fits = lambda c: estimate_bytes(n1, n2, outputs, n_params, c, trace, itemsize, same,
-                                  activations) <= limit
-  top = n1 if same else max(n1, n2)
-  if fits(top):
-    return top
-  lo, hi = 0, top - 1  # below `top` the estimate grows with the chunk: bisect the last fit
-  while lo < hi:
-    mid = (lo + hi + 1) // 2
-    if fits(mid):
-      lo = mid
-    else:
-      hi = mid - 1
-  return lo or None
-
-
-def check_memory(n1, n2, outputs, n_params, chunk, trace, limit=None, itemsize=4, same=False,
-                 activations=0):
-  """Bytes needed with `chunk` (None: the largest that fits); KernelMemoryError if over limit."""
-  limit = default_memory_limit() if limit is None else limit
-  auto = chunk is None
-  if auto:
-    chunk = choose_chunk(n1, n2, outputs, n_params, trace, limit, itemsize, same, activations)
-    if chunk is not None:
-      return estimate_bytes(n1, n2, outputs, n_params, chunk, trace, itemsize, same, activations)
-    chunk = 1
-  need = estimate_bytes(n1, n2, outputs, n_params, chunk, trace, itemsize, same, activations)
-  if need > limit:
-    what = ("even with chunk 1 (one sample per Jacobian panel)" if auto else
-            f"with chunk {chunk}")
-    todo = ("" if auto else
-            "lower `chunk` (--chunk), or leave it unset to take the largest that fits; ")
-    raise KernelMemoryError(
-        f"an NTK of {n1}x{n2} samples, {outputs} outputs, {n_params:,} parameters {what} "
-        f"needs about {_size(need)} (limit {_size(limit)}): {todo}use fewer "
-        f"samples (--n_per_task), fewer outputs (a sketch readout with a few probes (--probes), "
-        f"or trace=True), or method='ntvp' (no Jacobian); raise `memory_limit` "
-        f"(--memory_limit_gb) if you have the memory")
-  return need
-
-
-def _size(nbytes: int) -> str:
-  return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**27 else f"{nbytes / 2**20:.2f} MiB"
 
 
 def _flat_jac(f, params, x):
@@ -183,14 +68,15 @@ def _contract(ja, jb, trace, step=None):
   """J_a J_b^T of two (n, O, P) host panels: float32 products over slices of P summed in float64
   (a sum over millions of parameters loses digits in float32); traced: (na, nb) summed (not
   averaged) over outputs; else (na, nb, O, O). `step` (parameters per slice) defaults to
-  _contract_step of the panels; a share of a panel's rows passes its whole panel's step."""
+  kernel_memory.contract_step of the panels; a share of a panel's rows passes its whole panel's
+  step."""
   na, o, p = ja.shape
   nb = jb.shape[0]
   if trace:  # only the o = q terms, output by output (the same products whatever the grouping)
     pairs = [(ja[:, i], jb[:, i]) for i in range(o)]
   else:
     pairs = [(ja.reshape(na * o, p), jb.reshape(nb * o, p))]
-  step = step or _contract_step(na, nb, o, trace)
+  step = step or kernel_memory.contract_step(na, nb, o, trace)
   acc = np.zeros((pairs[0][0].shape[0], pairs[0][1].shape[0]), np.float64)
   for am, bm in pairs:
     for s in range(0, p, step):
@@ -198,12 +84,6 @@ def _contract(ja, jb, trace, step=None):
   if trace:
     return acc  # the sum over outputs; the caller divides by O
   return acc.reshape(na, o, nb, o).transpose(0, 2, 1, 3)
-
-
-def _contract_step(na, nb, o, trace):
-  rows = (na + nb) * (1 if trace else o)
-  step = max(1 << 12, CONTRACT_BYTES // (4 * rows))
-  return min(step, 1 << 18)  # float32 sums of at most 2^18 terms, then float64
 
 
 def _chunks(n, chunk):
@@ -251,101 +131,6 @@ def device_mesh(devices: Union[None, str, Sequence, Mesh] = None) -> Mesh:
   return Mesh(np.asarray(devices), (AXIS,), axis_types=(AxisType.Auto,))
 
 
-@dataclasses.dataclass(frozen=True)
-class CallMemory:
-  """Bytes of one compiled Jacobian call on one device: its arguments (parameters, its samples),
-  temporaries (the forward and backward activations) and output (its Jacobian rows)."""
-  arguments: int
-  temp: int
-  output: int
-  source: str  # 'xla' (Compiled.memory_analysis) or 'formula' (call_memory_formula)
-
-  @property
-  def total(self) -> int:
-    return self.arguments + self.temp + self.output
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryPlan:
-  """What one kernel holds: per device, a Jacobian call of `batch` samples (`call`); on the host,
-  panels of `chunk` samples, the float64 kernel and the calls' scratch (`host_scratch`)."""
-  devices: int
-  local_devices: int
-  batch: int
-  call: CallMemory
-  device_limit: int
-  chunk: int
-  host_scratch: int
-  host_total: int
-  host_limit: int
-  outputs: int
-  params: int
-
-  def describe(self) -> str:
-    c = self.call
-    return (f"NTK memory: {self.devices} device(s) x {self.batch} sample(s) per Jacobian call of "
-            f"{self.outputs} outputs x {self.params:,} parameters: {_size(c.total)} per device "
-            f"({c.source}: arguments {_size(c.arguments)}, activations {_size(c.temp)}, output "
-            f"{_size(c.output)}; budget {_size(self.device_limit)}); host: panels of "
-            f"{self.chunk} samples + kernel + call scratch {_size(self.host_scratch)} = "
-            f"{_size(self.host_total)} (budget {_size(self.host_limit)})")
-
-
-def _aval_bytes(v) -> int:
-  aval = getattr(v, "aval", None)
-  shape, dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
-  if shape is None or dtype is None:
-    return 0
-  try:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-  except TypeError:  # extended dtypes (PRNG keys)
-    return 0
-
-
-def _jaxpr_bytes(jaxpr) -> tuple:
-  """(sum, max) of the bytes of every intermediate of a jaxpr, nested jaxprs included: what a
-  forward pass may keep for its backward pass, and its largest single value."""
-  total, top = 0, 0
-  for eqn in jaxpr.eqns:
-    for v in eqn.outvars:
-      b = _aval_bytes(v)
-      total, top = total + b, max(top, b)
-    for p in eqn.params.values():
-      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-        inner = getattr(sub, "jaxpr", None)
-        inner = sub if isinstance(sub, jax_core.Jaxpr) else inner
-        if isinstance(inner, jax_core.Jaxpr):
-          t, m = _jaxpr_bytes(inner)
-          total, top = total + t, max(top, m)
-  return total, top
-
-
-def call_memory_formula(g, params, x_one, batch: int, outputs: int, p_active: int,
-                        itemsize: int, arg_bytes: int) -> CallMemory:
-  """CallMemory where XLA does not report one: per sample, every forward intermediate of g (kept
-  for the backward pass) plus, for the backward pass of all `outputs` at once, two cotangents of
-  the largest intermediate per output; the output is batch x outputs x p_active values."""
-  fwd, top = _jaxpr_bytes(jax.make_jaxpr(g)(params, x_one).jaxpr)
-  return CallMemory(arguments=int(arg_bytes), temp=int(batch * (fwd + 2 * outputs * top)),
-                    output=int(batch * outputs * p_active * itemsize), source="formula")
-
-
-def device_memory_limit(device, host_limit: int, local_devices: int) -> int:
-  """Per-device budget of one Jacobian call: CPU devices share the host's memory, so each gets
-  its share of the host budget; an accelerator DEVICE_MEMORY_FRACTION of its free memory where
-  it reports it (memory_stats), else the host budget."""
-  if device.platform == "cpu":
-    return host_limit // max(1, local_devices)
-  try:
-    stats = device.memory_stats() or {}
-  except Exception:  # pylint: disable=broad-except  # not every backend implements it
-    stats = {}
-  if "bytes_limit" in stats:
-    free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    return int(max(0, free) * DEVICE_MEMORY_FRACTION)
-  return host_limit
-
-
 def ntk_fn(f: Callable, *, method: str = "jacobian", trace: bool = True,
            chunk: Optional[int] = None, output_groups: Optional[int] = None,
            backend: str = "jax", implementation: int = 1, dtype=np.float32,
@@ -355,14 +140,14 @@ def ntk_fn(f: Callable, *, method: str = "jacobian", trace: bool = True,
   """kernel_fn(params, x1, x2=None) -> the empirical NTK of f between x1 and x2 (float64 host).
 
   `chunk`: samples per held Jacobian panel (None: the largest whose estimate fits `memory_limit`
-  bytes; None: default_memory_limit()). `output_groups`: traced kernels only, the number of
-  output groups computed one after the other (None: 1, or the fewest whose single panel fits
-  when `chunk` is None). `devices` (method 'jacobian', backend 'jax'): the devices each Jacobian
-  call splits its samples over (device_mesh); `jac_batch`: samples per device per call (None:
-  JAC_BATCH, fewer if the per-device budget asks). `profile`: a dict that receives the chunk,
-  output groups, parameters with a non-zero Jacobian, the memory plan and compile / Jacobian /
-  contraction seconds. `log` receives the memory estimate whenever the plan changes. `dtype`:
-  the compute dtype (float64 needs `with jax.enable_x64(True):` or jax_enable_x64).
+  bytes; None: kernel_memory.default_memory_limit()). `output_groups`: traced kernels only, the
+  number of output groups computed one after the other (None: 1, or the fewest whose single panel
+  fits when `chunk` is None). `devices` (method 'jacobian', backend 'jax'): the devices each
+  Jacobian call splits its samples over (device_mesh); `jac_batch`: samples per device per call
+  (None: JAC_BATCH, fewer if the per-device budget asks). `profile`: a dict that receives the
+  chunk, output groups, parameters with a non-zero Jacobian, the memory plan and compile /
+  Jacobian / contraction seconds. `log` receives the memory estimate whenever the plan changes.
+  `dtype`: the compute dtype (float64 needs `with jax.enable_x64(True):` or jax_enable_x64).
 
   kernel_fn keeps its compiled Jacobian calls: calls with parameters and inputs of the same
   shapes (e.g. the checkpoints of one task) compile once.
@@ -423,7 +208,8 @@ def _ntk(f, params, x1, x2, *, method, trace, chunk, output_groups, backend, imp
   if backend == "jax" and method == "jacobian":
     return _jacobian_kernel(f, params, x1, x2, trace, chunk, dtype, same, memory_limit, profile,
                             output_groups, mesh=mesh, jac_batch=jac_batch, cache=cache)
-  check_memory(n1, n2, out_shape[1], num_params(params), chunk, trace, memory_limit, same=same)
+  kernel_memory.check_memory(n1, n2, out_shape[1], kernel_memory.num_params(params), chunk,
+                             trace, memory_limit, same=same)
   if backend == "neural_tangents":
     from ntk_analysis import nt_compat  # pylint: disable=g-import-not-at-top  # optional dep
     return nt_compat.empirical_ntk(f, params, x1, None if same else x2, trace=trace,
@@ -490,205 +276,328 @@ def _jacobian_kernel(g, params, x1, x2, trace, chunk, dtype, same, memory_limit=
   x2 = x1 if same else jax.tree_util.tree_map(np.asarray, x2)
   n1 = len(jax.tree_util.tree_leaves(x1)[0])
   n2 = len(jax.tree_util.tree_leaves(x2)[0])
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  x_one = _slice(x1, 0, 1)
-  key = (id(g), treedef, _avals(leaves), _avals(x_one))
-  if ("live",) + key not in cache:  # which leaves reach the output: the function's, not the values'
-    jaxpr = jax.make_jaxpr(lambda ls: g(treedef.unflatten(ls), x_one))(leaves).jaxpr
-    cache[("live",) + key] = _live_inputs(jaxpr)
-  live = cache[("live",) + key]
-  active = [l for l, u in zip(leaves, live) if u]
-  inactive = [l for l, u in zip(leaves, live) if not u]
-  o = jax.eval_shape(g, params, x_one).shape[1]
-  p_act = int(sum(np.size(l) for l in active))
-  devs = mesh.devices.reshape(-1)
-  n_dev = len(devs)
-  local = [d for d in devs if d.process_index == jax.process_index()]
-  procs = sorted({d.process_index for d in devs})
-  share = (procs.index(jax.process_index()), len(procs))  # this process's share of the rows
-  prof.update(P=num_params(params), P_active=p_act, outputs=o, n1=n1, n2=n2, devices=n_dev,
-              processes=len(procs))
+  calls = _JacobianCalls.create(g, params, x1, mesh, prof, cache)
+  o = jax.eval_shape(g, params, calls.x_one).shape[1]
+  prof.update(P=kernel_memory.num_params(params), P_active=calls.p_act, outputs=o, n1=n1, n2=n2,
+              devices=calls.n_dev, processes=calls.share[1])
   kshape = (n1, n2) if trace else (n1, n2, o, o)
-  if not active:  # no parameter reaches the output: the kernel is exactly zero
+  if not calls.active:  # no parameter reaches the output: the kernel is exactly zero
     prof.update(chunk=chunk, output_groups=1, compile_s=0.0, jacobian_s=0.0, contract_s=0.0,
                 jacobian_samples=0)
     return np.zeros(kshape, dtype)
   if output_groups is not None and not trace and output_groups != 1:
     raise ValueError("output_groups splits traced kernels only (trace=True)")
-
-  def g_split(act, inact, x):
-    a, i = iter(act), iter(inact)
-    return g(treedef.unflatten([next(a) if u else next(i) for u in live]), x)
-
-  top = max(n1, n2)
-  b0 = JAC_BATCH if jac_batch is None else jac_batch
-  b0 = max(1, min(b0 if chunk is None else min(b0, chunk), -(-top // n_dev)))
-  itemsize = np.dtype(jnp.result_type(*active)).itemsize
-  limit = default_memory_limit() if memory_limit is None else memory_limit
-  dev_limit = device_memory_limit(local[0], limit, len(local))
-  rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
-  x_spec = jax.tree_util.tree_map(
-      lambda t: jax.ShapeDtypeStruct((0,) + t.shape[1:], t.dtype), x1)
-  arg_spec = lambda ls: [jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l), sharding=rep)
-                         for l in ls]
-
-  def compile_for(size, b):
-    """The compiled Jacobian call of b samples per device, outputs given by an index argument of
-    `size` entries, and its CallMemory on one device."""
-    ck = ("jac",) + key + (size, b, tuple(d.id for d in devs))
-    if ck not in cache:
-      t = time.time()
-
-      def body(act, inact, x, idx):  # one device: its b samples
-        return _flat_jac(lambda q, y: g_split(q, inact, y)[:, idx], act, x)
-      fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(AXIS), P()),
-                                 out_specs=P(AXIS), check_vma=False),
-                   in_shardings=(rep, rep, rows, rep), out_shardings=rows)
-      xs = jax.tree_util.tree_map(
-          lambda t: jax.ShapeDtypeStruct((b * n_dev,) + t.shape[1:], t.dtype, sharding=rows),
-          x_spec)
-      jac = fn.lower(arg_spec(active), arg_spec(inactive), xs,
-                     jax.ShapeDtypeStruct((size,), jnp.int32, sharding=rep)).compile()
-      prof["compile_s"] = prof.get("compile_s", 0.0) + time.time() - t
-      try:
-        m = jac.memory_analysis()
-        mem = CallMemory(arguments=int(m.argument_size_in_bytes),
-                         temp=int(m.temp_size_in_bytes), output=int(m.output_size_in_bytes),
-                         source="xla")
-      except Exception:  # pylint: disable=broad-except  # not every backend reports it
-        arg_bytes = sum(np.size(l) * jnp.result_type(l).itemsize for l in leaves) + b * sum(
-            np.size(t) * t.dtype.itemsize for t in jax.tree_util.tree_leaves(x_one))
-        mem = call_memory_formula(lambda p, x: g(p, x)[:, :size], params, x_one, b, size,
-                                  p_act, itemsize, arg_bytes)
-      cache[ck] = (jac, mem)
-    return cache[ck]
-
-  def host_scratch(size, b, mem):
-    """What the calls add on this host: CPU devices' own memory, and each call's gathered
-    output (b x devices rows of size x P_active values)."""
-    on_host = len(local) * mem.total if local[0].platform == "cpu" else 0
-    return on_host + b * n_dev * size * p_act * itemsize
-
-  def plan_for(size):
-    """(compiled call, CallMemory, samples per device) of `size` outputs: JAC_BATCH samples per
-    device, halved while one device's call exceeds its budget."""
-    b = b0
-    while True:
-      jac, mem = compile_for(size, b)
-      if mem.total <= dev_limit or b == 1:
-        break
-      b = max(1, b // 2)
-    if mem.total > dev_limit and local[0].platform != "cpu":
-      raise KernelMemoryError(
-          f"one Jacobian call of 1 sample, {size} outputs and {p_act:,} parameters needs "
-          f"{_size(mem.total)} per device ({mem.source}; activations {_size(mem.temp)}), over "
-          f"the device budget {_size(dev_limit)}: use fewer outputs (a sketch readout with fewer "
-          f"probes (--probes), or output_groups) or a smaller model input")
-    return jac, mem, b
-
+  calls = calls.with_budget(memory_limit, chunk, max(n1, n2), jac_batch)
   groups = output_groups or 1
   if output_groups is None and chunk is None and trace and o > 1:
-    # the fewest output groups whose single panel (each Jacobian computed once) fits; a group
-    # size whose panel alone is over the budget is ruled out before compiling it
-    full = n1 if same else top
-    for k in range(1, o + 1):
-      size = -(-o // k)
-      if estimate_bytes(n1, n2, size, p_act, full, trace, itemsize, same) > limit:
-        continue
-      _, mem, b = plan_for(size)
-      if estimate_bytes(n1, n2, size, p_act, full, trace, itemsize, same,
-                        host_scratch(size, b, mem)) <= limit:
-        groups = k
-        break
+    groups = _fewest_output_groups(calls, n1, n2, o, trace, same)
   prof.update(output_groups=groups, jacobian_s=0.0, contract_s=0.0, jacobian_samples=0,
-              memory_limit=limit, device_memory_limit=dev_limit)
+              memory_limit=calls.limit, device_memory_limit=calls.dev_limit)
   out = np.zeros(kshape, np.float64)
   for idx in _split_outputs(o, groups):
-    if estimate_bytes(n1, n2, len(idx), p_act, 1, trace, itemsize, same) > limit:
-      check_memory(n1, n2, len(idx), p_act, chunk, trace, limit, itemsize, same)  # raises
-    jac, mem, b = plan_for(len(idx))
-    scratch = host_scratch(len(idx), b, mem)
-    need = check_memory(n1, n2, len(idx), p_act, chunk, trace, limit, itemsize, same, scratch)
-    c = chunk or choose_chunk(n1, n2, len(idx), p_act, trace, limit, itemsize, same, scratch)
-    plan = MemoryPlan(devices=n_dev, local_devices=len(local), batch=b, call=mem,
-                      device_limit=dev_limit, chunk=c, host_scratch=scratch, host_total=need,
-                      host_limit=limit, outputs=len(idx), params=p_act)
-    prof.update(chunk=c, estimate_bytes=need, scratch_bytes=scratch, jac_batch=b,
-                device_bytes=mem.total, device_activation_bytes=mem.temp,
-                device_bytes_source=mem.source, memory_plan=plan.describe())
-    if cache.get("log") and cache.get("last_plan") != plan:
-      cache["log"](plan.describe())
-    cache["last_plan"] = plan
-    act_dev, inact_dev = _put(active, rep), _put(inactive, rep)
-    idx_dev = _put(np.asarray(idx, np.int32), rep)
-    call = lambda x, jac=jac: jac(act_dev, inact_dev, _put(x, rows), idx_dev)
-    part = np.zeros(kshape, np.float64)
-    diag = _fill(part, call, x1, x2, c, b * n_dev, len(idx), p_act, trace, same, prof, share,
-                 np.dtype(jnp.result_type(*active)))
-    if share[1] > 1:
-      part = _sum_over_processes(part)
-    swap = (lambda k: k.T) if trace else (lambda k: k.transpose(1, 0, 3, 2))
-    for a0, a1 in diag:  # float32 products need not give J J^T exactly symmetric: make it so
-      blk = part[a0:a1, a0:a1]
-      part[a0:a1, a0:a1] = (blk + swap(blk)) / 2
-    out += part
+    out += _group_kernel(calls, idx, x1, x2, kshape, chunk, trace, same)
   return (out / o if trace else out).astype(dtype, copy=False)
 
 
-def _fill(out, call, x1, x2, chunk, step, o, p_act, trace, same, prof, share=(0, 1),
-          np_dtype=np.float32) -> list:
+@dataclasses.dataclass(frozen=True, eq=False)
+class _JacobianCalls:
+  """What the compiled Jacobian calls of one kernel share: g and its parameter leaves (`live`:
+  those its output depends on), one sample, the mesh, the budgets, the profile and the cache."""
+  g: Callable
+  params: object
+  leaves: list
+  treedef: object
+  live: list
+  x_one: object
+  key: tuple  # of g, the parameter and sample shapes: compiled calls are cached under it
+  mesh: Mesh
+  rep: NamedSharding  # replicated over the mesh
+  rows: NamedSharding  # samples split over the mesh
+  prof: dict
+  cache: dict
+  limit: int = 0  # host bytes
+  dev_limit: int = 0  # bytes of one call on one device
+  b0: int = 1  # samples per device per call, at most
+
+  @classmethod
+  def create(cls, g, params, x1, mesh, prof, cache) -> "_JacobianCalls":
+    """The calls of g at params on samples like x1's over `mesh` (budgets: with_budget)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    x_one = _slice(x1, 0, 1)
+    key = (id(g), treedef, _avals(leaves), _avals(x_one))
+    # which leaves reach the output: the function's, not the values'
+    if ("live",) + key not in cache:
+      jaxpr = jax.make_jaxpr(lambda ls: g(treedef.unflatten(ls), x_one))(leaves).jaxpr
+      cache[("live",) + key] = _live_inputs(jaxpr)
+    return cls(g=g, params=params, leaves=leaves, treedef=treedef, live=cache[("live",) + key],
+               x_one=x_one, key=key, mesh=mesh, rep=NamedSharding(mesh, P()),
+               rows=NamedSharding(mesh, P(AXIS)), prof=prof, cache=cache)
+
+  def with_budget(self, memory_limit, chunk, top, jac_batch) -> "_JacobianCalls":
+    """These calls with the host budget, each device's, and the samples per device per call
+    (jac_batch or JAC_BATCH, at most `chunk` and the `top` samples spread over the devices)."""
+    b0 = JAC_BATCH if jac_batch is None else jac_batch
+    b0 = max(1, min(b0 if chunk is None else min(b0, chunk), -(-top // self.n_dev)))
+    limit = kernel_memory.default_memory_limit() if memory_limit is None else memory_limit
+    dev_limit = kernel_memory.device_memory_limit(self.local[0], limit, len(self.local))
+    return dataclasses.replace(self, limit=limit, dev_limit=dev_limit, b0=b0)
+
+  @property
+  def active(self) -> list:
+    return [l for l, u in zip(self.leaves, self.live) if u]
+
+  @property
+  def inactive(self) -> list:
+    return [l for l, u in zip(self.leaves, self.live) if not u]
+
+  @property
+  def p_act(self) -> int:
+    return int(sum(np.size(l) for l in self.active))
+
+  @property
+  def itemsize(self) -> int:
+    return np.dtype(jnp.result_type(*self.active)).itemsize
+
+  @property
+  def devs(self) -> np.ndarray:
+    return self.mesh.devices.reshape(-1)
+
+  @property
+  def n_dev(self) -> int:
+    return len(self.devs)
+
+  @property
+  def local(self) -> list:
+    return [d for d in self.devs if d.process_index == jax.process_index()]
+
+  @property
+  def share(self) -> tuple:
+    """(index, count) of this process among the mesh's: its share of the rows to contract."""
+    procs = sorted({d.process_index for d in self.devs})
+    return (procs.index(jax.process_index()), len(procs))
+
+  def compiled(self, size, b):
+    """The compiled Jacobian call of b samples per device, outputs given by an index argument of
+    `size` entries, and its CallMemory on one device."""
+    ck = ("jac",) + self.key + (size, b, tuple(d.id for d in self.devs))
+    if ck not in self.cache:
+      jac = self._compile(size, b)
+      self.cache[ck] = (jac, self._call_memory(jac, size, b))
+    return self.cache[ck]
+
+  def _compile(self, size, b):
+    """_device_jacobian over the mesh, lowered for b samples per device and compiled."""
+    t = time.time()
+    body = functools.partial(_device_jacobian, self.g, self.treedef, self.live)
+    fn = jax.jit(jax.shard_map(body, mesh=self.mesh,
+                               in_specs=(P(), P(), P(AXIS), P()), out_specs=P(AXIS),
+                               check_vma=False),
+                 in_shardings=(self.rep, self.rep, self.rows, self.rep), out_shardings=self.rows)
+    xs = jax.tree_util.tree_map(
+        lambda t: jax.ShapeDtypeStruct((b * self.n_dev,) + t.shape[1:], t.dtype,
+                                       sharding=self.rows), self.x_one)
+    jac = fn.lower(self._specs(self.active), self._specs(self.inactive), xs,
+                   jax.ShapeDtypeStruct((size,), jnp.int32, sharding=self.rep)).compile()
+    self.prof["compile_s"] = self.prof.get("compile_s", 0.0) + time.time() - t
+    return jac
+
+  def _specs(self, leaves) -> list:
+    """Replicated shape specs of some parameter leaves."""
+    return [jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l), sharding=self.rep)
+            for l in leaves]
+
+  def _call_memory(self, jac, size, b) -> kernel_memory.CallMemory:
+    """CallMemory of a compiled call: XLA's memory_analysis, else call_memory_formula."""
+    try:
+      m = jac.memory_analysis()
+      return kernel_memory.CallMemory(
+          arguments=int(m.argument_size_in_bytes), temp=int(m.temp_size_in_bytes),
+          output=int(m.output_size_in_bytes), source="xla")
+    except Exception:  # pylint: disable=broad-except  # not every backend reports it
+      arg_bytes = sum(np.size(l) * jnp.result_type(l).itemsize for l in self.leaves) + b * sum(
+          np.size(t) * t.dtype.itemsize for t in jax.tree_util.tree_leaves(self.x_one))
+      return kernel_memory.call_memory_formula(
+          lambda p, x: self.g(p, x)[:, :size], self.params, self.x_one, b, size, self.p_act,
+          self.itemsize, arg_bytes)
+
+  def host_scratch(self, size, b, mem) -> int:
+    """What the calls of `size` outputs and b samples per device add on this host."""
+    return kernel_memory.host_scratch(mem, b, self.n_dev, len(self.local),
+                                      self.local[0].platform == "cpu", size, self.p_act,
+                                      self.itemsize)
+
+  def plan(self, size):
+    """(compiled call, CallMemory, samples per device) of `size` outputs: b0 samples per
+    device, halved while one device's call exceeds its budget."""
+    b = self.b0
+    while True:
+      jac, mem = self.compiled(size, b)
+      if mem.total <= self.dev_limit or b == 1:
+        break
+      b = max(1, b // 2)
+    if self.local[0].platform != "cpu":
+      kernel_memory.check_call(mem, self.dev_limit, size, self.p_act)
+    return jac, mem, b
+
+
+def _apply(g, treedef, live, act, inact, x):
+  """g with its parameter leaves given as the `live` ones (act) and the others (inact)."""
+  a, i = iter(act), iter(inact)
+  return g(treedef.unflatten([next(a) if u else next(i) for u in live]), x)
+
+
+def _device_jacobian(g, treedef, live, act, inact, x, idx):
+  """One device's Jacobian call: (b, |idx|, P_active) rows of its b samples, outputs idx."""
+  return _flat_jac(lambda q, y: _apply(g, treedef, live, q, inact, y)[:, idx], act, x)
+
+
+def _fewest_output_groups(calls, n1, n2, o, trace, same) -> int:
+  """The fewest output groups whose single panel (each Jacobian computed once) fits, else 1; a
+  group size whose panel alone is over the budget is ruled out before compiling it."""
+  full = n1 if same else max(n1, n2)
+  for k in range(1, o + 1):
+    size = -(-o // k)
+    if kernel_memory.estimate_bytes(n1, n2, size, calls.p_act, full, trace, calls.itemsize,
+                                    same) > calls.limit:
+      continue
+    _, mem, b = calls.plan(size)
+    if kernel_memory.estimate_bytes(n1, n2, size, calls.p_act, full, trace, calls.itemsize, same,
+                                    calls.host_scratch(size, b, mem)) <= calls.limit:
+      return k
+  return 1
+
+
+def _plan_group(calls, size, n1, n2, chunk, trace, same):
+  """(compiled call, samples per device, panel chunk) of a group of `size` outputs within the
+  budgets (KernelMemoryError if none fits); profiles the MemoryPlan and logs it when it changes."""
+  p_act, itemsize, limit = calls.p_act, calls.itemsize, calls.limit
+  if kernel_memory.estimate_bytes(n1, n2, size, p_act, 1, trace, itemsize, same) > limit:
+    kernel_memory.check_memory(n1, n2, size, p_act, chunk, trace, limit, itemsize, same)  # raises
+  jac, mem, b = calls.plan(size)
+  scratch = calls.host_scratch(size, b, mem)
+  need = kernel_memory.check_memory(n1, n2, size, p_act, chunk, trace, limit, itemsize, same,
+                                    scratch)
+  c = chunk or kernel_memory.choose_chunk(n1, n2, size, p_act, trace, limit, itemsize, same,
+                                          scratch)
+  plan = kernel_memory.MemoryPlan(
+      devices=calls.n_dev, local_devices=len(calls.local), batch=b, call=mem,
+      device_limit=calls.dev_limit, chunk=c, host_scratch=scratch, host_total=need,
+      host_limit=limit, outputs=size, params=p_act)
+  calls.prof.update(chunk=c, estimate_bytes=need, scratch_bytes=scratch, jac_batch=b,
+                    device_bytes=mem.total, device_activation_bytes=mem.temp,
+                    device_bytes_source=mem.source, memory_plan=plan.describe())
+  if calls.cache.get("log") and calls.cache.get("last_plan") != plan:
+    calls.cache["log"](plan.describe())
+  calls.cache["last_plan"] = plan
+  return jac, b, c
+
+
+def _group_kernel(calls, idx, x1, x2, kshape, chunk, trace, same) -> np.ndarray:
+  """The float64 kernel of the outputs `idx` (traced: summed over them), summed over the
+  processes and, if joint, made symmetric."""
+  n1 = len(jax.tree_util.tree_leaves(x1)[0])
+  n2 = len(jax.tree_util.tree_leaves(x2)[0])
+  jac, b, c = _plan_group(calls, len(idx), n1, n2, chunk, trace, same)
+  args = (_put(calls.active, calls.rep), _put(calls.inactive, calls.rep),
+          _put(np.asarray(idx, np.int32), calls.rep))
+  share = calls.share
+  panels = _Panels(jac=jac, args=args, rows=calls.rows, step=b * calls.n_dev, outputs=len(idx),
+                   p_act=calls.p_act, dtype=np.dtype(jnp.result_type(*calls.active)),
+                   trace=trace, share=share, prof=calls.prof)
+  part = np.zeros(kshape, np.float64)
+  diag = _fill(part, panels, x1, x2, c, same)
+  if share[1] > 1:
+    part = _sum_over_processes(part)
+  _symmetrise(part, diag, trace)
+  return part
+
+
+def _symmetrise(k, diag, trace):
+  """Averages each diagonal block of `k` with its transpose: float32 products need not give
+  J J^T exactly symmetric."""
+  for a0, a1 in diag:
+    blk = k[a0:a1, a0:a1]
+    k[a0:a1, a0:a1] = (blk + _swap(blk, trace)) / 2
+
+
+def _swap(k, trace):
+  """K(x2, x1) of a block K(x1, x2): the transpose over samples (and outputs)."""
+  return k.T if trace else k.transpose(1, 0, 3, 2)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Panels:
+  """The Jacobian panels of one output group: the compiled call and its device arguments, the
+  panel shape, and this process's `share` (index, count) of the rows to contract."""
+  jac: Callable  # (active leaves, inactive leaves, samples, output indices) -> Jacobian rows
+  args: tuple  # the call's device arguments: active leaves, inactive leaves, output indices
+  rows: NamedSharding  # of the samples
+  step: int  # samples per call, over every device
+  outputs: int
+  p_act: int
+  dtype: np.dtype
+  trace: bool
+  share: tuple
+  prof: dict
+
+  def call(self, x):
+    """The Jacobian rows of `step` host samples, a global array."""
+    act, inact, idx = self.args
+    return self.jac(act, inact, _put(x, self.rows), idx)
+
+  def panel(self, x, a0, a1) -> np.ndarray:
+    """(a1 - a0, O, P_active) host Jacobian of samples a0:a1 of x, `step` samples per call."""
+    t0 = time.time()
+    res = np.empty((a1 - a0, self.outputs, self.p_act), self.dtype)
+    for s in range(a0, a1, self.step):
+      e = min(a1, s + self.step)
+      res[s - a0:e - a0] = _to_host(self.call(_pad(_slice(x, s, e), self.step)))[:e - s]
+    self.prof["jacobian_s"] += time.time() - t0
+    self.prof["jacobian_samples"] += a1 - a0
+    return res
+
+  def contract(self, ja, jb, a0, a1):
+    """(rows of this share, block rows a0:a1 relative) of ja jb^T; (r0, r1) absolute."""
+    t0 = time.time()
+    part = np.array_split(np.arange(a0, a1), self.share[1])[self.share[0]]
+    r0, r1 = (int(part[0]), int(part[-1]) + 1) if len(part) else (a0, a0)
+    step = kernel_memory.contract_step(a1 - a0, len(jb), self.outputs, self.trace)
+    blk = _contract(ja[r0 - a0:r1 - a0], jb, self.trace, step)
+    self.prof["contract_s"] += time.time() - t0
+    return blk, r0, r1
+
+
+def _fill(out, panels, x1, x2, chunk, same) -> list:
   """Adds the panels' contractions (traced: summed over outputs) into `out`: the panels are
-  filled by `call` (step samples at a time, over every device); this process contracts its
-  `share` (index, count) of each block's rows. Returns the diagonal blocks of a joint kernel,
+  filled by `panels.call` (step samples at a time, over every device); this process contracts
+  its `share` (index, count) of each block's rows. Returns the diagonal blocks of a joint kernel,
   which the caller symmetrises once the shares are summed."""
   n1 = len(jax.tree_util.tree_leaves(x1)[0])
   n2 = len(jax.tree_util.tree_leaves(x2)[0])
-
-  def panel(x, a0, a1):
-    t0 = time.time()
-    res = np.empty((a1 - a0, o, p_act), np_dtype)
-    for s in range(a0, a1, step):
-      e = min(a1, s + step)
-      res[s - a0:e - a0] = _to_host(call(_pad(_slice(x, s, e), step)))[:e - s]
-    prof["jacobian_s"] += time.time() - t0
-    prof["jacobian_samples"] += a1 - a0
-    return res
-
-  def contract(ja, jb, a0, a1):
-    """(rows of this share, block rows a0:a1 relative) of ja jb^T; (r0, r1) absolute."""
-    t0 = time.time()
-    part = np.array_split(np.arange(a0, a1), share[1])[share[0]]
-    r0, r1 = (int(part[0]), int(part[-1]) + 1) if len(part) else (a0, a0)
-    blk = _contract(ja[r0 - a0:r1 - a0], jb, trace, _contract_step(a1 - a0, len(jb), o, trace))
-    prof["contract_s"] += time.time() - t0
-    return blk, r0, r1
-
-  swap = (lambda k: k.T) if trace else (lambda k: k.transpose(1, 0, 3, 2))
   rows = _chunks(n1, chunk)
   if same:
     for i, (a0, a1) in enumerate(rows):
-      ja = panel(x1, a0, a1)
+      ja = panels.panel(x1, a0, a1)
       for b0, b1 in rows[i:]:
-        jb = ja if b0 == a0 else panel(x1, b0, b1)
-        blk, r0, r1 = contract(ja, jb, a0, a1)
+        jb = ja if b0 == a0 else panels.panel(x1, b0, b1)
+        blk, r0, r1 = panels.contract(ja, jb, a0, a1)
         out[r0:r1, b0:b1] += blk
         if b0 != a0:
-          out[b0:b1, r0:r1] += swap(blk)
+          out[b0:b1, r0:r1] += _swap(blk, panels.trace)
         del jb  # at most two panels alive, as estimated
       del ja
     return rows
   cols = _chunks(n2, chunk)
-  j2 = panel(x2, 0, n2) if len(cols) == 1 else None  # one panel: computed once, kept
+  j2 = panels.panel(x2, 0, n2) if len(cols) == 1 else None  # one panel: computed once, kept
   for a0, a1 in rows:
-    ja = panel(x1, a0, a1)
+    ja = panels.panel(x1, a0, a1)
     for b0, b1 in cols:
-      jb = j2 if j2 is not None else panel(x2, b0, b1)
-      blk, r0, r1 = contract(ja, jb, a0, a1)
+      jb = j2 if j2 is not None else panels.panel(x2, b0, b1)
+      blk, r0, r1 = panels.contract(ja, jb, a0, a1)
       out[r0:r1, b0:b1] += blk
       del jb
     del ja
   return []
-
 
 def _pad(x, chunk):
   """Pads a chunk of host rows to `chunk` rows (one compiled shape); callers drop the padded

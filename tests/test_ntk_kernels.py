@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntk_analysis import kernels, readouts
+from ntk_analysis import kernel_memory, kernels, readouts
 import _ntk_models
 from ntkcl_jax import tree_utils
 from ntkcl_jax.models import ntkcl, vit
@@ -119,9 +119,9 @@ def test_t10_chunking_jit_and_x2_none_invariance(tiny_vit_adapter):
 
 def test_memory_guard_refuses_with_what_to_shrink(tiny_vit_adapter):
   f, p, x = tiny_vit_adapter
-  with pytest.raises(kernels.KernelMemoryError, match="lower `chunk`"):
+  with pytest.raises(kernel_memory.KernelMemoryError, match="lower `chunk`"):
     kernels.empirical_ntk(f, p, x, chunk=16, memory_limit=1000)
-  with pytest.raises(kernels.KernelMemoryError, match="even with chunk 1.*memory_limit"):
+  with pytest.raises(kernel_memory.KernelMemoryError, match="even with chunk 1.*memory_limit"):
     kernels.empirical_ntk(f, p, x, memory_limit=1000)  # automatic chunk: nothing fits
 
 
@@ -154,14 +154,15 @@ def test_chunk_choice_is_the_largest_that_fits(same):
     scratch = rng.randint(0, 10**8)
     limit = rng.randint(1, 90 * 30 * 10**6 * 4)
     want = _brute_force_chunk(n1, n2, o, p, trace, limit, same, scratch)
-    got = kernels.choose_chunk(n1, n2, o, p, trace, limit, same=same, activations=scratch)
+    got = kernel_memory.choose_chunk(n1, n2, o, p, trace, limit, same=same, activations=scratch)
     assert got == want, (n1, n2, o, p, trace, limit, scratch)
     if want is None:
-      with pytest.raises(kernels.KernelMemoryError, match="even with chunk 1"):
-        kernels.check_memory(n1, n2, o, p, None, trace, limit, same=same, activations=scratch)
+      with pytest.raises(kernel_memory.KernelMemoryError, match="even with chunk 1"):
+        kernel_memory.check_memory(n1, n2, o, p, None, trace, limit, same=same,
+                                   activations=scratch)
     else:
-      assert kernels.check_memory(n1, n2, o, p, None, trace, limit, same=same,
-                                  activations=scratch) <= limit
+      assert kernel_memory.check_memory(n1, n2, o, p, None, trace, limit, same=same,
+                                        activations=scratch) <= limit
 
 
 def test_automatic_chunk_equals_explicit_and_skips_unused_parameters(tiny_vit_adapter):
@@ -169,13 +170,13 @@ def test_automatic_chunk_equals_explicit_and_skips_unused_parameters(tiny_vit_ad
   chunk 2, column panels recomputed, same kernel. A parameter the output never reaches is left
   out of the Jacobian (not of the parameter count), and the kernel is unchanged."""
   f, p, x = tiny_vit_adapter
-  n, n_p = len(x), kernels.num_params(p)
+  n, n_p = len(x), kernel_memory.num_params(p)
   prof = {}
   one = kernels.empirical_ntk(f, p, x, profile=prof)
   assert prof["chunk"] == n and prof["jacobian_samples"] == n and prof["P_active"] == n_p
   assert prof["output_groups"] == 1
-  limit = kernels.estimate_bytes(n, n, 5, n_p, 2, True, same=True,
-                                 activations=prof["scratch_bytes"])
+  limit = kernel_memory.estimate_bytes(n, n, 5, n_p, 2, True, same=True,
+                                       activations=prof["scratch_bytes"])
   prof2 = {}
   small = kernels.empirical_ntk(f, dict(p, unused=jnp.ones((1000,))), x, memory_limit=limit,
                                 profile=prof2, output_groups=1)
@@ -191,7 +192,7 @@ def test_output_groups_sum_to_the_unsplit_kernel(tiny_vit_adapter):
   budget where one panel of all outputs does not fit but one of half of them does, the automatic
   choice splits in two and still computes each Jacobian once per group."""
   f, p, x = tiny_vit_adapter
-  n, n_p = len(x), kernels.num_params(p)
+  n, n_p = len(x), kernel_memory.num_params(p)
   prof = {}
   one = kernels.ntk_fn(f, profile=prof)(p, x)
   x2 = x[:4] + 0.1
@@ -207,8 +208,9 @@ def test_output_groups_sum_to_the_unsplit_kernel(tiny_vit_adapter):
          for i in (np.arange(0, 3), np.arange(3, 5))]
   np.testing.assert_allclose(3 / 5 * k_g[0] + 2 / 5 * k_g[1], one, rtol=1e-4, atol=1e-6)
   scratch = prof["scratch_bytes"]
-  limit = kernels.estimate_bytes(n, n, 3, n_p, n, True, same=True, activations=scratch)
-  assert limit < kernels.estimate_bytes(n, n, 5, n_p, n, True, same=True, activations=scratch)
+  limit = kernel_memory.estimate_bytes(n, n, 3, n_p, n, True, same=True, activations=scratch)
+  assert limit < kernel_memory.estimate_bytes(n, n, 5, n_p, n, True, same=True,
+                                              activations=scratch)
   prof2 = {}
   split = kernels.ntk_fn(f, memory_limit=limit, profile=prof2)(p, x)
   assert prof2["output_groups"] == 2 and prof2["chunk"] == n

@@ -12,7 +12,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from ntk_analysis import benchmark, kernels, readouts
+from ntk_analysis import benchmark, kernel_memory, kernels, readouts
 import _ntk_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +114,7 @@ def test_formula_bounds_xla_activations():
   prof = {}
   kernels.empirical_ntk(f, p, x, profile=prof)
   b, o = prof["jac_batch"], prof["outputs"]
-  formula = kernels.call_memory_formula(f, p, x[:1], b, o, prof["P_active"], 4, 0)
+  formula = kernel_memory.call_memory_formula(f, p, x[:1], b, o, prof["P_active"], 4, 0)
   assert prof["device_activation_bytes"] <= formula.temp <= 4 * prof["device_activation_bytes"]
   assert formula.output == b * o * prof["P_active"] * 4
 
