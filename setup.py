@@ -8,9 +8,8 @@ packages that must come in with `--no-deps` (see install.sh for why). One comman
     bash install.sh tpu        # Cloud TPU VM / Colab TPU
     bash install.sh ntk,test,parity   # + the neural-tangents backend, tests, PyTorch cross-checks
 
-The repository's `configs/` directory is installed as `ntkcl_jax.configs` (package_dir below):
-`--config=configs/demo.py` keeps working from a checkout, and an installed package finds its own
-configs (ntkcl_jax/config_files.py); no top-level `configs` package lands in site-packages.
+The config files are the package `ntkcl_jax.configs` (ntkcl_jax/configs/): `--config=configs/NAME.py`
+names one from any directory, in a checkout and in an installed package (ntkcl_jax/config_files.py).
 """
 from setuptools import find_packages, setup
 
@@ -114,10 +113,7 @@ setup(
     name="ntkcl-jax",
     version="0.1.0",
     description="NTK-CL parameter-efficient continual learning in JAX/Flax, with NTK analysis",
-    packages=find_packages(include=["ntkcl_jax", "ntkcl_jax.*", "ntk_analysis", "ntk_analysis.*"])
-    + ["ntkcl_jax.configs"],
-    # configs/ ships inside the package, under its name (editable installs map it the same way).
-    package_dir={"ntkcl_jax.configs": "configs"},
+    packages=find_packages(include=["ntkcl_jax", "ntkcl_jax.*", "ntk_analysis", "ntk_analysis.*"]),
     # The demo images (ntkcl_jax/data/demo_images) are package data: installed by `pip install .`
     # as well as `-e .`, so the default run works offline without the ../shared/data archives.
     package_data={"ntkcl_jax.data": ["demo_images/*.json", "demo_images/*.md",

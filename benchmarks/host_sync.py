@@ -40,7 +40,7 @@ OLD_READS_PER_STEP = 1 + len(learner_lib.LOG_TERMS)  # float(loss) + the logged 
 
 def make_config(model: str, image_size: int, steps: int, batch: int, log_every: int):
   """configs/tiny.py, 2 tasks of 2 classes, `steps` train steps per task."""
-  c = config_files.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
+  c = config_files.load_config_file("configs/tiny.py")
   if model != "tiny":
     c.model.name, c.model.image_size = model, image_size
     c.model.overrides = ml_collections.ConfigDict()

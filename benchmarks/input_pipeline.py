@@ -84,7 +84,7 @@ def _main(argv) -> None:
     data_dir, what = synthetic_jpeg_zips(tmp.name, a.per_class, a.test_per_class), "synthetic JPEG"
   else:
     data_dir, what = SHARED, "Imagenette ZIP"
-  c = config_files.load_config_file(os.path.join(REPO, "configs", "demo.py"))
+  c = config_files.load_config_file("configs/demo.py")
   c.model.image_size = a.size
   c.model.normalize = "imagenet"
   c.data.data_dir = data_dir

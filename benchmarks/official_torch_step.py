@@ -1,4 +1,4 @@
-r"""The official PyTorch NTK-CL training step, timed on this machine: the reference that
+r"""The official PyTorch NTK-CL training step, timed on the same hardware as ours: the reference that
 `train_step.py` is compared with.
 
     python benchmarks/official_torch_step.py --official_repo=PATH/TO/NTK-CL --batch=8 --steps=4

@@ -77,7 +77,7 @@ def cpu_name() -> str:
 
 def make_config(model: str, image_size: int, depth: int, batch: int, **policy):
   """configs/tiny.py turned into the official NTK-CL settings on `model` (random backbone)."""
-  c = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs", "tiny.py"))
+  c = config_files.load_config_file("configs/tiny.py")
   c.model.name, c.model.image_size = model, image_size
   c.model.overrides = ml_collections.ConfigDict({"num_layers": depth} if depth else {})
   c.model.update(policy)

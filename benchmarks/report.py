@@ -79,7 +79,8 @@ THEIRS, OURS = HEAD_TO_HEAD + ": the official PyTorch code", HEAD_TO_HEAD + ": n
 
 
 def head_to_head(lines: list) -> list:
-  """Ours against the official PyTorch step at the issue's reference shape, from the outputs."""
+  """Ours against the official PyTorch step at the reference shape (ViT-B/16 shapes), from the
+  two sections' outputs."""
   sections = existing_sections_from(lines)
   theirs, mine = sections.get(THEIRS, []), sections.get(OURS, [])
   torch_row = next((l for l in theirs if re.match(r"\s*[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+"
@@ -196,13 +197,13 @@ def _main(argv):
            "achieved FLOP/s (the framework's own count of the compiled step: XLA's cost analysis "
            "for ours, PyTorch's FlopCounterMode for the official code, both 2 FLOPs per "
            "multiply-add) by the float32 matmul throughput of the same library measured in the "
-           "same process, so background load on this shared machine lowers both. The NTK-CL "
+           "same process, so background load lowers both. The NTK-CL "
            "step does the work of about six ViT forward passes per image (two current-set "
            "branches with activation gradients only, the backbone's weights get none, and two "
            "frozen-set branches forward only): compare its GFLOP with the `reference: 1 ViT "
-           "forward` row. The issue's reference point is the official PyTorch code at ViT-B/16 "
-           "shapes, batch 8, one frozen set: about 0.8 images/s, about 46% of the machine's "
-           "matmul throughput; the head-to-head table runs that code here (it needs a checkout "
+           "forward` row. The reference point is the official PyTorch code at ViT-B/16 "
+           "shapes, batch 8, one frozen set: about 0.8 images/s, about 46% of the CPU's "
+           "float32 matmul throughput; the head-to-head table runs that code here (it needs a checkout "
            "of github.com/Programmergg/NTK-CL: `--official_repo=PATH`). The two libraries' "
            "matmul throughputs differ on this CPU (compare their throughput lines), so that "
            "table also divides both steps by the best matmul measured here. Where a step stays "

@@ -11,7 +11,7 @@ optimiser update) on random images, after a warm-up step that compiles it; the m
 `--steps` steps. FLOPs come from XLA's own cost analysis of that compiled step
 (`jitted.lower(...).compile().cost_analysis()`). The machine's float32 matmul throughput is
 measured in the same process (a 2048^3 jitted matmul, best of 5), so "fraction" is achieved
-FLOP/s over what this machine's XLA can do on a large matmul. Two reference rows help read where
+FLOP/s over what XLA reaches on a large matmul on the same hardware. Two reference rows help read where
 the time goes: a single plain ViT forward pass, and a plain ViT forward + backward.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from ntkcl_jax import cli  # noqa: E402
 from ntkcl_jax import config_files  # noqa: E402
 from ntkcl_jax import learner as learner_lib  # noqa: E402
 from ntkcl_jax import sharding  # noqa: E402
+from ntkcl_jax import switches  # noqa: E402
 from ntkcl_jax.models import vit  # noqa: E402
 
 
@@ -119,13 +120,13 @@ def ntkcl_step(vcfg, batch: int, variant: str):
   Settings of the official code (docs/method.md §3.1): ffn_num 16, P = 10, one frozen set, no init-PTM;
   `variant='corrected'` turns all six switches on. Tasks of 10 classes; random images and labels.
   """
-  config = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs", "tiny.py"))
+  config = config_files.load_config_file("configs/tiny.py")
   config.model.name = vcfg.name
   config.model.image_size = vcfg.image_size
   config.model.overrides = {k: getattr(vcfg, k) for k in (
       "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")}
   config.method.variant = variant
-  for k in ("fix_fusion", "fix_nce_sign", "fix_orth", "fix_l2_all", "fix_ema", "fix_patch_init"):
+  for k in switches.affecting(init_cls=10, increment=10):  # the split set below
     config.method[k] = variant == "corrected"
   config.method.ffn_num = 16
   config.method.num_prompt_tokens = 10

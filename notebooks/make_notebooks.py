@@ -22,13 +22,13 @@ INSTALL = """# Installs ntkcl-jax for this runtime (CPU, GPU found by nvidia-smi
 # cloned into ./ntkcl-jax (/content/ntkcl-jax on Colab); empty: the checkout this notebook is in.
 # Nothing is installed when ntkcl-jax (with the runtime's JAX plugin) is importable already.
 import os
-NTKCL_SOURCE = os.environ.get("NTKCL_NB_SOURCE", "")  # e.g. "https://github.com/YOU/ntkcl-jax.git"
+NTKCL_SOURCE = os.environ.get("NTKCL_NB_SOURCE", "")  # a folder, or the git URL of your own clone
 
 import glob, importlib, importlib.metadata, importlib.util, shutil, subprocess, sys
 
 
 def runtime():
-    # 'tpu', 'cuda' or 'cpu': the accelerator this machine offers (install.sh's extra)
+    # 'tpu', 'cuda' or 'cpu': the accelerator this runtime offers (install.sh's extra)
     if (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
             or any(os.environ.get(k) for k in ("COLAB_TPU_ADDR", "TPU_NAME", "TPU_ACCELERATOR_TYPE"))):
         return "tpu"
@@ -206,7 +206,7 @@ print("prediction:", d["prediction"], "\\ncriterion:", d["criterion"])
 display(__import__("pandas").DataFrame(d["tables"]["per_task"]))
 display(Image(os.path.join(orth_root, "theory_d.png")))"""
 
-SWEEPS = """# (a)-(f) as a sweep of training runs over seeds: one command, resumable over sittings (records
+SWEEPS = """# (a)-(f) as a sweep of training runs over seeds: one command that resumes where it stopped (records
 # in runs/theory), tiny or real scale by the config (this cell only prints it; --plan lists the
 # runs); scripts/ntk_page.py then writes docs/ntk.md from the records.
 print("python scripts/theory.py --config=configs/tiny.py:data=digits --root=workdirs/theory_tiny --seeds=0,1")

@@ -7,7 +7,7 @@ Draws fixed, seeded subsets of each task's training images (test transform) and 
 joint kernel per view over the trainable PEFT parameters (frozen backbone closed over), with a
 feature-sketch readout (readouts.model_readout). The 'all' view (three views stacked) is the mean
 of the three views' kernels, so it reuses them. Jacobian panels follow the memory budget
-(--memory_limit_gb; default: half the available memory, at most kernels.DEFAULT_MEMORY_CAP)
+(--memory_limit_gb; default: half the available memory, at most kernel_memory.DEFAULT_MEMORY_CAP)
 unless --chunk is given; the estimate (per device: the Jacobian call's arguments, activations and
 output; on the host: panels, kernel and call scratch) is printed. The Jacobian calls spread their
 samples over every device (--devices; several processes: --coordinator, --num_processes and

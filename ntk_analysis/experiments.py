@@ -47,11 +47,11 @@ import pandas as pd
 
 from ntk_analysis import joint, kernels, linearized, metrics, param_groups, plots, readouts
 from ntkcl_jax import evidence
+from ntkcl_jax import switches
+from ntkcl_jax import results as results_lib
 
 PARTS = ("pairs", "views", "lazy", "groups", "gap", "nt_check")
 TOP_K = 3  # principal cosines averaged in (a) and eigenvalues in the (e) share
-SWITCHES = ("fix_fusion", "fix_nce_sign", "fix_orth", "fix_l2_all", "fix_ema", "fix_patch_init",
-            "fix_old_pool")
 
 # Criteria, fixed before measuring (docs/ntk.md prints them next to each result).
 RHO_MARGIN = 0.01  # |Delta mean rho| that counts as no effect: below the spread between tasks
@@ -354,8 +354,10 @@ def nt_agreement(f, params, x, reference: np.ndarray, implementation: int = 1) -
 
 
 def _results(workdir: str) -> dict:
-  with open(os.path.join(workdir, "results.json")) as f:
-    return json.load(f)
+  res = results_lib.read(workdir)
+  if res is None:
+    raise FileNotFoundError(f"{workdir}/results.json not found: the run is not finished")
+  return res
 
 
 # -- a sweep of records --------------------------------------------------------------------------
@@ -372,12 +374,6 @@ def flat_config(cfg: Mapping, prefix: str = "") -> dict:
     else:
       out[key] = tuple(v) if isinstance(v, list) else v
   return out
-
-
-def switches(flat: Mapping) -> dict:
-  """The effective corrected-mode switches of a flat config: 'official' forces all off."""
-  corrected = flat.get("method.variant") == "corrected"
-  return {s: bool(flat.get(f"method.{s}", False)) and corrected for s in SWITCHES}
 
 
 @dataclasses.dataclass
@@ -537,11 +533,11 @@ def orthogonality(sweep: Sweep, plot_path: Optional[str] = None) -> dict:
   base = sweep.base_flat()
   if not base:
     return _missing("b", "no base arm")
-  sw0 = switches(base)
-  keys = {"method.dis_temp", "method.variant"} | {f"method.{s}" for s in SWITCHES}
+  sw0 = switches.from_flat(base)
+  keys = {"method.dis_temp", "method.variant"} | {f"method.{s}" for s in switches.NAMES}
   arms = {}
   for arm, (by_seed, flat) in sweep.differing(keys).items():
-    sw = switches(flat)
+    sw = switches.from_flat(flat)
     if sw == sw0:
       kind = "official"
     elif not sw0["fix_orth"] and sw == dict(sw0, fix_orth=True):

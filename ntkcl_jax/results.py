@@ -11,6 +11,7 @@ import json
 import platform
 from typing import Any, Optional
 
+from etils import epath
 import flax
 import jax
 import numpy as np
@@ -44,8 +45,39 @@ def atomic_write_json(path, obj: Any) -> None:
   paths.write_bytes_atomic(path, json.dumps(obj, indent=1).encode())
 
 
+def read(workdir: paths.PathLike) -> Optional[dict]:
+  """The results.json of a run's workdir (any path ntkcl_jax.paths accepts), or None while the run
+  has none; a file that is not a results.json written by ntkcl_jax.train is a ValueError saying
+  what to do."""
+  path = epath.Path(paths.join(workdir, "results.json"))
+  if not path.exists():
+    return None
+  remedy = "delete it (or its run directory) to rerun that run"
+  try:
+    out = json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{path} is not a results.json ({e}); {remedy}") from e
+  if not isinstance(out, dict) or not isinstance(out.get("config"), dict):
+    raise ValueError(f"{path} has no config: not a results.json written by ntkcl_jax.train; "
+                     f"{remedy}")
+  return out
+
+
+def cpu() -> str:
+  """The CPU's model name (XLA compiles for the host CPU, so float rounding, and so a run's last
+  digits, can differ between CPU models)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def versions() -> dict:
-  return {"python": platform.python_version(), "jax": jax.__version__,
+  return {"python": platform.python_version(), "cpu": cpu(), "jax": jax.__version__,
           "jaxlib": importlib.metadata.version("jaxlib"),
           "flax": flax.__version__, "optax": optax.__version__,
           "orbax_checkpoint": orbax.checkpoint.__version__, "numpy": np.__version__}

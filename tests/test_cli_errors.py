@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from ntkcl_jax import cli
+from ntkcl_jax import cli, config_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +37,6 @@ def bad(tmp_path_factory):
 
 
 M = [sys.executable, "-m"]
-B = [sys.executable]
 # (id, command with {d} for the bad-input directory, what the error line must contain)
 CASES = [
     ("train-missing-config", M + ["ntkcl_jax.train", "--config=configs/nope.py",
@@ -59,7 +58,7 @@ CASES = [
                                         "--config=configs/imagenet_r_in21k.py"],
      "configs/imagenet_r_in21k.py was replaced by configs/ntkcl_benchmarks.py:benchmark="
      "imagenet_r,backbone=in21k"),
-    ("multi-seed-replaced-config", B + ["scripts/multi_seed.py", "--config=configs/vtab_in1k.py",
+    ("multi-seed-replaced-config", M + ["scripts.multi_seed", "--config=configs/vtab_in1k.py",
                                         "--workdir={d}/seeds"],
      "configs/vtab_in1k.py was replaced by configs/ntkcl_benchmarks.py:benchmark=vtab,"
      "backbone=in1k"),
@@ -114,51 +113,51 @@ CASES = [
      "config file not found: 'configs/nope.py'"),
     ("show-split-unknown-key", M + ["ntkcl_jax.tools.show_split", "--config=configs/tiny.py",
                                     "--config.data.nokey=1"],
-     "--config.data.nokey: the config of --config has no field"),
-    ("multi-seed-missing-config", B + ["scripts/multi_seed.py", "--config=configs/nope.py",
+     "unknown config key(s) ['data.nokey']"),
+    ("multi-seed-missing-config", M + ["scripts.multi_seed", "--config=configs/nope.py",
                                        "--workdir={d}/seeds"],
      "config file not found: 'configs/nope.py'"),
-    ("multi-seed-unknown-key", B + ["scripts/multi_seed.py", "--config=configs/tiny.py",
+    ("multi-seed-unknown-key", M + ["scripts.multi_seed", "--config=configs/tiny.py",
                                     "--config.optim.nokey=1", "--workdir={d}/seeds"],
-     "--config.optim.nokey: the config of --config has no field"),
-    ("multi-seed-bad-seeds", B + ["scripts/multi_seed.py", "--workdir={d}/seeds",
+     "unknown config key(s) ['optim.nokey']"),
+    ("multi-seed-bad-seeds", M + ["scripts.multi_seed", "--workdir={d}/seeds",
                                   "--seeds=a,b"], "--seeds=a,b: expected comma-separated integers"),
-    ("results-page-not-a-run", B + ["scripts/results_page.py", "--datasets=imagenette",
-                                    "--methods=simplecil", "--seeds=0", "--workdir={d}/results",
+    ("results-page-not-a-run", M + ["scripts.results_page", "--datasets=imagenette",
+                                    "--seeds=0", "--workdir={d}/results",
                                     "--output={d}/results.md"],
      "{d}/results/imagenette/simplecil/seed0/results.json is not a results.json"),
-    ("results-page-unknown-dataset", B + ["scripts/results_page.py", "--datasets=nope",
+    ("results-page-unknown-dataset", M + ["scripts.results_page", "--datasets=nope",
                                           "--workdir={d}/results", "--output={d}/results.md"],
      "unknown datasets ['nope']"),
-    ("ntk-page-not-theory", B + ["scripts/ntk_page.py", "--theory={d}/not_a_run",
+    ("ntk-page-not-theory", M + ["scripts.ntk_page", "--theory={d}/not_a_run",
                                  "--output={d}/ntk.md"], "--theory={d}/not_a_run: no record.json"),
-    ("ntk-page-bad-experiments", B + ["scripts/ntk_page.py", "--experiments=xyz",
+    ("ntk-page-bad-experiments", M + ["scripts.ntk_page", "--experiments=xyz",
                                       "--output={d}/ntk.md"], "--experiments=xyz: unknown"),
-    ("theory-missing-config", B + ["scripts/theory.py", "--config=configs/nope.py",
+    ("theory-missing-config", M + ["scripts.theory", "--config=configs/nope.py",
                                    "--root={d}/theory"], "config file not found: 'configs/nope.py'"),
-    ("theory-bad-experiments", B + ["scripts/theory.py", "--root={d}/theory",
+    ("theory-bad-experiments", M + ["scripts.theory", "--root={d}/theory",
                                     "--experiments=xyz"], "--experiments=xyz: unknown"),
-    ("theory-root-is-a-file", B + ["scripts/theory.py", "--root={d}/a_file"],
+    ("theory-root-is-a-file", M + ["scripts.theory", "--root={d}/a_file"],
      "--root={d}/a_file is a file"),
-    ("scale-plan-bad-sizes", B + ["scripts/scale_plan.py", "--sizes=56,x",
+    ("scale-plan-bad-sizes", M + ["scripts.scale_plan", "--sizes=56,x",
                                   "--output={d}/scale.md"], "--sizes / --seeds: expected"),
-    ("scale-plan-scale-without-batch", B + ["scripts/scale_plan.py", "--scale=size=56,epochs=2",
+    ("scale-plan-scale-without-batch", M + ["scripts.scale_plan", "--scale=size=56,epochs=2",
                                             "--output={d}/scale.md"],
      "--scale=size=56,epochs=2: no per_class="),
-    ("bench-precision-accuracy-seeds", B + ["benchmarks/precision.py", "--accuracy_seeds=a"],
+    ("bench-precision-accuracy-seeds", M + ["benchmarks.precision", "--accuracy_seeds=a"],
      "--accuracy_seeds=a: comma-separated integers"),
-    ("bench-train-step-model", B + ["benchmarks/train_step.py", "--model=nope"],
+    ("bench-train-step-model", M + ["benchmarks.train_step", "--model=nope"],
      "--model=nope: unknown ViT variant"),
-    ("bench-input-pipeline-batch", B + ["benchmarks/input_pipeline.py", "--batch=0"],
+    ("bench-input-pipeline-batch", M + ["benchmarks.input_pipeline", "--batch=0"],
      "--batch=0: sizes, counts and epochs must be >= 1"),
-    ("bench-branches-models", B + ["benchmarks/branches.py", "--models=tiny,nope"],
+    ("bench-branches-models", M + ["benchmarks.branches", "--models=tiny,nope"],
      "unknown ViT variants ['nope']"),
-    ("bench-report-output-dir", B + ["benchmarks/report.py", "--output={d}/no_dir/b.md"],
+    ("bench-report-output-dir", M + ["benchmarks.report", "--output={d}/no_dir/b.md"],
      "--output={d}/no_dir/b.md: directory"),
-    ("bench-report-not-checkout", B + ["benchmarks/report.py", "--official_repo={d}/fake_checkout",
+    ("bench-report-not-checkout", M + ["benchmarks.report", "--official_repo={d}/fake_checkout",
                                        "--output={d}/b.md"],
      "--official_repo={d}/fake_checkout is not a checkout"),
-    ("bench-official-not-checkout", B + ["benchmarks/official_torch_step.py",
+    ("bench-official-not-checkout", M + ["benchmarks.official_torch_step",
                                          "--official_repo={d}/fake_checkout"],
      "--official_repo={d}/fake_checkout is not a checkout of Programmergg/NTK-CL"),
 ]
@@ -178,7 +177,7 @@ def test_bad_input_is_one_error_line(bad, cmd, expected):
 
 def test_traceback_on_request(bad):
   """NTKCL_TRACEBACK=1 shows the traceback of the same input error (for bug reports)."""
-  p = subprocess.run(B + ["scripts/ntk_page.py", f"--theory={bad}/not_a_run",
+  p = subprocess.run(M + ["scripts.ntk_page", f"--theory={bad}/not_a_run",
                           f"--output={bad}/ntk.md"], cwd=REPO, capture_output=True, text=True,
                      timeout=300, env=dict(os.environ, NTKCL_TRACEBACK="1"))
   assert p.returncode != 0 and "Traceback" in p.stderr and "InputError" in p.stderr
@@ -192,9 +191,9 @@ def test_config_file_error_names_the_raising_line(tmp_path):
     exec(compile(path.read_text(), str(path), "exec"), ns := {})  # pylint: disable=exec-used
     ns["get_config"]()
   except KeyError as e:
-    err = cli.config_file_error(e, f"{path}:arg")
+    err = config_files.config_file_error(e, f"{path}:arg")
   assert isinstance(err, cli.InputError)
   assert f"config file '{path}:arg' (--config) raised KeyError: missing" in str(err)
   assert f"{path}:2" in str(err)
-  missing = cli.config_file_error(RuntimeError("x"), "configs/nope.py:a=1", flag="cfg")
+  missing = config_files.config_file_error(RuntimeError("x"), "configs/nope.py:a=1", flag="cfg")
   assert "config file not found: 'configs/nope.py' (--cfg)" in str(missing)

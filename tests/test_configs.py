@@ -15,7 +15,9 @@ from ntkcl_jax.data import protocol
 from ntkcl_jax.models import ntkcl
 from ntkcl_jax.models import vit
 
-CONFIG_DIR = os.path.join(config_files.REPO_ROOT, "configs")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG_DIR = os.path.join(REPO, "ntkcl_jax", "configs")
 HELPERS = {"__init__.py", "base.py", "config_args.py", "dinov2s_real.py"}
 BENCHMARKS = ("cifar100", "imagenet_r", "imagenet_a", "domainnet", "oxford_pets", "eurosat",
               "plantvillage", "vtab", "kvasir")
@@ -117,7 +119,7 @@ def test_benchmark_configs_have_official_hyperparameters(bench, bb, monkeypatch)
     ("benchmark=cifar100,backbone=in21k,chkpt=/x.npz", "unknown config argument 'chkpt'"),
 ])
 def test_benchmark_config_args_are_checked(arg, message):
-  with pytest.raises(ValueError) as e:
+  with pytest.raises(cli.InputError) as e:  # the config's ValueError, named with its file
     load("ntkcl_benchmarks.py", arg)
   assert message in str(e.value)
 
@@ -126,23 +128,23 @@ def test_benchmark_config_args_are_checked(arg, message):
 @pytest.mark.parametrize("bench", BENCHMARKS)
 def test_replaced_benchmark_file_names_its_new_form(bench, bb):
   old = f"configs/{bench}_{bb}.py"
-  assert not os.path.exists(os.path.join(config_files.REPO_ROOT, old))
+  assert not os.path.exists(os.path.join(REPO, old))
   new = f"configs/ntkcl_benchmarks.py:benchmark={bench},backbone={bb}"
-  assert cli.replaced_config_hint(old) == (
+  assert config_files.replaced_config_hint(old) == (
       f"{old} was replaced by {new} (config args: ckpt=..., data_dir=..., "
       f"variant=official|corrected)")
   # the given config args are carried over to the new form, which loads
-  hint = cli.replaced_config_hint(f"{old}:ckpt=/x/y.npz,data_dir=/d")
+  hint = config_files.replaced_config_hint(f"{old}:ckpt=/x/y.npz,data_dir=/d")
   assert f"replaced by {new},ckpt=/x/y.npz,data_dir=/d " in hint
-  c = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, new + ",ckpt=/x/y.npz,data_dir=/d"))
+  c = config_files.load(new + ",ckpt=/x/y.npz,data_dir=/d")
   assert (c.data.name, c.model.checkpoint, c.data.data_dir) == (bench, "/x/y.npz", "/d")
-  assert str(cli.config_file_error(FileNotFoundError(old), old)) == cli.replaced_config_hint(old)
+  assert str(config_files.config_file_error(FileNotFoundError(old), old)) == config_files.replaced_config_hint(old)
 
 
 def test_other_missing_configs_get_no_replacement_hint():
   for path in ("configs/nope.py", "configs/cifar10_in21k.py", "configs/tiny.py",
                "configs/cifar100_in22k.py", "configs/cifar100_in21k"):
-    assert cli.replaced_config_hint(path) is None, path
+    assert config_files.replaced_config_hint(path) is None, path
 
 
 @pytest.mark.slow
@@ -150,7 +152,7 @@ def test_old_benchmark_command_line_fails_with_the_new_form():
   """The launcher given a replaced file: one error line naming the new command, exit code 2."""
   p = subprocess.run([sys.executable, "-m", "ntkcl_jax.train",
                       "--config=configs/cifar100_in21k.py:ckpt=/x/y.npz,data_dir=/data",
-                      "--workdir=/nonexistent/wd"], cwd=config_files.REPO_ROOT, capture_output=True,
+                      "--workdir=/nonexistent/wd"], cwd=REPO, capture_output=True,
                      text=True, timeout=300)
   assert p.returncode == 2, p.stderr[-3000:]
   assert p.stderr.strip().splitlines() == [
@@ -176,25 +178,55 @@ def test_demo_uses_real_backbone_and_real_images():
 
 
 def test_config_arg_typos_are_errors():
-  with pytest.raises(ValueError, match="unknown config argument 'sise'"):
+  with pytest.raises(cli.InputError, match="unknown config argument 'sise'"):
     load("imagenette_dinov2s.py", "sise=56")
   assert load("imagenette_dinov2s.py", "size=56,epochs=1").model.image_size == 56
 
 
 def test_shipped_configs_load_from_any_directory(tmp_path, monkeypatch):
   """`configs/NAME.py` (and `ntkcl_jax/configs/NAME.py`) name the package's own configs
-  (ntkcl_jax.configs) from a directory outside the repository, for load_config_file and for the
-  launcher's argv; a path that is a file where it is given wins, and a missing one is kept (for
-  the replaced-config hint)."""
+  (ntkcl_jax.configs) from a directory outside the repository, with and without overrides; a path
+  that is a file where it is given wins, and a missing one is kept (for the replaced-config
+  hint)."""
   expected = load("tiny.py", "data=digits").to_dict()
   monkeypatch.chdir(tmp_path)
   for spec in ("configs/tiny.py:data=digits", "ntkcl_jax/configs/tiny.py:data=digits"):
     assert config_files.load_config_file(spec).to_dict() == expected
-  d = config_files.CONFIG_DIR
-  assert config_files.resolve_config_argv(
-      ["prog", "--config=configs/tiny.py:data=digits", "--config", "configs/demo.py", "--x=1"]) == [
-          "prog", f"--config={d}/tiny.py:data=digits", "--config", f"{d}/demo.py", "--x=1"]
+    assert config_files.load(spec).to_dict() == expected
+  assert config_files.resolve_path("configs/tiny.py") == os.path.join(config_files.CONFIG_DIR,
+                                                                      "tiny.py")
   assert config_files.resolve_path("configs/cifar100_in21k.py") == "configs/cifar100_in21k.py"
   (tmp_path / "configs").mkdir()
   (tmp_path / "configs" / "tiny.py").write_text("def get_config():\n  return None\n")
   assert config_files.resolve_path("configs/tiny.py") == "configs/tiny.py"
+
+
+def test_split_argv_takes_the_config_and_its_overrides_out():
+  spec, overrides, rest = config_files.split_argv(
+      ["prog", "--config=configs/tiny.py:data=digits", "--config.seed=2", "--x=1",
+       "--config", "configs/demo.py", "--config.optim.lr=0.5"])
+  assert spec == "configs/demo.py" and rest == ["prog", "--x=1"]
+  assert overrides == ["--config.seed=2", "--config.optim.lr=0.5"]
+  assert config_files.split_argv(["prog"])[0] == config_files.DEFAULT_CONFIG
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.optim.lrr=1"], "unknown config key(s) ['optim.lrr']"),
+    (["--config.seed=abc"], "--config.seed=abc: invalid literal for int()"),
+    (["--config.train.mesh_model=2"], "config key train.mesh_model was removed"),
+    (["seed=1"], "are not --config.KEY=VALUE overrides"),
+])
+def test_load_refuses_bad_overrides_in_one_line(overrides, message):
+  with pytest.raises(cli.InputError) as e:
+    config_files.load("configs/tiny.py", overrides)
+  assert message in str(e.value)
+
+
+def test_load_parses_overrides_by_the_field_type():
+  c = config_files.load("configs/tiny.py", ["--config.seed=3", "--config.optim.lr=0.5",
+                                            "--config.method.fix_ema=true",
+                                            "--config.method.section_weights=(1.0,0.3,0.1)"])
+  assert (c.seed, c.optim.lr, c.method.fix_ema) == (3, 0.5, True)
+  assert c.method.section_weights == (1.0, 0.3, 0.1)
+  with pytest.raises(AttributeError):
+    c.new_key = 1  # locked: no key can be added after loading

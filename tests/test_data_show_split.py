@@ -28,7 +28,7 @@ def test_tiny_with_seed_override_from_another_directory(tmp_path):
   assert out["class_order"] == order
   assert out["task_classes"] == [order[0:2], order[2:4], order[4:6]]
   # counts equal those of the stream built from the same config
-  c = config_files.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
+  c = config_files.load_config_file("configs/tiny.py")
   c.seed = 3
   assert out["counts"] == data_lib.build_stream(c).counts
 
@@ -62,7 +62,7 @@ def test_demo_counts_from_archives(shared_data):
   r = _show("--config=configs/demo.py")
   assert r.returncode == 0, r.stderr
   out = json.loads(r.stdout)
-  c = config_files.load_config_file(os.path.join(REPO, "configs", "demo.py"))
+  c = config_files.load_config_file("configs/demo.py")
   if c.data.source != "zip":
     pytest.skip("demo config does not use the archives here")
   assert out["counts"] == data_lib.build_stream(c).counts

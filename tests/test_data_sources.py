@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(name, source, num_classes, data_dir="", size=16, init=2, inc=2):
-  c = config_files.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
+  c = config_files.load_config_file("configs/tiny.py")
   c.model.image_size = size
   c.data.name, c.data.source, c.data.data_dir = name, source, data_dir
   c.data.num_classes, c.data.init_cls, c.data.increment = num_classes, init, inc
@@ -324,7 +324,7 @@ def _demo(arg, monkeypatch, shared):
   """configs/demo.py as the launcher loads it, with the archives looked for in `shared`."""
   from ntkcl_jax.configs import dinov2s_real  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(dinov2s_real, "SHARED_DATA", str(shared))
-  return config_files.load_config_file(os.path.join(REPO, "configs", "demo.py") + (f":{arg}" if arg
+  return config_files.load_config_file("configs/demo.py" + (f":{arg}" if arg
                                                                             else ""))
 
 

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _config(transform="official", per_train=9, per_test=5, classes=6, size=12, seed=0,
             normalize="inception"):
-  c = config_files.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
+  c = config_files.load_config_file("configs/tiny.py")
   c.seed = seed
   c.model.image_size = size
   c.model.normalize = normalize

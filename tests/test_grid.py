@@ -1,6 +1,7 @@
-"""scripts/grid.py, the drivers' one helper: configs with launcher-style overrides, and a run
-trained only when its workdir holds no finished run of the same config; scripts/multi_seed.py on
-top of it (seeds trained once, then reused; mean ± sample std table)."""
+"""scripts/grid.py, the drivers' one helper: a run trained only when its workdir holds no finished
+run of the same config, by the launcher's own same-run rule (ntkcl_jax/same_run.py: a key added
+to the schema with a default names the same run, for both); scripts/multi_seed.py on top of it
+(seeds trained once, then reused; mean ± sample std table)."""
 import json
 import os
 import sys
@@ -11,37 +12,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # for scripts.*
 
 from ntkcl_jax import cli  # noqa: E402
+from ntkcl_jax import config_files  # noqa: E402
+from ntkcl_jax import same_run  # noqa: E402
+from ntkcl_jax import train  # noqa: E402
+from ntkcl_jax.configs import base  # noqa: E402
 from scripts import grid  # noqa: E402
 from scripts import multi_seed  # noqa: E402
 
-TINY = os.path.join(REPO, "configs", "tiny.py")
-
-
-def test_load_config_types_overrides_like_the_launcher():
-  c = grid.load_config(f"{TINY}:data=digits", ["--config.seed=3", "--config.optim.lr=1",
-                                                "--config.method.fix_ema=true",
-                                                "--config.method.section_weights=(1.0,0.5)"])
-  assert c.data.name == "digits" and c.data.num_classes == 10  # the file's arg
-  assert c.seed == 3 and isinstance(c.seed, int)
-  assert c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
-  assert c.method.fix_ema is True and c.method.section_weights == (1.0, 0.5)
-  assert grid.load_config(TINY).seed == 0
-
-
-@pytest.mark.parametrize("spec,overrides,message", [
-    (TINY, ["--config.optim.nokey=1"], "--config.optim.nokey: the config of --config has no field"),
-    (TINY, ["--config.seed=abc"], "--config.seed=abc: invalid literal for int()"),
-    (TINY, ["--seed=1"], "['--seed=1'] are not --config.KEY=VALUE overrides"),
-    (f"{TINY}:nope=1", [], "unknown config argument 'nope'"),
-    ("configs/nope.py", [], "config file not found: 'configs/nope.py'"),
-    ("configs/cifar100_in21k.py:ckpt=/x.npz", [],
-     "configs/cifar100_in21k.py was replaced by configs/ntkcl_benchmarks.py:benchmark=cifar100,"
-     "backbone=in21k,ckpt=/x.npz"),
-])
-def test_load_config_errors_are_input_errors(spec, overrides, message):
-  with pytest.raises(cli.InputError) as e:
-    grid.load_config(spec, overrides)
-  assert message in str(e.value)
+TINY = "configs/tiny.py"
 
 
 def _fake_run(calls):
@@ -62,13 +40,13 @@ def _fake_run(calls):
 def test_trains_once_then_reuses_the_finished_run(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(grid.train, "run", _fake_run(calls))
-  config = grid.load_config(TINY, ["--config.seed=2"])
+  config = config_files.load(TINY, ["--config.seed=2"])
   wd = str(tmp_path / "run")
   first = grid.train_unless_finished(config, wd, progress=False, log=lambda m: None)
   assert calls == [(2, config.optim.epochs, wd, False)]
   assert first["avg_incremental_accuracy"] == 82.0
   # finished: read back, not retrained, also when only train.* bookkeeping changed
-  again = grid.load_config(TINY, ["--config.seed=2", "--config.train.log_every_steps=3",
+  again = config_files.load(TINY, ["--config.seed=2", "--config.train.log_every_steps=3",
                                   "--config.train.checkpoint_every_steps=7"])
   assert grid.train_unless_finished(again, wd) == first
   assert len(calls) == 1
@@ -77,12 +55,12 @@ def test_trains_once_then_reuses_the_finished_run(tmp_path, monkeypatch):
 def test_a_corrected_mode_switch_makes_another_run(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(grid.train, "run", _fake_run(calls))
-  config = grid.load_config(TINY)
+  config = config_files.load(TINY)
   wd = tmp_path / "run"
   saved = grid.train_unless_finished(config, str(wd), log=lambda m: None)
   assert grid.finished_results(config, str(wd)) == saved
-  on = grid.load_config(TINY, ["--config.method.fix_ema=true"])
-  with pytest.raises(cli.InputError, match=r"sections \['method'\] differ"):
+  on = config_files.load(TINY, ["--config.method.fix_ema=true"])
+  with pytest.raises(cli.InputError, match=r"method.fix_ema: saved False, asked True"):
     grid.finished_results(on, str(wd))
   assert len(calls) == 1
 
@@ -91,27 +69,27 @@ def test_a_finished_run_of_another_config_is_not_overwritten(tmp_path, monkeypat
   calls = []
   monkeypatch.setattr(grid.train, "run", _fake_run(calls))
   wd = str(tmp_path / "run")
-  grid.train_unless_finished(grid.load_config(TINY), wd, log=lambda m: None)
-  other = grid.load_config(TINY, ["--config.seed=1", "--config.optim.epochs=5"])
-  with pytest.raises(cli.InputError, match=r"holds a finished run of another config \(sections "
-                                           r"\['optim', 'seed'\] differ\)"):
+  grid.train_unless_finished(config_files.load(TINY), wd, log=lambda m: None)
+  other = config_files.load(TINY, ["--config.seed=1", "--config.optim.epochs=5"])
+  with pytest.raises(cli.InputError, match=r"holds a finished run of another config \(optim.epochs: "
+                                           r"saved 2, asked 5; seed: saved 0, asked 1\)"):
     grid.train_unless_finished(other, wd)
   assert len(calls) == 1
 
 
 def test_a_corrupt_results_file_is_an_input_error(tmp_path):
   (tmp_path / "results.json").write_text("not json")
-  with pytest.raises(cli.InputError, match="results.json is not a results.json written by"):
-    grid.finished_results(grid.load_config(TINY), str(tmp_path))
+  with pytest.raises(ValueError, match="results.json is not a results.json"):
+    grid.finished_results(config_files.load(TINY), str(tmp_path))
   (tmp_path / "results.json").write_text(json.dumps({"avg_incremental_accuracy": 1.0}))
-  with pytest.raises(cli.InputError, match="has no config"):
-    grid.finished_results(grid.load_config(TINY), str(tmp_path))
+  with pytest.raises(ValueError, match="has no config"):
+    grid.finished_results(config_files.load(TINY), str(tmp_path))
 
 
 @pytest.mark.slow
 def test_real_tiny_run_then_reuse(tmp_path, monkeypatch):
   """With the real launcher: the run trains to results.json, and a second call reads it back."""
-  config = grid.load_config(TINY, ["--config.optim.epochs=1"])
+  config = config_files.load(TINY, ["--config.optim.epochs=1"])
   wd = str(tmp_path / "tiny")
   trained = grid.train_unless_finished(config, wd, progress=False, log=lambda m: None)
   with open(os.path.join(wd, "results.json")) as f:
@@ -123,6 +101,41 @@ def test_real_tiny_run_then_reuse(tmp_path, monkeypatch):
     raise AssertionError("a finished run was trained again")
   monkeypatch.setattr(grid.train, "run", no_training)
   assert grid.train_unless_finished(config, wd) == saved
+
+
+@pytest.mark.slow
+def test_launcher_and_grid_agree_on_an_old_run_after_a_key_is_added(tmp_path, monkeypatch):
+  """A real tiny run, then the schema grows a key with a default: the grid reads the old run as
+  finished and the launcher resumes it (nothing to train), for the new key at its default; at
+  another value both refuse, naming the key with both values."""
+  wd = str(tmp_path / "tiny")
+  config = config_files.load(TINY, ["--config.optim.epochs=1"])
+  old = train.run(config, wd, progress=False)
+  schema = base.get_config
+
+  def grown():
+    c = schema()
+    c.method.new_knob = 7
+    return c
+  monkeypatch.setattr(base, "get_config", grown)
+  config.unlock()
+  config.method.new_knob = 7
+  assert grid.finished_results(config, wd) == old
+  assert train.run(config, wd, progress=False)["accuracy_matrix"] == old["accuracy_matrix"]
+  config.method.new_knob = 8
+  for refuse in (lambda: grid.finished_results(config, wd),
+                 lambda: train.run(config, wd, progress=False)):
+    with pytest.raises(cli.InputError, match="method.new_knob: saved 7, asked 8"):
+      refuse()
+
+
+def test_the_rule_names_each_differing_key_with_both_values():
+  saved = same_run.config_json(config_files.load(TINY))
+  asked = config_files.load(TINY, ["--config.optim.lr=0.5", "--config.train.log_every_steps=1"])
+  assert same_run.differences(saved, asked) == [("optim.lr", 0.05, 0.5)]  # train.* ignored
+  assert same_run.describe(same_run.differences(saved, asked)) == "optim.lr: saved 0.05, asked 0.5"
+  del saved["data"]["tasks_to_run"]  # a record written before the key existed
+  assert same_run.differences(saved, config_files.load(TINY)) == []
 
 
 def test_multi_seed_trains_each_seed_once_and_tabulates(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""Packaging: the wheel ships the configs as `ntkcl_jax.configs` (no top-level `configs`), an
+"""Packaging: the wheel ships the configs in `ntkcl_jax.configs` (no top-level `configs`), an
 installed (non-editable) copy finds and runs its configs from any directory, the JAX pins of
 setup.py agree with the neural-tangents shims, and the neural-tangents backend stays optional."""
 from __future__ import annotations
@@ -18,8 +18,9 @@ from packaging.requirements import Requirement
 from ntk_analysis import kernels, nt_compat
 from ntkcl_jax import config_files
 
-ROOT = config_files.REPO_ROOT
-SHIPPED_CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_CONFIGS = sorted(os.path.basename(p)
+                         for p in glob.glob(os.path.join(ROOT, "ntkcl_jax", "configs", "*.py")))
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def wheel(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("wheel")
   src = tmp / "src"
   ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-  for d in ("ntkcl_jax", "ntk_analysis", "configs"):
+  for d in ("ntkcl_jax", "ntk_analysis"):
     shutil.copytree(os.path.join(ROOT, d), src / d, ignore=ignore)
   for f in ("setup.py", "MANIFEST.in", "README.md"):
     shutil.copy(os.path.join(ROOT, f), src / f)
@@ -71,12 +72,13 @@ def test_installed_wheel_finds_and_runs_its_configs_from_any_directory(wheel, tm
   code = f"""
 import importlib.util, os
 from ntkcl_jax import config_files
+
 assert config_files.__file__.startswith({str(target)!r}), config_files.__file__
 assert config_files.CONFIG_DIR == os.path.join({str(target)!r}, "ntkcl_jax", "configs")
 assert importlib.util.find_spec("configs") is None
 for name in {names!r} + ["ntkcl_benchmarks.py:benchmark=cifar100,backbone=in21k"]:
-  config_files.load_config_file("configs/" + name)
-print(config_files.load_config_file(config_files.DEFAULT_CONFIG).data.name)
+  config_files.load("configs/" + name)
+print(config_files.load(config_files.DEFAULT_CONFIG).data.name)
 """
   p = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True,
                      text=True, timeout=300)

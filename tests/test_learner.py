@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ntkcl_jax import switches
 from ntkcl_jax.configs import base
 from ntkcl_jax import data
 from ntkcl_jax import learner as learner_lib
@@ -20,7 +21,7 @@ from ntkcl_jax.checkpoints import runs
 from ntkcl_jax.models import ntkcl
 from ntkcl_jax.models import vit
 
-ALL_FIXES = {s: True for s in ntkcl.SWITCHES}
+ALL_FIXES = {s: True for s in switches.NAMES}
 
 
 def make_config(method="ntkcl", variant="official", **method_fields):
@@ -81,16 +82,16 @@ def _flat_state(state):
 
 def test_switches_official_forces_all_off():
   cfg = make_config(variant="official", **ALL_FIXES)
-  assert ntkcl.switches(cfg) == ntkcl.Switches()
-  assert not any(vars(ntkcl.switches(cfg)).values())
+  assert switches.from_config(cfg) == switches.Switches()
+  assert not any(vars(switches.from_config(cfg)).values())
   cfg.method.variant = "corrected"
-  assert all(vars(ntkcl.switches(cfg)).values())
-  assert ntkcl.spec_from_config(cfg).switches == ntkcl.switches(cfg)
+  assert all(vars(switches.from_config(cfg)).values())
+  assert ntkcl.spec_from_config(cfg).switches == switches.from_config(cfg)
   cfg.method.fix_orth = False
-  assert not ntkcl.switches(cfg).fix_orth and ntkcl.switches(cfg).fix_ema
+  assert not switches.from_config(cfg).fix_orth and switches.from_config(cfg).fix_ema
   cfg.method.variant = "fixed"
   with pytest.raises(ValueError, match="official"):
-    ntkcl.switches(cfg)
+    switches.from_config(cfg)
 
 
 @pytest.mark.parametrize("mode", ["official", "fix_ema", "copy"])

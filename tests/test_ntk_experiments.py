@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from ntk_analysis import experiments
+from ntkcl_jax import switches
 
 T = 5  # tasks
 
@@ -19,7 +20,7 @@ def _config(**method):
           "model": {"name": "tiny", "image_size": 16, "checkpoint": "", "overrides": {}},
           "optim": {"epochs": 2},
           "method": {"name": "ntkcl", "variant": "official", "dis_temp": 1e-4, "reg_temp": 1e-3,
-                     "frozen_update": "ema", **{s: False for s in experiments.SWITCHES},
+                     "frozen_update": "ema", **{s: False for s in switches.NAMES},
                      **method}}
 
 

@@ -189,7 +189,7 @@ def test_overlap_and_interference_on_a_controlled_joint_kernel(tmp_path):
     os.makedirs(os.path.dirname(path))
     joint.JointKernel(k=kt, task_index=jk.task_index, indices=jk.indices).save(path)
   acc = [[90.0, None, None], [88.0, 80.0, None], [60.0, 79.0, 75.0]]
-  (wd / "results.json").write_text(json.dumps({"accuracy_matrix": acc}))
+  (wd / "results.json").write_text(json.dumps({"accuracy_matrix": acc, "config": {}}))
   res = experiments.overlap_vs_forgetting([str(wd)], str(tmp_path / "a.png"), kernel=jk)
   pairs = pd.DataFrame(res["table"])
   row = lambda s, t: pairs[(pairs.s == s) & (pairs.t == t)].iloc[0]

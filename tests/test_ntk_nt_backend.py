@@ -20,6 +20,7 @@ if importlib.util.find_spec("neural_tangents") is None:
 # pylint: disable=g-import-not-at-top,wrong-import-position  # after the skip above
 import _ntk_models
 from ntk_analysis import kernels, linearized, nt_compat, readouts
+from ntkcl_jax import switches
 from ntkcl_jax import data, learner as learner_lib, sharding
 from ntkcl_jax.configs import tiny
 from ntkcl_jax.models import ntkcl, vit
@@ -144,7 +145,7 @@ def _full_readout_config(fix_fusion: bool):
   and the single- or multi-token attention fusion; every other switch off."""
   c = tiny.get_config()
   c.method.variant = "corrected"
-  for s in ntkcl.SWITCHES:
+  for s in switches.NAMES:
     c.method[s] = False
   c.method.fix_patch_init, c.method.fix_fusion = True, fix_fusion
   c.optim.epochs = 1

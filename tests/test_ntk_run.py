@@ -17,7 +17,7 @@ from ntkcl_jax.checkpoints import runs
 @pytest.fixture(scope="module")
 def tiny_workdir(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("tinyrun"))
-  config = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs", "tiny.py"))
+  config = config_files.load_config_file("configs/tiny.py")
   config.train.mesh_data = 1
   train.run(config, wd, progress=False)
   return wd

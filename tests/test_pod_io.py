@@ -204,8 +204,7 @@ class _Stop(Exception):
 
 
 def _tiny():
-  config = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs",
-                                                      "tiny.py"))
+  config = config_files.load_config_file("configs/tiny.py")
   config.train.mesh_data = 1
   return config
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ntkcl_jax import switches
 from ntkcl_jax import config_files, learner as learner_lib, sharding, train, tree_utils
 from ntkcl_jax.checkpoints import runs
 from ntkcl_jax.models import ntkcl, peft, vit
@@ -22,9 +23,9 @@ LO, N_NEW = 2, 2  # task 1 of the tiny 3 x 2 split: the NCE and orth terms see o
 def tiny_config(**model):
   """configs/tiny.py, corrected variant with every switch on (so every trainable leaf, including
   the fusion's query/key, has a gradient), one device, with `model` keys set."""
-  c = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs", "tiny.py"))
+  c = config_files.load_config_file("configs/tiny.py")
   c.method.variant = "corrected"
-  for s in ntkcl.SWITCHES:
+  for s in switches.NAMES:
     c.method[s] = True
   c.train.mesh_data = 1
   c.model.update(model)
@@ -122,7 +123,7 @@ def test_config_keys_reach_the_vit_and_every_peft_layer():
     assert ntkcl.spec_from_config(cfg).fusion_module().dtype == jnp.bfloat16
   # the defaults: float32, 'highest', einsum, no remat
   d = ntkcl.vit_config(config_files.load_config_file(
-      os.path.join(config_files.REPO_ROOT, "configs", "base.py")))
+      "configs/base.py"))
   assert (d.dtype, d.matmul_precision, d.attention, d.remat) == (
       jnp.float32, "highest", "einsum", False)
 
@@ -143,9 +144,11 @@ def test_policy_keys_are_not_shape_overrides():
   with pytest.raises(ValueError, match="set model.dtype instead"):
     ntkcl.vit_config(cfg)
   # on the command line the keys are model.*, which the launcher accepts
-  config_files.check_overrides(["--config=configs/tiny.py", "--config.model.dtype=bfloat16",
-                                "--config.model.remat=True", "--config.model.attention=fused",
-                                "--config.model.matmul_precision=high"])
+  c = config_files.load("configs/tiny.py", ["--config.model.dtype=bfloat16",
+                                             "--config.model.remat=True",
+                                             "--config.model.attention=fused",
+                                             "--config.model.matmul_precision=high"])
+  assert (c.model.dtype, c.model.remat, c.model.attention) == ("bfloat16", True, "fused")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,7 +301,7 @@ def runs_f32_bf16(tmp_path_factory):
   """The tiny config's run in float32 and in bfloat16 (results, final state of each)."""
   out = {}
   for dtype in ("float32", "bfloat16"):
-    cfg = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs", "tiny.py"))
+    cfg = config_files.load_config_file("configs/tiny.py")
     cfg.model.dtype = dtype
     cfg.train.update(mesh_data=1, checkpoint_every_steps=0, keep_checkpoints=1)
     wd = str(tmp_path_factory.mktemp(dtype))

@@ -62,7 +62,7 @@ def test_mesh_errors_say_what_to_change():
 
 
 def test_removed_model_axis_is_one_line_saying_what_to_do(capsys):
-  tiny = os.path.join(config_files.REPO_ROOT, "configs", "tiny.py")
+  tiny = "configs/tiny.py"
   # on the command line: refused before anything is built, one `error:` line, exit 2
   with pytest.raises(SystemExit) as e:
     train.main(["train", f"--config={tiny}", "--config.train.mesh_model=2"])

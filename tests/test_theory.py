@@ -1,4 +1,4 @@
-"""scripts/theory.py: the arms each experiment needs, records that survive between sittings (skip,
+"""scripts/theory.py: the arms each experiment needs, records that survive interruptions (skip,
 refuse another config), the shared zero-weight control of (b) (fix_orth at dis_temp=0 trains
 bit-identically to the official term at dis_temp=0), and the whole pipeline on tiny runs: train,
 measure, record, delete checkpoints, rerun without training, page from the records alone, each
@@ -23,7 +23,7 @@ from scripts import grid, ntk_page, theory  # noqa: E402
 
 def _tiny(**kw):
   """configs/tiny.py (synthetic, 3 tasks x 2 classes), one epoch of 2 steps per task."""
-  c = config_files.load_config_file(os.path.join(config_files.CONFIG_DIR, "tiny.py"))
+  c = config_files.load_config_file("configs/tiny.py")
   c.train.mesh_data = 1
   c.optim.epochs = 1
   c.data.max_per_class_train = 8

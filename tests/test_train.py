@@ -14,8 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def tiny_config(arg=None, **overrides):
-  config = config_files.load_config_file(os.path.join(config_files.REPO_ROOT, "configs",
-                                                      "tiny.py") + (f":{arg}" if arg else ""))
+  config = config_files.load_config_file("configs/tiny.py" + (f":{arg}" if arg else ""))
   for key, value in overrides.items():
     node = config
     *path, leaf = key.split(".")
@@ -113,10 +112,12 @@ def test_tasks_to_run_equals_the_first_tasks_of_the_whole_run(tiny_run, tmp_path
 
 def test_unknown_override_lists_valid_keys():
   with pytest.raises(cli.InputError) as e:
-    config_files.check_overrides(["--config=configs/tiny.py", "--config.optim.lrr=0.1"])
+    config_files.from_argv(["prog", "--config=configs/tiny.py", "--config.optim.lrr=0.1"])
   msg = str(e.value)
   assert "optim.lrr" in msg and "did you mean optim.lr" in msg and "optim.weight_decay" in msg
-  config_files.check_overrides(["--config=configs/tiny.py", "--config.optim.lr=0.1"])  # valid
+  config, _, _ = config_files.from_argv(["prog", "--config=configs/tiny.py",
+                                         "--config.optim.lr=0.1"])  # valid
+  assert config.optim.lr == 0.1
 
 
 def test_default_workdir_names_config_arg_and_seed():

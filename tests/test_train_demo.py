@@ -17,6 +17,8 @@ import pytest
 from ntk_analysis import joint
 from ntkcl_jax import config_files
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
@@ -31,7 +33,7 @@ def offline_demo(tmp_path_factory):
   workdir = tmp / "demo-seed0"
   t = time.time()
   p = subprocess.run([sys.executable, "-m", "ntkcl_jax.train", f"--workdir={workdir}",
-                      "--noprogress"], cwd=config_files.REPO_ROOT, env=env, capture_output=True,
+                      "--noprogress"], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=900)
   wall = time.time() - t
   assert p.returncode == 0, p.stderr[-4000:]
@@ -59,7 +61,7 @@ def test_demo_runs_offline_on_the_bundled_images_well_above_chance(offline_demo)
 
 def _readme_analysis_args():
   """The flags of the README's `python -m ntk_analysis.analyse` line (comment dropped)."""
-  with open(os.path.join(config_files.REPO_ROOT, "README.md")) as f:
+  with open(os.path.join(REPO, "README.md")) as f:
     lines = [l for l in f.read().splitlines() if l.startswith("python -m ntk_analysis.analyse ")]
   assert len(lines) == 1, lines
   return shlex.split(lines[0].split("#")[0])[3:]
@@ -72,7 +74,7 @@ def test_readme_analysis_of_the_default_run(offline_demo):
   assert args[0] == "--workdir=workdirs/demo-seed0", args  # train's default workdir
   args = [f"--workdir={wd}"] + args[1:]
   p = subprocess.run([sys.executable, "-m", "ntk_analysis.analyse"] + args,
-                     cwd=config_files.REPO_ROOT, env=env, capture_output=True, text=True,
+                     cwd=REPO, env=env, capture_output=True, text=True,
                      timeout=1800)
   assert p.returncode == 0, p.stderr[-4000:]
   with open(wd / "ntk" / "report.json") as f:
@@ -92,7 +94,7 @@ def test_readme_analysis_of_the_default_run(offline_demo):
 
 def test_analysis_of_a_directory_that_is_not_a_run_is_one_error_line(tmp_path):
   p = subprocess.run([sys.executable, "-m", "ntk_analysis.analyse", f"--workdir={tmp_path}"],
-                     cwd=config_files.REPO_ROOT, env=dict(ENV, NTKCL_TRACEBACK=""), capture_output=True,
+                     cwd=REPO, env=dict(ENV, NTKCL_TRACEBACK=""), capture_output=True,
                      text=True, timeout=300)
   assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
   errors = [l for l in p.stderr.splitlines() if re.search(r"\berror:", l)]

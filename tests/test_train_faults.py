@@ -13,13 +13,15 @@ from ntkcl_jax import checkpoints, cli, config_files, learner as learner_lib, sh
 from ntkcl_jax.checkpoints import run_state
 from test_train import tiny_config
 
-CONFIG = os.path.join(config_files.REPO_ROOT, "configs", "tiny.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG = "configs/tiny.py"
 
 
 def launch(workdir, *extra):
   return subprocess.run([sys.executable, "-m", "ntkcl_jax.train", f"--config={CONFIG}",
                          f"--workdir={workdir}", "--noprogress", *extra], capture_output=True,
-                        text=True, timeout=300, cwd=config_files.REPO_ROOT,
+                        text=True, timeout=300, cwd=REPO,
                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
 
 

@@ -13,7 +13,9 @@ import pytest
 
 from ntkcl_jax import config_files
 
-CONFIG = os.path.join(config_files.REPO_ROOT, "configs", "tiny.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG = "configs/tiny.py"
 
 
 def _env(devices):
@@ -46,14 +48,14 @@ def test_two_processes_equal_one_process(tmp_path):
           "--config.data.name=kvasir", "--config.data.source=folder",
           f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.num_classes=8"]
   one = subprocess.run(base + [f"--workdir={tmp_path / 'one'}"], env=_env(8),
-                       cwd=config_files.REPO_ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
 
   port = portpicker.pick_unused_port()
   two_dir = tmp_path / "two"
   procs = [subprocess.Popen(base + [f"--workdir={two_dir}", f"--coordinator=localhost:{port}",
                                     "--num_processes=2", f"--process_id={i}"],
-                            env=_env(4), cwd=config_files.REPO_ROOT, stdout=subprocess.PIPE,
+                            env=_env(4), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]

@@ -17,7 +17,7 @@ import pytest
 from ntkcl_jax import config_files, sharding
 from ntkcl_jax.checkpoints import run_state, runs
 
-CONFIG = os.path.join(config_files.REPO_ROOT, "configs", "tiny.py")
+CONFIG = "configs/tiny.py"
 
 # The launcher, with one real function wrapped so that the process signals itself at event k:
 # after the metrics line of train step k is written (`step:k`), or after checkpoint k's
@@ -26,6 +26,8 @@ KILLER = """
 import os, signal, sys, time
 from ntkcl_jax import metric_writer, train
 from ntkcl_jax.checkpoints import run_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 what, at, sig = sys.argv.pop(1), int(sys.argv.pop(1)), getattr(signal, sys.argv.pop(1))
 
 def die():
@@ -57,7 +59,7 @@ def launch(workdir, *extra, kill=None, devices=8):
       sys.executable, "-c", KILLER, *kill]
   return subprocess.run(prefix + [f"--config={CONFIG}", f"--workdir={workdir}", "--noprogress",
                                   *extra], env=env, capture_output=True, text=True, timeout=600,
-                        cwd=config_files.REPO_ROOT)
+                        cwd=REPO)
 
 
 def load(workdir):

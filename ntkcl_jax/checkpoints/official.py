@@ -16,7 +16,12 @@ scale; `global_patch_prompt.weight` (P, N) -> kernel (N, P).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
+import importlib.util
+import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -200,3 +205,22 @@ def to_official(variables: dict, num_heads: int = 12) -> dict:
 def jax_leading(tree) -> int:
   leaves = jax.tree_util.tree_leaves(tree)
   return int(np.asarray(leaves[0]).shape[0]) if leaves else 0
+
+
+def import_official(repo: str, module: str):
+  """A module of a checkout of the official code (Programmergg/NTK-CL at `repo`), e.g.
+  'models.learner', imported without putting the checkout on sys.path: the code's one package,
+  `models` (a folder without __init__.py), is registered from `repo`. A checkout that lacks it is
+  a FileNotFoundError saying so."""
+  folder = os.path.join(os.path.abspath(repo), "models")
+  if not os.path.isfile(os.path.join(folder, "inc_net.py")):
+    raise FileNotFoundError(f"{repo} is not a checkout of Programmergg/NTK-CL "
+                            "(models/inc_net.py missing)")
+  package = sys.modules.get("models")
+  if package is None or list(getattr(package, "__path__", [])) != [folder]:
+    spec = importlib.machinery.ModuleSpec("models", None, is_package=True)
+    spec.submodule_search_locations = [folder]
+    sys.modules["models"] = importlib.util.module_from_spec(spec)
+    for name in [m for m in sys.modules if m.startswith("models.")]:
+      del sys.modules[name]  # submodules of another checkout
+  return importlib.import_module(module)

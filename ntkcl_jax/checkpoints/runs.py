@@ -18,16 +18,28 @@ import ml_collections
 
 from ntkcl_jax import checkpoints
 from ntkcl_jax import config_files
+from ntkcl_jax.configs import base
 from ntkcl_jax import learner as learner_lib
 from ntkcl_jax import paths
+from ntkcl_jax import results
+from ntkcl_jax import same_run
 from ntkcl_jax import sharding
 from ntkcl_jax.checkpoints import run_state
 
 
+def _merged(defaults: dict, saved: dict) -> dict:
+  out = dict(defaults)
+  for k, v in saved.items():
+    out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
 def config_from_json(cfg: dict) -> ml_collections.ConfigDict:
-  """The run config saved with its checkpoints / results.json (tuples came back as lists; keys
-  since removed from configs/base.py, e.g. train.mesh_model of older runs, are dropped)."""
-  c = ml_collections.ConfigDict(cfg)
+  """The run config saved with its checkpoints / results.json: keys added to the schema
+  (ntkcl_jax/configs/base.py) since the run was saved take their defaults, as the same-run rule
+  counts them (ntkcl_jax/same_run.py); tuples came back as lists; keys since removed, e.g.
+  train.mesh_model of older runs, are dropped."""
+  c = ml_collections.ConfigDict(_merged(same_run.config_json(base.get_config()), cfg))
   for key in config_files.REMOVED_KEYS:
     *sections, leaf = key.split(".")
     node = c
@@ -64,9 +76,9 @@ def load_run(workdir: paths.PathLike, checkpoint_id: Optional[int] = None):
   mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
   learner = learner_lib.Learner(config, checkpoints.build_backbone(config), mesh)
   state, meta = restore_state(workdir, learner, cid)
-  results = epath.Path(paths.join(workdir, "results.json"))
-  if results.exists():
-    meta["results"] = json.loads(results.read_text())
+  finished = results.read(workdir)
+  if finished is not None:
+    meta["results"] = finished
   return config, learner, state, meta
 
 

@@ -6,6 +6,8 @@ by the launcher, so every field a module reads must be declared here.
 """
 import ml_collections
 
+from ntkcl_jax import switches
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -54,14 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict()
   c.method.name = "ntkcl"            # ntkcl | channel | patch | simplecil | seq_adapter
   c.method.variant = "official"      # official | corrected
-  # Corrected-mode switches (docs/method.md §10); each fixes one oddity, all off = official.
-  c.method.fix_fusion = False
-  c.method.fix_nce_sign = False
-  c.method.fix_orth = False
-  c.method.fix_l2_all = False
-  c.method.fix_ema = False
-  c.method.fix_patch_init = False
-  c.method.fix_old_pool = False     # NCE samples only earlier tasks' prototypes (init_cls != increment)
+  # Corrected-mode switches method.fix_* (ntkcl_jax/switches.py lists and explains them; each
+  # fixes one oddity, honoured when variant == 'corrected'; all off = official).
+  for name in switches.NAMES:
+    c.method[name] = False
   # Fusion module: attention (official AttentionFusion) | mlp | multimodal (the plain alternatives
   # shipped, unused, in the official fusion_nets.py; ablations only).
   c.method.fusion = "attention"

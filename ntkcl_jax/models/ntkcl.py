@@ -44,35 +44,12 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from ntkcl_jax import switches as switches_lib
 from ntkcl_jax import tree_utils
 from ntkcl_jax.models import peft
 from ntkcl_jax.models import vit
 
 METHODS = ("ntkcl", "channel", "patch", "simplecil", "seq_adapter")
-SWITCHES = ("fix_fusion", "fix_nce_sign", "fix_orth", "fix_l2_all", "fix_ema", "fix_patch_init",
-            "fix_old_pool")
-
-
-@dataclasses.dataclass(frozen=True)
-class Switches:
-  """The corrected-mode switches (docs/method.md §10, plus fix_old_pool for docs/method.md §9 item 7): each fixes one
-  oddity of the official code; all off is the official method."""
-  fix_fusion: bool = False
-  fix_nce_sign: bool = False
-  fix_orth: bool = False
-  fix_l2_all: bool = False
-  fix_ema: bool = False
-  fix_patch_init: bool = False
-  fix_old_pool: bool = False
-
-
-def switches(config) -> Switches:
-  """The one gate of the switches: method.variant='official' forces all off, 'corrected' honours
-  each method.fix_* as set."""
-  m = config.method
-  if m.variant not in ("official", "corrected"):
-    raise ValueError(f"method.variant must be 'official' or 'corrected', got {m.variant!r}")
-  return Switches(**{s: bool(m[s]) and m.variant == "corrected" for s in SWITCHES})
 
 
 # The compute-policy keys of the `model` config section and the ViTConfig fields they set.
@@ -115,7 +92,7 @@ class ModelSpec:
   num_prompts: int = 10            # P generated prompt tokens per block (§1.3)
   frozen_sets: int = 1             # F: the pre_ prompt lists (§1.4)
   use_init_ptm: bool = False       # prepend the plain ViT feature as a section
-  switches: Switches = Switches()  # corrected-mode switches (docs/variants.md)
+  switches: switches_lib.Switches = switches_lib.Switches()  # corrected mode (docs/variants.md)
   section_weights: tuple = (0.3, 0.1)  # test-time section weights, outermost first (§4.1)
   fusion: str = "attention"  # attention (official) | mlp | multimodal (official dead alternatives)
 
@@ -192,7 +169,7 @@ def spec_from_config(config) -> ModelSpec:
   return ModelSpec(vit_config(config), method=m.name, ffn_num=m.ffn_num, ffn_scalar=m.ffn_scalar,
                    adapter_dropout=m.adapter_dropout, fusion_dropout=m.fusion_dropout,
                    num_prompts=m.num_prompt_tokens, frozen_sets=m.frozen_sets,
-                   use_init_ptm=m.use_init_ptm, switches=switches(config), section_weights=sw,
+                   use_init_ptm=m.use_init_ptm, switches=switches_lib.from_config(config), section_weights=sw,
                    fusion=m.fusion)
 
 

@@ -13,45 +13,31 @@ per-class counts or from archive/folder listings, so no image is decoded for rea
 """
 from __future__ import annotations
 
+import functools
 import json
-import os
 import sys
 
 from absl import app
-from absl import flags
-from ml_collections import config_flags
 
 from ntkcl_jax import cli, config_files
 from ntkcl_jax.data import summary
 
-REPO_ROOT = config_files.REPO_ROOT
 
-
-def _add_config_root(argv) -> None:
-  """Configs import `configs.*`: put the repo holding the config file on sys.path (as
-  ntkcl_jax.config_files.load_config_file does) before ml_collections loads it."""
-  roots = [REPO_ROOT]
-  for a in argv:
-    if a.startswith("--config="):
-      path = a.split("=", 1)[1].partition(":")[0]
-      roots.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
-  for r in roots:
-    if r not in sys.path:
-      sys.path.insert(0, r)
-
-
-def _main(argv) -> None:
+def _main(argv, config) -> None:
   del argv
-  out = summary.split_summary(flags.FLAGS.config)  # DataError / FileNotFoundError: cli.guard
+  out = summary.split_summary(config)  # DataError / FileNotFoundError: cli.guard
   print(json.dumps(out, indent=1))
 
 
 def main(argv=None) -> None:
-  argv = list(sys.argv if argv is None else argv)
-  _add_config_root(argv[1:])
-  config_flags.DEFINE_config_file("config", os.path.join(REPO_ROOT, "configs", "demo.py"),
-                                  "config file (path.py[:arg])", lock_config=True)
-  app.run(cli.guard(_main), argv=argv, flags_parser=cli.parse_flags)
+  """`--config=PATH[:arg]` (default the demo) and its `--config.KEY=VALUE` overrides are loaded
+  first (ntkcl_jax.config_files); a bad file, key or value is one `error:` line."""
+  try:
+    config, _, rest = config_files.from_argv(sys.argv if argv is None else argv)
+  except cli.INPUT_ERRORS as e:
+    cli.fail(e)
+  app.run(cli.guard(functools.partial(_main, config=config)), argv=rest,
+          flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":
