@@ -1,6 +1,10 @@
 """Memory planning of the empirical NTK (kernels.py): the bytes a kernel's Jacobian panels,
 float64 kernel and compiled Jacobian calls take on the host and on each device, and the largest
 panel that fits a budget, so that a kernel too large is refused with what to shrink.
+
+Two contractions: 'host' (the Jacobian panels on the host, estimate_bytes) and 'device' (the
+panels stay on the devices, split over them by samples, and only kernel blocks reach the host:
+device_estimate, with its per-device and host bytes).
 """
 from __future__ import annotations
 
@@ -18,6 +22,15 @@ DEFAULT_MEMORY_CAP = 3 << 29  # 1.5 GiB
 FALLBACK_MEMORY = 4 << 30  # bytes assumed available where the OS does not say
 CONTRACT_BYTES = 256 << 20  # float64 scratch of the blockwise contraction
 DEVICE_MEMORY_FRACTION = 0.8  # of an accelerator's free memory one Jacobian call may use
+# Parameters per slice of the device contraction, at most: one float32 product per slice, the
+# slices' sums Kahan-compensated; 1024 kept the float32 device kernel as close to a float64 one
+# as the host path's (tests/test_ntk_multidevice.py), 65536 was ten times further.
+DEVICE_SLICE = 1 << 10
+# What XLA's CPU runtime holds around a Jacobian call beyond its memory_analysis (thread scratch,
+# the samples staged through the host), as a fraction of the call: the device contraction's
+# estimate counts it on CPU devices (the activation case of benchmarks/ntk.py peaked up to ~7%
+# above panels + call).
+CPU_CALL_ALLOWANCE = 0.1
 
 
 class KernelMemoryError(MemoryError):
@@ -167,14 +180,147 @@ class MemoryPlan:
   outputs: int
   params: int
 
+  contract: str = "host"  # where J J^T is computed: 'host' or 'device' (device_estimate)
+  device_total: int = 0  # device contraction: one device's panels, contraction and call
+
   def describe(self) -> str:
     c = self.call
+    if self.contract == "device":
+      return (f"NTK memory: {self.devices} device(s) x {self.batch} sample(s) per Jacobian call "
+              f"of {self.outputs} outputs x {self.params:,} parameters, panels of {self.chunk} "
+              f"samples and their J J^T on the devices: {_size(self.device_total)} per device "
+              f"(Jacobian call {_size(c.total)} ({c.source}: activations {_size(c.temp)}); budget "
+              f"{_size(self.device_limit)}); host: kernel + blocks {_size(self.host_total)} "
+              f"(budget {_size(self.host_limit)})")
     return (f"NTK memory: {self.devices} device(s) x {self.batch} sample(s) per Jacobian call of "
             f"{self.outputs} outputs x {self.params:,} parameters: {_size(c.total)} per device "
             f"({c.source}: arguments {_size(c.arguments)}, activations {_size(c.temp)}, output "
             f"{_size(c.output)}; budget {_size(self.device_limit)}); host: panels of "
             f"{self.chunk} samples + kernel + call scratch {_size(self.host_scratch)} = "
             f"{_size(self.host_total)} (budget {_size(self.host_limit)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceLayout:
+  """How the device contraction spreads a kernel: `devices` in the mesh (`local` of them this
+  host's), `batch` samples per device per Jacobian call of `call` bytes on one device, and
+  whether the devices are CPU devices (their memory is the host's)."""
+  devices: int
+  local: int
+  batch: int
+  call: int
+  cpu: bool
+
+  @property
+  def step(self) -> int:
+    """Samples per Jacobian call over every device."""
+    return self.batch * self.devices
+
+  def rows(self, n: int) -> int:
+    """Rows one device holds of a panel of n samples (padded to whole calls)."""
+    return -(-n // self.step) * self.batch
+
+
+def device_slices(n_params: int) -> tuple:
+  """(parameters per slice, P padded to whole slices) of the device contraction: equal slices of
+  at most DEVICE_SLICE parameters, whose products are summed on the device, Kahan-compensated."""
+  k = -(-max(1, n_params) // DEVICE_SLICE)
+  step = -(-max(1, n_params) // k)
+  return step, k * step
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceEstimate:
+  """Bytes of the device contraction with panels of `chunk` samples: on one device its Jacobian
+  panels, the contraction's buffers (the circulating column panel, slice copies, accumulators,
+  its block) and one Jacobian call (CPU devices: with CPU_CALL_ALLOWANCE); on the host the
+  float64 kernel, the gathered blocks and, for CPU devices, every local device's bytes."""
+  chunk: int
+  panels: int
+  contract: int
+  call: int
+  host: int
+
+  @property
+  def device(self) -> int:
+    return self.panels + self.contract + self.call
+
+
+def device_estimate(n1: int, n2: int, outputs: int, n_params: int, chunk: int, trace: bool,
+                    layout: DeviceLayout, itemsize: int = 4, same: bool = False) -> DeviceEstimate:
+  """DeviceEstimate of panels of `chunk` samples (one panel if `same` and it covers all n1);
+  the contraction accumulates in the Jacobians' dtype (`itemsize`)."""
+  c1, c2 = min(chunk, n1), min(chunk, n2)
+  ra, rb = layout.rows(c1), layout.rows(c2)
+  step, p_pad = device_slices(n_params)
+  row = outputs * p_pad * itemsize
+  panels = (ra if (same and chunk >= n1) else ra + rb) * row
+  per = 1 if trace else outputs * outputs
+  blk = ra * rb * per * itemsize  # one column device's block on one device
+  # the column panel circulating (held and received; one device: none), both slices and their
+  # copies, the dot, Kahan's sum, compensation and temporaries, and the device's rows of the
+  # whole block, twice (the loop's carry and its update)
+  ring = 2 * rb * row if layout.devices > 1 else 0
+  contract = (ring + 2 * (ra + rb) * outputs * step * itemsize + 6 * blk
+              + 2 * layout.devices * blk)
+  call = int(layout.call * (1 + CPU_CALL_ALLOWANCE)) if layout.cpu else layout.call
+  gathered = ra * rb * layout.devices ** 2 * per * itemsize
+  host = n1 * n2 * per * 8 + 2 * gathered + c1 * c2 * per * 8
+  if layout.cpu:
+    host += layout.local * (panels + contract + call)
+  return DeviceEstimate(chunk=chunk, panels=panels, contract=contract, call=call, host=host)
+
+
+def choose_chunk_device(n1: int, n2: int, outputs: int, n_params: int, trace: bool,
+                        layout: DeviceLayout, host_limit: int, device_limit: int,
+                        itemsize: int = 4, same: bool = False) -> Optional[int]:
+  """The largest chunk (<= max(n1, n2)) whose device_estimate fits both budgets; None if not
+  even 1."""
+  fits = lambda c: _fits(device_estimate(n1, n2, outputs, n_params, c, trace, layout, itemsize,
+                                         same), host_limit, device_limit)
+  top = n1 if same else max(n1, n2)
+  if fits(top):
+    return top
+  lo, hi = 0, top - 1
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if fits(mid):
+      lo = mid
+    else:
+      hi = mid - 1
+  return lo or None
+
+
+def _fits(est: DeviceEstimate, host_limit: int, device_limit: int) -> bool:
+  return est.host <= host_limit and est.device <= device_limit
+
+
+def check_memory_device(n1, n2, outputs, n_params, chunk, trace, layout: DeviceLayout,
+                        host_limit: int, device_limit: int, itemsize=4,
+                        same=False) -> DeviceEstimate:
+  """The DeviceEstimate with `chunk` (None: the largest that fits); KernelMemoryError if over
+  either budget."""
+  auto = chunk is None
+  if auto:
+    chunk = choose_chunk_device(n1, n2, outputs, n_params, trace, layout, host_limit,
+                                device_limit, itemsize, same)
+    if chunk is not None:
+      return device_estimate(n1, n2, outputs, n_params, chunk, trace, layout, itemsize, same)
+    chunk = 1
+  est = device_estimate(n1, n2, outputs, n_params, chunk, trace, layout, itemsize, same)
+  if not _fits(est, host_limit, device_limit):
+    what = ("even with chunk 1 (one sample per Jacobian panel)" if auto else
+            f"with chunk {chunk}")
+    todo = ("" if auto else
+            "lower `chunk` (--chunk), or leave it unset to take the largest that fits; ")
+    raise KernelMemoryError(
+        f"an NTK of {n1}x{n2} samples, {outputs} outputs, {n_params:,} parameters contracted on "
+        f"the devices {what} needs about {_size(est.device)} per device (budget "
+        f"{_size(device_limit)}) and {_size(est.host)} on the host (limit {_size(host_limit)}): "
+        f"{todo}use fewer samples (--n_per_task), fewer outputs (a sketch readout with a few "
+        f"probes (--probes), or trace=True), more devices, or method='ntvp' (no Jacobian); "
+        f"raise `memory_limit` (--memory_limit_gb) if you have the memory")
+  return est
 
 
 def host_scratch(call: CallMemory, batch: int, devices: int, local_devices: int, cpu: bool,

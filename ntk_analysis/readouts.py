@@ -25,7 +25,8 @@ Readout = Callable[[object, jax.Array], jax.Array]
 
 def sketch_probes(key, dim: int, num_probes: int) -> jax.Array:
   """(D, R) fixed probes with N(0, 1/D) entries, drawn once and shared across tasks and
-  checkpoints: the traced (mean over R) kernel of V^T phi is unbiased for the feature-traced NTK."""
+  checkpoints: the traced (mean over R) kernel of V^T phi is unbiased for the feature-traced
+  NTK."""
   return jax.random.normal(key, (dim, num_probes)) / math.sqrt(dim)
 
 
@@ -119,7 +120,9 @@ def model_readout(learner, state, view: str, probe_matrix):
 
   `params` is readout_params(learner, state); f closes over the inert fusion parameters, the
   frozen backbone and the frozen PEFT sets (which change at task ends only, so one f serves
-  every checkpoint within a task: the inert parameters have no effect on f)."""
+  every checkpoint within a task: the inert parameters have no effect on f). f computes in the
+  learner's compute policy, the sketch too at its matmul precision: load a run with
+  runs.load_run(..., compute='float32'), the default, for a float32 readout."""
   spec, backbone, frozen = learner.spec, learner.backbone, learner.frozen(state)
   trainable = learner.trainable(state)
   inert = {k: trainable["fusion"][k] for k in inert_fusion_parameters(spec)}
@@ -132,7 +135,8 @@ def model_readout(learner, state, view: str, probe_matrix):
     if inert:
       p = dict(p, fusion=dict(p["fusion"], **inert))
     feats = ntkcl.features(spec, backbone, p, frozen, x, train=False)
-    if view == "all":
-      return jnp.concatenate([feats[k] @ v for k in VIEWS], axis=-1)
-    return feats[view] @ v
+    with ntkcl.matmul_precision(spec):
+      if view == "all":
+        return jnp.concatenate([feats[k] @ v for k in VIEWS], axis=-1)
+      return feats[view] @ v
   return f, params

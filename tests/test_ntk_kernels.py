@@ -1,5 +1,8 @@
 """ntk_analysis kernels against closed forms, finite differences and neural-tangents
-(docs/ntk_theory.md §5: T1-T6, T10; T7 and T12 are in test_ntk_nt_backend.py)."""
+(docs/ntk_theory.md §5: T1-T6, T10; T7 and T12 are in test_ntk_nt_backend.py), and a long
+kernel's progress lines."""
+import re
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -92,7 +95,8 @@ def test_t5_kernel_is_additive_over_parameter_groups(tiny_vit_adapter):
 
 
 def test_t6_zero_up_projection_gives_down_projection_no_share():
-  """Official init (docs/ntk_theory.md §1.2): up-proj = 0 -> the down-proj group's kernel is exactly 0."""
+  """Official init (docs/ntk_theory.md §1.2): up-proj = 0 -> the down-proj group's kernel is
+  exactly 0."""
   cfg = vit.get_config("tiny", image_size=8, patch_size=4, hidden_size=16, num_layers=2,
                        num_heads=2, mlp_dim=32)
   spec = ntkcl.ModelSpec(cfg, method="channel", ffn_num=4, frozen_sets=0, section_weights=(1.0,))
@@ -123,6 +127,30 @@ def test_memory_guard_refuses_with_what_to_shrink(tiny_vit_adapter):
     kernels.empirical_ntk(f, p, x, chunk=16, memory_limit=1000)
   with pytest.raises(kernel_memory.KernelMemoryError, match="even with chunk 1.*memory_limit"):
     kernels.empirical_ntk(f, p, x, memory_limit=1000)  # automatic chunk: nothing fits
+  with pytest.raises(kernel_memory.KernelMemoryError, match="on the devices with chunk 16"):
+    kernels.empirical_ntk(f, p, x, chunk=16, memory_limit=1000, contract="device")
+  with pytest.raises(kernel_memory.KernelMemoryError, match="on the devices even with chunk 1"):
+    kernels.empirical_ntk(f, p, x, memory_limit=1000, contract="device")
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_device_chunk_choice_is_the_largest_that_fits_both_budgets(same):
+  """choose_chunk_device against trying every chunk: the largest whose device_estimate is
+  within the host and the per-device budget."""
+  rng = np.random.RandomState(1)
+  for _ in range(200):
+    n1, n2 = rng.randint(1, 60), rng.randint(1, 60)
+    n2 = n1 if same else n2
+    o, p, trace = rng.randint(1, 20), rng.randint(1, 10**6), bool(rng.randint(2))
+    layout = kernel_memory.DeviceLayout(devices=rng.randint(1, 9), local=rng.randint(1, 5),
+                                        batch=rng.randint(1, 5), call=rng.randint(0, 10**7),
+                                        cpu=bool(rng.randint(2)))
+    host, dev = rng.randint(1, 10**10), rng.randint(1, 10**10)
+    ests = {c: kernel_memory.device_estimate(n1, n2, o, p, c, trace, layout, same=same)
+            for c in range(1, (n1 if same else max(n1, n2)) + 1)}
+    fits = [c for c, e in ests.items() if e.host <= host and e.device <= dev]
+    got = kernel_memory.choose_chunk_device(n1, n2, o, p, trace, layout, host, dev, same=same)
+    assert got == (max(fits) if fits else None), (n1, n2, o, p, trace, layout, host, dev)
 
 
 def _brute_force_chunk(n1, n2, o, p, trace, limit, same, scratch):
@@ -244,3 +272,37 @@ def test_float64_needs_x64_and_then_matches_float32():
   with jax.enable_x64(True):
     k64 = kernels.empirical_ntk(_mlp, p, x, dtype=np.float64)
   np.testing.assert_allclose(kernels.empirical_ntk(_mlp, p, x), k64, rtol=1e-5)
+
+
+_PROGRESS = re.compile(r"NTK (\w+) (\d+)/(\d+): ([\d.]+) s elapsed, ETA ([\d.]+) s")
+
+
+def _progress(lines, unit="panels") -> list:
+  """(done, total, elapsed) of the progress lines of `unit` among logged lines."""
+  found = [_PROGRESS.fullmatch(line) for line in lines]
+  return [(int(m[2]), int(m[3]), float(m[4])) for m in found if m and m[1] == unit]
+
+
+@pytest.mark.parametrize("contract", ["host", "device"])
+def test_progress_counts_panels_up_to_the_total(tiny_vit_adapter, monkeypatch, capsys, contract):
+  """Panels of 2 of the 6 samples: 6 blocks (row panel x column panel) of a joint kernel, 12
+  over 2 output groups; logged every panel when PROGRESS_SECONDS is 0, monotone, ending at n/n
+  (ETA 0); with a long interval only the last line; progress=True draws a tqdm bar."""
+  f, p, x = tiny_vit_adapter
+  monkeypatch.setattr(kernels, "PROGRESS_SECONDS", 0.0)
+  for groups, total in ((1, 6), (2, 12)):
+    lines = []
+    kernels.ntk_fn(f, chunk=2, output_groups=groups, log=lines.append, contract=contract)(p, x)
+    got = _progress(lines)
+    assert [d for d, _, _ in got] == list(range(1, total + 1)), lines
+    assert {n for _, n, _ in got} == {total}
+    assert all(a[2] <= b[2] for a, b in zip(got, got[1:]))  # elapsed grows
+    assert lines[-1].endswith("ETA 0.0 s")
+  monkeypatch.setattr(kernels, "PROGRESS_SECONDS", 1e9)
+  lines = []
+  kernels.ntk_fn(f, chunk=2, log=lines.append, contract=contract, progress=True)(p, x)
+  assert [(d, n) for d, n, _ in _progress(lines)] == [(6, 6)]
+  assert "NTK panels" in capsys.readouterr().err  # the tqdm bar
+  lines = []
+  kernels.ntk_fn(f, method="ntvp", log=lines.append)(p, x[:2])  # 2 samples x 5 outputs
+  assert [(d, n) for d, n, _ in _progress(lines, "columns")] == [(10, 10)]

@@ -5,6 +5,10 @@
 
 The config is the one saved with the checkpoints, the backbone is rebuilt from it, and the
 learner runs on one device (the state is replicated, so any run's state restores on one device).
+`compute` picks the learner's compute policy: 'float32' (the default, for analysis: float32,
+matmul precision 'highest', einsum attention, no remat, whatever the run trained in) or 'run'
+(the run's own `model.dtype`, `matmul_precision`, `attention`, `remat`). The policy never
+changes the parameters: they are stored, restored and kept float32 either way.
 The workdir may be local or a `gs://` URI (ntkcl_jax.paths).
 """
 from __future__ import annotations
@@ -52,14 +56,41 @@ def config_from_json(cfg: dict) -> ml_collections.ConfigDict:
   return c
 
 
+COMPUTE = ("float32", "run")
+# The `model` keys compute="float32" sets (ntkcl.POLICY_KEYS): a float32 forward and backward.
+ANALYSIS_POLICY = {"dtype": "float32", "matmul_precision": "highest", "attention": "einsum",
+                   "remat": False}
+
+
+def _check_compute(compute: str) -> None:
+  """ValueError naming the choices unless `compute` is one of COMPUTE."""
+  if compute not in COMPUTE:
+    raise ValueError(f"compute={compute!r}: 'float32' (float32, matmul precision 'highest') or "
+                     "'run' (the run's own model.dtype and matmul_precision)")
+
+
+def with_compute(config: ml_collections.ConfigDict, compute: str) -> ml_collections.ConfigDict:
+  """A copy of a run config with the compute policy `compute` ('float32': ANALYSIS_POLICY,
+  'run': the config's own), for rebuilding the learner of an analysis."""
+  _check_compute(compute)
+  config = config.copy_and_resolve_references()
+  if compute == "float32":
+    config.model.update(ANALYSIS_POLICY)
+  return config
+
+
 def _checkpointer(workdir: paths.PathLike) -> run_state.RunCheckpointer:
   return run_state.RunCheckpointer(paths.join(workdir, "checkpoints"), keep=100000,
                                    async_save=False)
 
 
-def load_run(workdir: paths.PathLike, checkpoint_id: Optional[int] = None):
-  """(config, learner, state, meta) of the newest (or given) checkpoint of a run's workdir;
-  meta also holds `checkpoint_id` and, once the run finished, its `results`."""
+def load_run(workdir: paths.PathLike, checkpoint_id: Optional[int] = None,
+             compute: str = "float32"):
+  """(config, learner, state, meta) of the newest (or given) checkpoint of a run's workdir, the
+  learner (and the config returned) with the compute policy `compute` (COMPUTE); meta also holds
+  `checkpoint_id`, `compute`, the run's own policy (`run_compute`) and, once the run finished,
+  its `results`."""
+  _check_compute(compute)
   ckdir = epath.Path(paths.join(workdir, "checkpoints"))
   if not ckdir.is_dir():
     raise FileNotFoundError(f"{ckdir} not found: point --workdir at a training run's workdir "
@@ -72,10 +103,13 @@ def load_run(workdir: paths.PathLike, checkpoint_id: Optional[int] = None):
   cid = int(ids[-1] if checkpoint_id is None else checkpoint_id)
   config = config_from_json(json.loads((ckdir / str(cid) / "meta" / "metadata").read_text())
                             ["config"])
+  run_compute = {k: config.model[k] for k in ANALYSIS_POLICY}
+  config = with_compute(config, compute)
   config.train.mesh_data = 1
   mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
   learner = learner_lib.Learner(config, checkpoints.build_backbone(config), mesh)
   state, meta = restore_state(workdir, learner, cid)
+  meta.update(compute=compute, run_compute=run_compute)
   finished = results.read(workdir)
   if finished is not None:
     meta["results"] = finished

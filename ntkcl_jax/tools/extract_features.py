@@ -87,7 +87,7 @@ def ntkcl_model(directory: str):
                          "a directory written by ntkcl_jax.tools.import_official (no "
                          "variables.npz); pass one of those, or a checkpoint file")
   if os.path.isdir(os.path.join(directory, "checkpoints")):
-    config, learner, state, _ = runs.load_run(directory)
+    config, learner, state, _ = runs.load_run(directory, compute="run")  # the run's own numbers
     return (learner.spec, learner.backbone, learner.trainable(state), learner.frozen(state),
             np.asarray(state["prototypes"]), config, 1.0)
   variables = import_official.load_variables(directory)
