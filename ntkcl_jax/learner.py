@@ -148,12 +148,11 @@ class Learner:
 
   def _loss(self, params, state, backbone, batch, key, rows, lo, n_new):
     """The per-batch loss and its terms (eq. of the total loss: three CEs + NCE + orth + L2)."""
-    spec, m = self.spec, self.config.method
+    m = self.config.method
     mask, labels = batch["mask"], batch["label"]
     local = jnp.clip(labels - lo, 0, self.n_max - 1)
     trainable = {k: v for k, v in params.items() if k != "proxy"}
-    f = ntkcl.features(spec, backbone, trainable, state["frozen"], batch["image"], train=True,
-                       rng=key)
+    f = self.features(backbone, trainable, state["frozen"], batch["image"], train=True, rng=key)
     col = jnp.arange(self.n_max) < n_new
 
     def ce(x):
@@ -248,9 +247,14 @@ class Learner:
               for b in state["frozen"]}
     return dict(state, frozen=frozen)
 
+  def features(self, backbone, trainable, frozen, images, *, train: bool = False, rng=None):
+    """The model's features (ntkcl.features): the one place the learner runs the model, so that
+    a model linearised around a checkpoint (ntk_analysis/linear_model.py) can stand in for it."""
+    return ntkcl.features(self.spec, backbone, trainable, frozen, images, train=train, rng=rng)
+
   def _eval_features(self, state, backbone, images):
-    return ntkcl.features(self.spec, backbone, self.trainable(state), state["frozen"],
-                          self.model_input(images))
+    return self.features(backbone, self.trainable(state), state["frozen"],
+                         self.model_input(images))
 
   def _proto_sums_fn(self, state, backbone, batch):
     f = self._eval_features(state, backbone, batch["image"])["fused"]
@@ -343,7 +347,7 @@ class Learner:
     oracle-prototype diagnostic (no stale prototypes, which no exemplar-free method can have)."""
     acc = None
     for batch in proto_batches:
-      part = self._proto_sums(state, self.backbone, self._global(batch))
+      part = self._proto_sums(state, self.backbone, self._global_eval(batch))
       acc = part if acc is None else self._add(acc, part)
     if acc is None:
       raise ValueError(f"{what}: the 'proto' split yielded no batches")
@@ -355,7 +359,7 @@ class Learner:
     hi, lo = tasks[t][-1] + 1, tasks[t][0]
     preds, topk, labels = [], [], []
     for batch in test_batches:
-      out = self._eval(state, self.backbone, self._global(batch), jnp.int32(hi))
+      out = self._eval(state, self.backbone, self._global_eval(batch), jnp.int32(hi))
       m = np.asarray(out["mask"])
       preds.append(np.asarray(out["pred"])[m])
       topk.append(np.asarray(out["topk"])[m])
@@ -384,3 +388,11 @@ class Learner:
     if all(isinstance(v, jax.Array) for v in batch.values()):
       return batch  # already global (device_batch, e.g. prefetched)
     return sharding.global_batch(batch, self.mesh)
+
+  def _global_eval(self, batch):
+    """An eval batch of any size as global arrays: this host's rows padded (masked repeats,
+    `sharding.pad_rows`) to a multiple of its devices on the mesh, so any eval batch size runs
+    on any mesh; the masks keep padded rows out of prototypes and accuracies."""
+    if all(isinstance(v, jax.Array) for v in batch.values()):
+      return batch
+    return self._global(sharding.pad_rows(batch, len(self.mesh.local_devices)))

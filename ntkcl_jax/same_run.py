@@ -17,14 +17,16 @@ from typing import Any, Mapping, Union
 import ml_collections
 
 from ntkcl_jax.configs import base
+from ntkcl_jax.models import ntkcl
 
 BOOKKEEPING = ("train",)  # sections that never name a run
 
 
 def config_json(config: Union[ml_collections.ConfigDict, Mapping]) -> dict:
-  """A config as the JSON dict runs save (a dict passes through)."""
+  """A config as the JSON dict runs save: 'auto' compute-policy keys resolved for the running
+  platform, as the launcher saves them (a dict passes through)."""
   if isinstance(config, ml_collections.ConfigDict):
-    return json.loads(config.to_json_best_effort())
+    return json.loads(ntkcl.resolve_policy(config).to_json_best_effort())
   return dict(config)
 
 

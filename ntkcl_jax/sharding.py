@@ -6,7 +6,9 @@ frozen backbone, the small trainable PEFT state, optimiser state) is replicated:
 method trains a few MB of parameters and its ViT-B backbone fits on any accelerator, so data
 parallelism is what scales (docs/design.md, Devices). Multi-host: each process feeds its own rows
 of the global batch (`global_batch`), `initialize_distributed` starts `jax.distributed` when asked
-to, and `process_allgather_json` lets the hosts exchange host-side records (dataset listings).
+to or when the environment is a multi-host job (`distributed_args`), eval batches of any size are
+padded to the mesh (`pad_rows`), and `process_allgather_json` lets the hosts exchange host-side
+records (dataset listings).
 """
 from __future__ import annotations
 
@@ -21,23 +23,69 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 DATA = "data"
 
 
-def initialize_distributed(coordinator: str = "", num_processes: int = 1,
-                           process_id: int = 0) -> None:
-  """Starts jax.distributed for a multi-process run (no-op for one process).
+# Environment variables that say this process is one of several hosts of one job, and so must
+# start jax.distributed before anything else (JAX's own cluster detection then finds the
+# coordinator): a TPU pod slice lists its workers, a multi-slice job has a megascale coordinator,
+# a SLURM step has several tasks.
+def detected_cluster(env: Mapping[str, str]) -> Optional[str]:
+  """The multi-host environment `env` (e.g. os.environ) describes, as `NAME=value` of the
+  variable that shows it, or None on a single host. A pure function of `env`."""
+  for name in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):
+    hosts = [h for h in env.get(name, "").split(",") if h.strip()]
+    if len(hosts) > 1:
+      return f"{name}={env[name]}"
+  if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return f"MEGASCALE_COORDINATOR_ADDRESS={env['MEGASCALE_COORDINATOR_ADDRESS']}"
+  if _int(env.get("MEGASCALE_NUM_SLICES")) > 1:
+    return f"MEGASCALE_NUM_SLICES={env['MEGASCALE_NUM_SLICES']}"
+  if _int(env.get("SLURM_NTASKS")) > 1 and "SLURM_PROCID" in env:
+    return f"SLURM_NTASKS={env['SLURM_NTASKS']}"
+  return None
 
-  Arguments fall back to the env vars NTKCL_COORDINATOR, NTKCL_NUM_PROCESSES, NTKCL_PROCESS_ID;
-  on a TPU pod, pass num_processes=-1 to let JAX discover the topology itself.
-  """
-  coordinator = coordinator or os.environ.get("NTKCL_COORDINATOR", "")
-  num_processes = int(os.environ.get("NTKCL_NUM_PROCESSES", num_processes))
-  process_id = int(os.environ.get("NTKCL_PROCESS_ID", process_id))
-  if num_processes == -1:
-    jax.distributed.initialize()
-  elif num_processes > 1:
+
+def _int(value: Optional[str]) -> int:
+  """An environment variable's integer value, 0 when unset or not a number."""
+  try:
+    return int(value or 0)
+  except ValueError:
+    return 0
+
+
+def distributed_args(env: Mapping[str, str], coordinator: str = "", num_processes: int = 1,
+                     process_id: int = 0) -> Optional[dict]:
+  """How this process starts jax.distributed: the keyword arguments of
+  `jax.distributed.initialize` ({} = JAX discovers the cluster itself), or None for a
+  single-process run. A pure function of the flags and the environment `env`.
+
+  Explicit setups win: --coordinator / --num_processes / --process_id, or the variables
+  NTKCL_COORDINATOR / NTKCL_NUM_PROCESSES / NTKCL_PROCESS_ID (num_processes -1: discover).
+  Otherwise a multi-host environment (`detected_cluster`: a TPU pod, a multi-slice job, a
+  SLURM step of several tasks) starts it automatically."""
+  coordinator = coordinator or env.get("NTKCL_COORDINATOR", "")
+  num_processes = int(env.get("NTKCL_NUM_PROCESSES", num_processes))
+  process_id = int(env.get("NTKCL_PROCESS_ID", process_id))
+  if num_processes > 1:
     if not coordinator:
       raise ValueError("a multi-process run needs a coordinator address (host:port): set "
                        "--coordinator or NTKCL_COORDINATOR")
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    return {"coordinator_address": coordinator, "num_processes": num_processes,
+            "process_id": process_id}
+  if num_processes == -1 or detected_cluster(env):
+    return {}
+  return None
+
+
+def initialize_distributed(coordinator: str = "", num_processes: int = 1,
+                           process_id: int = 0) -> Optional[str]:
+  """Starts jax.distributed for a multi-process run (`distributed_args` of os.environ decides;
+  no-op for one process). Returns how it was started (for the launcher's first line), or None."""
+  args = distributed_args(os.environ, coordinator, num_processes, process_id)
+  if args is None:
+    return None
+  jax.distributed.initialize(**args)
+  if args:
+    return f"coordinator {args['coordinator_address']}"
+  return f"found by JAX ({detected_cluster(os.environ) or 'num_processes=-1'})"
 
 
 def make_mesh(data: int = -1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -85,7 +133,25 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
           for k, v in local.items()}
 
 
+def pad_rows(local: Mapping[str, np.ndarray], multiple: int) -> Mapping[str, np.ndarray]:
+  """A batch with its rows padded to a multiple of `multiple` (e.g. this process's devices on
+  the mesh), so that a batch of any size splits over any mesh: padded rows repeat the last row
+  (finite features, so masked sums stay exact) and have mask False. Unchanged when it fits."""
+  n = len(next(iter(local.values())))
+  extra = -n % multiple
+  if not extra or not n:
+    return local
+  if "mask" not in local:
+    raise ValueError("padding a batch to the mesh needs its 'mask' (padded rows are masked out)")
+  out = {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], extra, axis=0)])
+         for k, v in local.items()}
+  out["mask"][n:] = False
+  return out
+
+
 def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
+  """The training batch must split evenly over the mesh's devices and the processes (eval
+  batches need not: they are padded, `pad_rows`)."""
   n = mesh.shape[DATA]
   if global_batch_size % n:
     raise ValueError(f"global batch size {global_batch_size} is not divisible by the {n} devices "

@@ -18,18 +18,36 @@ keys. `--workdir` (default `workdirs/<config>-seed<seed>`; a local folder or a U
                     a step line holds the means of the loss terms and accuracy over the steps
                     since the previous line (every `train.log_every_steps`, step 1, each task's
                     last step)
-    tb/             TensorBoard event files
+    tb/             TensorBoard event files (the step lines' values, learning rate and pace)
     accuracy_matrix.png, accuracy_per_task.png
+    profile/        with `train.profile_steps=A,B`: a jax.profiler trace of train steps A..B
+                    (`tensorboard --logdir=WORKDIR/profile`, or its .trace.json.gz in Perfetto)
+
+Before anything is read or built the launcher checks its inputs (config, backbone checkpoint,
+data folders or archives, a writable workdir): a wrong path is one `error:` line within seconds.
+`optim.batch_size` must divide over the devices; `optim.eval_batch_size` may be any size (eval
+batches are padded with masked rows to the mesh). One launcher at a time may use a workdir (process 0 holds WORKDIR/.lock, paths.WorkdirLock; a
+second one stops naming the host and pid that hold it). Compiled programs are kept in a
+persistent cache (`train.compilation_cache_dir`; by default on GPU and TPU), so a rerun or resume
+skips most compiles.
+
+Watching a run: the per-task tqdm bar, and a whole-run progress line (tasks done, steps of all,
+elapsed, ETA, images/s) at every task end and, at most every 30 s, at log points. Step lines of
+metrics.jsonl carry the learning rate (`lr`) and, unless --noprogress, the pace since the
+previous line (`images_per_s` of real images, `steps_per_s`); with --noprogress metrics.jsonl
+holds only values that a rerun or resume reproduces byte for byte.
 
 To keep the checkpoint of every task end (e.g. for `python -m ntk_analysis.analyse --task_ends`,
 which computes kernels from them), set `--config.train.checkpoint_every_steps=0
 --config.train.keep_checkpoints=<number of tasks>`, or a `keep_checkpoints` at least the number of
 steps plus tasks to keep every checkpoint.
 
-Multi-host: start one process per host with --coordinator=host:port --num_processes=N
---process_id=i (or NTKCL_COORDINATOR / NTKCL_NUM_PROCESSES / NTKCL_PROCESS_ID; -1 processes on
-TPU pods). Every process runs this same file; each feeds its own rows of every batch, and only
-process 0 writes logs and results.
+Multi-host: start one process per host. On a TPU pod (TPU_WORKER_HOSTNAMES of several hosts,
+or MEGASCALE_*) or in a SLURM step of several tasks, jax.distributed starts by itself
+(sharding.distributed_args); elsewhere pass --coordinator=host:port --num_processes=N
+--process_id=i (or NTKCL_COORDINATOR / NTKCL_NUM_PROCESSES / NTKCL_PROCESS_ID; -1 processes: let
+JAX discover them). Every process runs this same file; each feeds its own rows of every batch,
+and only process 0 writes logs and results.
 
 Exit codes: 2 bad input or environment (one `error:` line), 3 non-finite loss or gradients (the
 step is rejected inside the jitted update; the launcher sees it at its next log point or save and
@@ -38,6 +56,7 @@ of the current step is saved).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -46,9 +65,10 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from absl import app, flags, logging
 from etils import epath
@@ -70,6 +90,8 @@ from ntkcl_jax import same_run
 from ntkcl_jax import sharding
 from ntkcl_jax.checkpoints import run_state
 from ntkcl_jax.data import stream as stream_lib
+from ntkcl_jax.models import ntkcl
+from ntkcl_jax.models import vit
 
 
 class NonFiniteStop(RuntimeError):
@@ -78,6 +100,17 @@ class NonFiniteStop(RuntimeError):
 
 class Preempted(RuntimeError):
   """SIGTERM received: a checkpoint of the current step was saved (exit code 143)."""
+
+
+PROGRESS_EVERY_S = 30.0  # the whole-run progress line: at most this often between task ends
+
+
+def say(text: str) -> None:
+  """Prints one of the launcher's lines on process 0 (through tqdm, so an open bar stays
+  intact)."""
+  if jax.process_index() == 0:
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def host_read(tree):
@@ -122,6 +155,51 @@ def validate_config(config) -> None:
     raise cli.InputError(f"data.tasks_to_run={d.tasks_to_run}: must be >= 0 (0 = every task)")
   if config.train.checkpoint_every_steps < 0:
     raise cli.InputError("train.checkpoint_every_steps must be >= 0 (0 = only at task ends)")
+  prof = tuple(config.train.profile_steps)
+  if prof and not (len(prof) == 2 and all(isinstance(x, int) for x in prof)
+                   and 1 <= prof[0] <= prof[1]):
+    raise cli.InputError(f"train.profile_steps={prof}: give the first and last global train step "
+                         "to trace, 1 <= first <= last (e.g. --config.train.profile_steps=11,15), "
+                         "or () for none")
+  if config.train.reader_threads < 0:
+    raise cli.InputError(f"train.reader_threads={config.train.reader_threads}: must be >= 0 (0 = "
+                         "one per CPU)")
+
+
+def check_inputs(config) -> None:
+  """Every path the run reads exists (the backbone checkpoint, the data folders or archives),
+  checked before any data is listed, read or downloaded: a wrong path is one line in seconds."""
+  checkpoints.check_backbone_path(config)
+  data.check_paths(config)
+
+
+def compilation_cache_folder(setting: str, platform: str, given: Optional[str]) -> Optional[str]:
+  """The folder of the persistent compilation cache (None: off) for `train.compilation_cache_dir`
+  = `setting` on `platform`, where JAX was already `given` one (JAX_COMPILATION_CACHE_DIR):
+  a path is that folder, '' is off, 'auto' is the given one, else on accelerators
+  $NTKCL_CACHE/jax_compilation or ~/.cache/ntkcl_jax/jax_compilation. 'auto' leaves it off on
+  CPU, where compiles are short and XLA logs a false machine-feature error (prefer-no-gather)
+  for every cached executable it loads; a path turns it on there too."""
+  if setting != "auto":
+    return setting or None
+  if given:
+    return given
+  return None if platform == "cpu" else os.path.join(checkpoints.cache_dir(), "jax_compilation")
+
+
+def use_compilation_cache(setting: str) -> Optional[str]:
+  """Points JAX's persistent compilation cache at `compilation_cache_folder` before the first
+  compile ('' turns it off); returns the folder, or None when off. Cached programs are the ones
+  XLA compiled, so results are unchanged."""
+  folder = compilation_cache_folder(setting, jax.default_backend(),
+                                    jax.config.jax_compilation_cache_dir)
+  if not setting:
+    jax.config.update("jax_enable_compilation_cache", False)
+  if folder:
+    folder = paths.normalize(folder)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+  return folder
 
 
 def make_mesh(config):
@@ -160,6 +238,42 @@ def prepare_workdir(workdir: paths.PathLike, min_free_bytes: int = 0) -> None:
     raise cli.InputError(f"only {free / 2**20:.0f} MiB free under {workdir!r}, but checkpoints "
                          f"of this run need about {min_free_bytes / 2**20:.0f} MiB; free space or "
                          f"choose another --workdir")
+
+
+def policy_line(vcfg) -> str:
+  """The compute policy a run uses (after 'auto' is resolved), and for fused attention which
+  implementation runs and why (vit.attention_implementation)."""
+  line = (f"compute: {vcfg.dtype.name}, matmul precision {vcfg.matmul_precision or 'default'}, "
+          f"attention {vcfg.attention}")
+  if vcfg.attention == "fused":
+    impl, why = vit.attention_implementation(jax.default_backend(), vcfg.dtype, vcfg.head_dim)
+    line += f" ({impl}: {why})"
+  return line
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Process 0 holds the workdir's lock (paths.WorkdirLock) while the run goes on; a workdir
+  another launcher holds stops every process of this one with one line naming the holder."""
+  lock, refused = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = paths.WorkdirLock(workdir)
+      lock.acquire()
+    except cli.InputError as e:
+      lock, refused = None, e
+  if jax.process_count() > 1:  # the other processes learn whether process 0 got it
+    got = int(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+    if not got and refused is None:
+      refused = cli.InputError(f"workdir {workdir} is in use by another launcher (process 0 "
+                               "could not lock it); wait for it or choose another --workdir")
+  if refused is not None:
+    raise refused
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 def check_same_run(meta: dict, config, class_order: list, workdir: str) -> None:
@@ -247,26 +361,150 @@ class Loop:
                       f"{dataclasses.asdict(position)}; rerun the same command to resume")
 
 
+def hms(seconds: float) -> str:
+  """Seconds as H:MM:SS."""
+  s = int(max(0.0, seconds))
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+@dataclasses.dataclass
+class Pace:
+  """How fast the run goes, from the host's clock only (no device reads): images/s and steps/s
+  since the previous log point (`rates`, for the step lines and TensorBoard), and the whole-run
+  progress line (`line`). Images are the real rows of each batch (a last partial batch's padding
+  is not counted), over all hosts. The rates are taken at log points after the loop's device
+  read, so the steps they time have finished. The line's ETA and images/s follow the pace since
+  the first log point (compiling the step is not training), including evaluations."""
+  total_steps: int  # train steps of the whole run
+  num_tasks: int
+  log_every: int  # the line is due at most every log_every-th log point
+  steps_before: int = 0  # done before this process started (a resumed run)
+  tasks_before: int = 0
+  wall_before: float = 0.0
+  clock: Callable[[], float] = time.perf_counter
+
+  def __post_init__(self):
+    """Starts the clocks: now is the start of this process's part of the run."""
+    self.t0 = self.mark = self.last_line = self.clock()
+    self.images = self.steps = 0  # since this process started
+    self.window_images = self.window_steps = 0  # since `mark`
+    self.logs_since_line = 0
+    self.first = None  # (time, images, steps) at the first log point
+
+  def step(self, images: int) -> None:
+    """Counts one dispatched train step of `images` real images."""
+    self.images += images
+    self.steps += 1
+    self.window_images += images
+    self.window_steps += 1
+
+  def restart(self) -> None:
+    """A new window from now (a task's training starts; its evaluation is not timed)."""
+    self.mark, self.window_images, self.window_steps = self.clock(), 0, 0
+
+  def rates(self) -> dict:
+    """{'images_per_s', 'steps_per_s'} since the window started; a new window starts."""
+    now = self.clock()
+    dt = max(now - self.mark, 1e-9)
+    out = {"images_per_s": self.window_images / dt, "steps_per_s": self.window_steps / dt}
+    self.mark, self.window_images, self.window_steps = now, 0, 0
+    if self.first is None:
+      self.first = (now, self.images, self.steps)
+    return out
+
+  def line(self, tasks_done: int, step: int, task_end: bool = False) -> Optional[str]:
+    """The progress line: always at a task end; at a log point only when PROGRESS_EVERY_S
+    seconds and log_every log points have passed since the last one (else None)."""
+    now = self.clock()
+    if not task_end:
+      self.logs_since_line += 1
+      if now - self.last_line < PROGRESS_EVERY_S or self.logs_since_line < self.log_every:
+        return None
+    self.last_line, self.logs_since_line = now, 0
+    t1, images1, steps1 = self.first or (self.t0, 0, 0)
+    if self.total_steps > self.steps_before:  # by steps; evaluation time is in their pace
+      left, pace = self.total_steps - step, (self.steps - steps1) / max(now - t1, 1e-9)
+    else:  # no training (simplecil): by tasks
+      t1 = self.t0
+      left = self.num_tasks - tasks_done
+      pace = (tasks_done - self.tasks_before) / max(now - t1, 1e-9)
+    eta = hms(left / pace) if pace > 0 else ("0:00:00" if left <= 0 else "?")
+    images = (self.images - images1) / max(now - t1, 1e-9)
+    return (f"progress: {tasks_done}/{self.num_tasks} tasks done, step {step}/"
+            f"{self.total_steps}, elapsed {hms(self.wall_before + now - self.t0)}, ETA {eta}, "
+            f"{images:.1f} images/s")
+
+
+@dataclasses.dataclass
+class StepTrace:
+  """A jax.profiler trace of global train steps first..last (`train.profile_steps`, process 0)
+  into WORKDIR/profile: started before step `first` is dispatched, stopped once step `last` has
+  finished (or when the loop ends). An object-store workdir gets the trace when it stops."""
+  workdir: str
+  steps: tuple = ()  # (first, last), () = off
+  local: Optional[str] = None  # the folder being traced into while active
+
+  def before(self, step: int) -> None:
+    """Starts the trace when `step`, about to be dispatched, is in the range."""
+    if self.steps and self.local is None and self.steps[0] <= step <= self.steps[1]:
+      target = paths.join(self.workdir, "profile")
+      self.local = (tempfile.mkdtemp(prefix="ntkcl_profile_") if paths.is_remote(target)
+                    else target)
+      jax.profiler.start_trace(self.local, create_perfetto_trace=True)
+
+  def after(self, step: int, state) -> None:
+    """Stops the trace once `step`, just dispatched, is the last one traced."""
+    if self.local is not None and step >= self.steps[1]:
+      self.stop(state)
+
+  def stop(self, state=None) -> None:
+    """Waits for `state` (the last traced step's result), ends the trace and, for an object
+    store, uploads it."""
+    if self.local is None:
+      return
+    local, self.local = self.local, None
+    if state is not None:
+      jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    target = paths.join(self.workdir, "profile")
+    if local != target:
+      paths.upload_tree(local, target)
+      shutil.rmtree(local, ignore_errors=True)
+    say(f"profile of train steps {self.steps[0]}-{self.steps[1]}: {target} "
+        f"(tensorboard --logdir={target})")
+
+
 def run(config, workdir: str, *, progress: bool = True) -> dict:
-  """Runs (or resumes) one continual-learning run in `workdir`; returns the results dict."""
-  t_start = time.time()
-  is_main = jax.process_index() == 0
+  """Runs (or resumes) one continual-learning run in `workdir`; returns the results dict.
 
-  def say(text: str) -> None:
-    if is_main:
-      print(text, flush=True)
-
-  # Config and workdir -------------------------------------------------------------------------
+  First the inputs, before anything is read or built: the config, the paths it reads (backbone
+  checkpoint, data folders or archives) and the workdir; then, holding the workdir's lock, the
+  run itself (`train_and_evaluate`). `progress`: tqdm bars and the pace in metrics.jsonl."""
+  config = ntkcl.resolve_policy(config)  # 'auto' compute policy -> this platform's, as saved
   validate_config(config)
+  cache = use_compilation_cache(config.train.compilation_cache_dir)  # before the first compile
+  check_inputs(config)
   workdir = paths.normalize(workdir)  # local: absolute; gs://...: kept as given
   prepare_workdir(workdir)
+  with workdir_lock(workdir):
+    return train_and_evaluate(config, workdir, progress=progress, cache=cache)
+
+
+def train_and_evaluate(config, workdir: str, *, progress: bool = True,
+                       cache: Optional[str] = None) -> dict:
+  """The run of `run` once its inputs are checked: mesh -> data stream -> learner state (new or
+  restored) -> task loop -> oracle-prototype pass -> results. `cache`: the compilation cache
+  folder in use (printed)."""
+  t_start = time.time()
+  is_main = jax.process_index() == 0
   bsz, ebsz = config.optim.batch_size, config.optim.eval_batch_size
 
   # Mesh ---------------------------------------------------------------------------------------
   mesh = make_mesh(config)
   sharding.check_batch_divisible(bsz, mesh)
   say(f"mesh {dict(mesh.shape)} over {mesh.devices.size} of {jax.device_count()} devices "
-      f"({jax.process_count()} processes); workdir {workdir}")
+      f"({jax.process_count()} processes); workdir {workdir}; compilation cache "
+      f"{cache or 'off'}")
 
   # Data stream --------------------------------------------------------------------------------
   stream = data.build_stream(config, jax.process_index(), jax.process_count())
@@ -282,6 +520,7 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
 
   # Learner state ------------------------------------------------------------------------------
   learner = learner_lib.Learner(config, checkpoints.build_backbone(config), mesh)
+  say(policy_line(learner.vcfg))
   epochs = learner.epochs()
   key = jax.random.PRNGKey(config.seed)
   abstract = learner.abstract_state(key)
@@ -324,6 +563,10 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
 
   # Train --------------------------------------------------------------------------------------
   log_every, every = max(1, config.train.log_every_steps), config.train.checkpoint_every_steps
+  pace = Pace(total_steps=sum(epochs * stream.num_train_batches(t, bsz) for t in range(num_run)),
+              num_tasks=num_run, log_every=log_every, steps_before=step,
+              tasks_before=len(records), wall_before=wall_before)
+  trace = StepTrace(workdir, tuple(config.train.profile_steps) if is_main else ())
   bar = None
   try:
     for t in range(pos.task, num_run):
@@ -332,9 +575,11 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
       if pos.phase == "train":
         if pos.epoch == 0 and pos.batch == 0:
           state = learner.start_task(state)
-        nb = stream.num_train_batches(t, bsz)
+        nb, n_images = stream.num_train_batches(t, bsz), stream.num_train_images(t)
+        pace.restart()  # the pace of training, not of the evaluation before it
         for e in range(pos.epoch, epochs):
           first = pos.batch if e == pos.epoch else 0
+          lr = learner_lib.cosine_lr(config.optim.lr, e, config.optim.epochs)  # this epoch's
           if is_main and progress:
             bar = tqdm(total=nb, initial=first, mininterval=1.0, leave=False, dynamic_ncols=True,
                        desc=f"task {t + 1}/{num_run} epoch {e + 1}/{epochs}")
@@ -345,18 +590,26 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
             loop.step, loop.event = loop.step + 1, loop.event + 1
             position = after_step(t, e, b, nb, epochs)
             log_now = loop.step % log_every == 0 or loop.step == 1 or position.phase == "eval"
+            trace.before(loop.step)
             # asynchronous: the state is donated, and nothing is read back here
             state, means = learner.train_step(state, batch, e, classes, log=log_now)
+            trace.after(loop.step, state)
+            pace.step(min(bsz, n_images - b * bsz))  # real rows, not the padding
             loop.where[loop.step] = (t, e, b)
             if bar is not None:
               bar.update(1)
             if log_now:
               scalars = loop.check(state, means)
+              rates = pace.rates()  # after the read: the steps timed have finished
               if bar is not None:
                 bar.set_postfix({k: f"{scalars[k]:.3f}" for k in ("loss", "accuracy")},
                                 refresh=False)
-              writer.write({"event": "step", "step": loop.step, "task": t, "epoch": e, **scalars})
-              writer.scalars(loop.step, scalars, "train")
+              writer.write({"event": "step", "step": loop.step, "task": t, "epoch": e,
+                            **scalars, "lr": lr, **(rates if progress else {})})
+              writer.scalars(loop.step, {**scalars, "lr": lr, **rates}, "train")
+              line = pace.line(len(loop.records), loop.step)
+              if line:
+                say(line)
             if every and loop.step % every == 0:
               loop.check(state)
               loop.save(state, position)
@@ -381,17 +634,20 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
       writer.flush()
       say(f"task {t + 1}/{num_run}: accuracy on all seen classes {rec['top1']:.2f}%, "
           f"per task {[round(v, 2) for v in rec['per_task']]}")
+      say(pace.line(len(loop.records), loop.step, task_end=True))
       pos = Position(t + 1)
       loop.save(state, pos)
       loop.stop_if_preempted(state, pos)
   finally:
+    trace.stop()
     if bar is not None:
       bar.close()
     writer.close()
     if handler is not None:
       signal.signal(signal.SIGTERM, handler)
-  ckpt.wait()
-  ckpt.close()
+    # waits for a save in flight, on every way out: none is left to finish during the
+    # interpreter's shutdown, when orbax can no longer commit it
+    ckpt.close()
 
   # Oracle-prototype diagnostic: the final state with every seen class's prototype recomputed
   # from its training images (forward passes only); against the last row it shows how much of
@@ -438,9 +694,12 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", "", "output / resume directory (default workdirs/<config>-"
                       "seed<seed>)")
   flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-process runs)")
-  flags.DEFINE_integer("num_processes", 1, "number of processes (-1: discover, TPU pods)")
+  flags.DEFINE_integer("num_processes", 1, "number of processes (-1: let JAX discover them; "
+                       "TPU pods and SLURM steps of several tasks are found without it)")
   flags.DEFINE_integer("process_id", 0, "this process's index")
-  flags.DEFINE_bool("progress", True, "tqdm progress bars")
+  flags.DEFINE_bool("progress", True, "tqdm progress bars, and the pace (images/s, steps/s) in "
+                    "metrics.jsonl step lines; off, metrics.jsonl holds only what a rerun "
+                    "reproduces (the whole-run progress line is printed either way)")
 
 
 def _main(argv: Sequence[str], config, spec: str) -> None:
@@ -451,7 +710,9 @@ def _main(argv: Sequence[str], config, spec: str) -> None:
   if not f["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
-    sharding.initialize_distributed(f.coordinator, f.num_processes, f.process_id)
+    how = sharding.initialize_distributed(f.coordinator, f.num_processes, f.process_id)
+    if how:
+      say(f"jax.distributed: {jax.process_count()} processes, {how}")
     if f.workdir.startswith("-"):  # `--workdir --next_flag` takes the next flag as its value
       raise cli.InputError(f"--workdir={f.workdir!r} looks like a flag, not a directory; give "
                            "--workdir=DIR")

@@ -3,6 +3,8 @@ import hashlib
 import io
 import json
 import os
+import socket
+import time
 import zipfile
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 from PIL import Image
 
 from ntkcl_jax import data as data_lib
+from ntkcl_jax import cli
 from ntkcl_jax import config_files
 from ntkcl_jax.data import benchmarks, sources, summary, transforms
 
@@ -165,8 +168,77 @@ def test_mock_tfds_stream(name, num_classes):
 
 
 def test_missing_tfds_data_says_how_to_prepare(tmp_path):
-  with pytest.raises(FileNotFoundError, match="tfds build cifar100"):
+  with pytest.raises(FileNotFoundError, match=f"tfds build cifar100 --data_dir={tmp_path} "
+                     "--file_format=array_record"):
     sources.tfds_images("cifar100", "train", str(tmp_path), download=False)
+
+
+def test_tfds_download_host_that_does_not_answer_fails_fast(tmp_path, monkeypatch):
+  """A dataset that is not prepared is downloaded only after its host answered: a host that
+  hangs (name lookup or connect) is one line within the timeout, naming the dataset, the folder
+  and the command that prepares it there; no download starts."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  calls = []
+  real_source = tfds.data_source
+
+  def recording_source(*args, **kwargs):
+    calls.append(kwargs["download"])
+    return real_source(*args, **kwargs)
+
+  def hang(*args, **kwargs):
+    time.sleep(5)
+    raise OSError("no answer")
+  monkeypatch.setattr(tfds, "data_source", recording_source)
+  monkeypatch.setattr(socket, "create_connection", hang)
+  t0 = time.time()
+  with pytest.raises(data_lib.DataError) as e:
+    sources.tfds_images("cifar100", "train", str(tmp_path), connect_timeout=0.5)
+  assert time.time() - t0 < 10
+  msg = str(e.value)
+  assert "tfds dataset 'cifar100' is not prepared under" in msg and "www.cs.toronto.edu:443" in msg
+  assert f"`tfds build cifar100 --data_dir={tmp_path} --file_format=array_record`" in msg
+  assert f"--config.data.data_dir={tmp_path}" in msg and "\n" not in msg
+  assert calls == [False]  # only the look for prepared data; no download
+
+
+def test_tfds_hosts_read_only_their_share_of_the_labels(monkeypatch):
+  """With several hosts, each reads the labels of its contiguous share of the records only and
+  the shares are exchanged: every host gets the one-host labels."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  assert [list(sources.host_share(10, p, 3)) for p in range(3)] == [[0, 1, 2], [3, 4, 5],
+                                                                   [6, 7, 8, 9]]
+  assert list(sources.host_share(10)) == list(range(10))
+  reads = []
+  real_source = tfds.data_source
+
+  class Counting:
+    def __init__(self, src):
+      self.src = src
+
+    def __len__(self):
+      return len(self.src)
+
+    def __getitem__(self, i):
+      reads.append(i)
+      return self.src[i]
+
+  with tfds.testing.mock_data(num_examples=10):
+    monkeypatch.setattr(tfds, "data_source", lambda *a, **k: Counting(real_source(*a, **k)))
+    one = sources.tfds_images("cifar10", "train", skip_decoding=False)
+    assert sorted(reads) == list(range(10))
+    shares = [one.labels[list(sources.host_share(10, p, 2))].tolist() for p in range(2)]
+    for p in range(2):
+      del reads[:]
+
+      def allgather(mine, p=p):  # the hosts' exchange, simulated
+        assert mine == shares[p]
+        return shares
+      host = sources.tfds_images("cifar10", "train", skip_decoding=False, process_index=p,
+                                 process_count=2, allgather=allgather)
+      assert sorted(reads) == list(sources.host_share(10, p, 2))
+      np.testing.assert_array_equal(host.labels, one.labels)
+      assert host.listed_by == 2
+      np.testing.assert_array_equal(host.image(7), one.image(7))
 
 
 # -- the offline archives in ../shared/data ------------------------------------------------------
@@ -360,13 +432,15 @@ def test_demo_without_archives_uses_the_bundled_set(tmp_path, monkeypatch):
 
 
 def test_forced_sources_and_their_errors(tmp_path, monkeypatch):
-  with pytest.raises(FileNotFoundError, match=r"source=zip: no imagenette/ archives in"):
+  # a config file's own errors come back as one line naming the file (config_files)
+  with pytest.raises(cli.InputError, match=r"raised FileNotFoundError: source=zip: no "
+                                           r"imagenette/ archives in"):
     _demo("source=zip", monkeypatch, tmp_path)
   c = _demo("source=bundled", monkeypatch, tmp_path)
   assert c.data.name == "imagenette_demo"
   c = _demo("source=tfds", monkeypatch, tmp_path)
   assert (c.data.name, c.data.source) == ("imagenette/160px", "tfds")
-  with pytest.raises(ValueError, match="source='nope'"):
+  with pytest.raises(cli.InputError, match="raised ValueError: source='nope'"):
     _demo("source=nope", monkeypatch, tmp_path)
   from ntkcl_jax.configs import dinov2s_real  # pylint: disable=g-import-not-at-top
   # more images or pixels than the bundled set holds: auto goes to tfds, a forced bundled errs

@@ -231,6 +231,31 @@ def test_eval_batches_test_and_proto():
   stitched = [{k: np.concatenate([h[0][b][k], h[1][b][k]]) for k in h[0][b]}
               for b in range(len(h[0]))]
   np.testing.assert_array_equal(_concat_masked(stitched)["image"], t["image"])
+  # a batch size the hosts do not divide: each host's rows are padded (masked), same images
+  h = [list(_stream(q, 2).eval_batches("test", classes, 5)) for q in range(2)]
+  assert all(b["image"].shape[0] == 3 for b in h[0] + h[1])
+  stitched = [{k: np.concatenate([h[0][b][k], h[1][b][k]]) for k in h[0][b]}
+              for b in range(len(h[0]))]
+  assert len(stitched) == 5 and all(b["mask"].sum() == 5 for b in stitched)
+  np.testing.assert_array_equal(_concat_masked(stitched)["image"], t["image"])
+
+
+def test_reader_threads_follow_the_host_and_never_change_a_batch(monkeypatch):
+  assert data_lib.stream.reader_threads(3) == 3
+  monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(96)), raising=False)
+  assert data_lib.stream.reader_threads(0) == data_lib.stream.MAX_READER_THREADS == 32
+  monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2}, raising=False)
+  assert data_lib.stream.reader_threads() == 3
+  batches = {}
+  for n in (1, 5):
+    c = _config()
+    c.train.reader_threads = n
+    s = data_lib.build_stream(c)
+    assert s.reader_threads == n
+    batches[n] = _epoch(s, 1, 0, 4) + list(s.eval_batches("proto", s.tasks[1], 4))
+  for a, b in zip(batches[1], batches[5]):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_subsampling_is_fixed_and_capped():

@@ -3,8 +3,6 @@ and remat"): the keys reach the ViT and every PEFT layer; every matmul of the mo
 runs at `matmul_precision`; fused attention equals the einsum path; remat changes nothing bit for
 bit; a bfloat16 run computes in bf16, keeps parameters and optimiser state float32 and reaches the
 float32 run's accuracies."""
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,6 +1,5 @@
 """The mesh helpers: a jitted step data-parallel over 8 or 2 devices equals one device; the
 removed model axis is refused with one line (the full runs: tests/test_train.py)."""
-import os
 
 import jax
 import jax.numpy as jnp
@@ -77,3 +76,50 @@ def test_removed_model_axis_is_one_line_saying_what_to_do(capsys):
     train.make_mesh(config)
   del config.train["mesh_model"]
   assert train.make_mesh(config).devices.size == 8
+
+
+def test_eval_rows_padded_to_the_mesh_are_masked_repeats():
+  batch = {"image": np.arange(5 * 2, dtype=np.uint8).reshape(5, 2),
+           "label": np.arange(5, dtype=np.int32), "mask": np.array([1, 1, 1, 1, 0], bool)}
+  assert sh.pad_rows(batch, 5) is batch and sh.pad_rows(batch, 1) is batch
+  out = sh.pad_rows(batch, 4)
+  assert out["image"].shape == (8, 2) and out["label"].tolist() == [0, 1, 2, 3, 4, 4, 4, 4]
+  np.testing.assert_array_equal(out["image"][5:], np.repeat(batch["image"][-1:], 3, axis=0))
+  assert out["mask"].tolist() == [True] * 4 + [False] * 4 and batch["mask"].shape == (5,)
+  with pytest.raises(ValueError, match="needs its 'mask'"):
+    sh.pad_rows({"image": batch["image"]}, 4)
+  mesh = sh.make_mesh(3, devices=jax.devices()[:3])
+  assert sh.global_batch(sh.pad_rows(batch, len(mesh.local_devices)), mesh)["image"].shape == (
+      6, 2)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, None),
+    ({"TPU_WORKER_HOSTNAMES": "t0"}, None),  # one TPU host
+    ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, {}),  # a pod slice: JAX finds the rest
+    ({"TPU_PROCESS_ADDRESSES": "t0:8476,t1:8476"}, {}),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "t0:8080"}, {}),  # multi-slice
+    ({"MEGASCALE_NUM_SLICES": "1"}, None),
+    ({"MEGASCALE_NUM_SLICES": "2"}, {}),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, {}),
+    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, None),  # one task
+    ({"SLURM_NTASKS": "4"}, None),  # sbatch's shell, not a task of a step
+    ({"NTKCL_NUM_PROCESSES": "-1"}, {}),
+    ({"NTKCL_COORDINATOR": "h:1234", "NTKCL_NUM_PROCESSES": "2", "NTKCL_PROCESS_ID": "1"},
+     {"coordinator_address": "h:1234", "num_processes": 2, "process_id": 1}),
+    # explicit settings win over what the environment shows
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "NTKCL_COORDINATOR": "h:1",
+      "NTKCL_NUM_PROCESSES": "3"}, {"coordinator_address": "h:1", "num_processes": 3,
+                                    "process_id": 0}),
+])
+def test_distributed_start_follows_the_environment(env, expected):
+  assert sh.distributed_args(env) == expected
+
+
+def test_distributed_start_from_flags():
+  assert sh.distributed_args({}, "h:1", 2, 1) == {"coordinator_address": "h:1",
+                                                  "num_processes": 2, "process_id": 1}
+  assert sh.distributed_args({"TPU_WORKER_HOSTNAMES": "a,b"}, "", -1) == {}
+  with pytest.raises(ValueError, match="needs a coordinator address"):
+    sh.distributed_args({}, "", 2, 0)
+  assert sh.detected_cluster({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) == "SLURM_NTASKS=8"

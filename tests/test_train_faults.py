@@ -2,14 +2,17 @@
 import errno
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from ntkcl_jax import checkpoints, cli, config_files, learner as learner_lib, sharding, train
+from ntkcl_jax import checkpoints, cli, learner as learner_lib, sharding, train
 from ntkcl_jax.checkpoints import run_state
 from test_train import tiny_config
 
@@ -18,11 +21,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/tiny.py"
 
 
-def launch(workdir, *extra):
-  return subprocess.run([sys.executable, "-m", "ntkcl_jax.train", f"--config={CONFIG}",
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+# The launcher with the network cut (every Python socket refuses to connect), so that a test of
+# what happens before any download can never reach a download host, even if it fails.
+OFFLINE = """
+import socket, sys
+def refuse(*a, **k):
+  raise OSError("network disabled in this test")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+from ntkcl_jax import train
+train.main()
+"""
+
+# The launcher with a failure injected at the first task end, right after the asynchronous
+# checkpoint save of the task's last step started (tiny: checkpoint_every_steps=2, 6 steps).
+FAIL_AT_TASK_END = """
+from ntkcl_jax import learner, train
+def fail(self, *args, **kwargs):
+  raise ValueError("injected failure at a task end")
+learner.Learner.end_task = fail
+train.main()
+"""
+
+
+def launch(workdir, *extra, prefix=("-m", "ntkcl_jax.train")):
+  return subprocess.run([sys.executable, *prefix, f"--config={CONFIG}",
                          f"--workdir={workdir}", "--noprogress", *extra], capture_output=True,
-                        text=True, timeout=300, cwd=REPO,
-                        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+                        text=True, timeout=300, cwd=REPO, env=ENV)
 
 
 def test_impossible_split_cli_message_and_exit_code(tmp_path):
@@ -50,6 +77,70 @@ def test_missing_data_path_is_reported(tmp_path):
   with pytest.raises(FileNotFoundError, match=f"{tmp_path}/no_data"):
     train.run(config, str(tmp_path / "wd"), progress=False)
   assert not (tmp_path / "wd" / "checkpoints").exists()  # stopped before anything was saved
+
+
+def test_missing_checkpoint_is_one_line_before_any_data_is_read(tmp_path):
+  """The benchmark command with a checkpoint that does not exist and an empty data folder names
+  the checkpoint within seconds: nothing is listed, downloaded or prepared, no workdir made."""
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  t0 = time.time()
+  p = subprocess.run(
+      [sys.executable, "-c", OFFLINE, "--config=configs/ntkcl_benchmarks.py:benchmark=cifar100,"
+       f"backbone=in21k,ckpt=/no/such/ckpt.npz,data_dir={data_dir}",
+       f"--workdir={tmp_path / 'wd'}", "--noprogress"],
+      capture_output=True, text=True, timeout=300, cwd=REPO, env=ENV)
+  took = time.time() - t0
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert "error: backbone checkpoint not found: '/no/such/ckpt.npz'" in p.stderr
+  assert "Traceback" not in p.stderr and "tfds" not in p.stderr + p.stdout
+  assert not os.listdir(data_dir) and not (tmp_path / "wd").exists()
+  assert took < 60, took  # the interpreter and JAX start; nothing else
+
+
+def test_error_with_a_save_in_flight_exits_cleanly(tmp_path):
+  """An error while a checkpoint is being written ends with its one line, after the save is
+  finished: no orbax traceback from a commit left to the interpreter's shutdown."""
+  p = launch(tmp_path, prefix=("-c", FAIL_AT_TASK_END))
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert "error: injected failure at a task end" in p.stderr
+  assert "Traceback" not in p.stderr and "cannot schedule new futures" not in p.stderr
+  ck = run_state.RunCheckpointer(str(tmp_path / "checkpoints"))
+  assert ck.all_ids() == [4, 6]  # the save in flight at the error was completed
+  ck.close()
+
+
+@pytest.mark.slow
+def test_one_launcher_per_workdir_and_a_killed_one_leaves_no_lock(tmp_path):
+  """A second launcher on a workdir in use stops with one line naming the first (host, pid);
+  after the first is SIGKILLed the next launcher runs."""
+  short = ("--config.optim.epochs=1", "--config.data.tasks_to_run=1")
+  first = subprocess.Popen([sys.executable, "-m", "ntkcl_jax.train", f"--config={CONFIG}",
+                            f"--workdir={tmp_path}", "--noprogress", *short], cwd=REPO, env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None:
+      try:
+        if json.loads((tmp_path / ".lock").read_text())["pid"] == first.pid:
+          break
+      except (OSError, ValueError, KeyError):
+        pass
+      time.sleep(0.2)
+    else:
+      pytest.fail("the first launcher never took the workdir's lock")
+    os.kill(first.pid, signal.SIGSTOP)  # it keeps the lock while the second one tries
+    second = launch(tmp_path, *short)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert (f"is in use by another launcher (pid {first.pid} on host {socket.gethostname()}"
+            in second.stderr)
+    assert "Traceback" not in second.stderr
+  finally:
+    first.kill()  # SIGKILL (a stopped process too): the OS drops its lock
+    first.wait()
+  third = launch(tmp_path, *short)
+  assert third.returncode == 0, third.stderr[-2000:]
+  assert (tmp_path / "results.json").exists() and not (tmp_path / ".lock").exists()
 
 
 def test_unwritable_workdir(tmp_path):
@@ -119,5 +210,6 @@ def test_resuming_with_another_config_is_refused(tmp_path):
   ck.save(1, state, {"config": other, "class_order": [int(c) for c in
                                                       np.random.RandomState(0).permutation(6)]})
   ck.close()
-  with pytest.raises(cli.InputError, match=r"different config \(sections \['method'\] differ\)"):
+  with pytest.raises(cli.InputError, match=r"holds another run \(method.fix_old_pool: saved True, "
+                                           r"asked False\)"):
     train.run(config, str(tmp_path), progress=False)

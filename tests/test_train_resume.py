@@ -14,10 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from ntkcl_jax import config_files, sharding
+from ntkcl_jax import sharding
 from ntkcl_jax.checkpoints import run_state, runs
 
 CONFIG = "configs/tiny.py"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The launcher, with one real function wrapped so that the process signals itself at event k:
 # after the metrics line of train step k is written (`step:k`), or after checkpoint k's
@@ -27,7 +28,6 @@ import os, signal, sys, time
 from ntkcl_jax import metric_writer, train
 from ntkcl_jax.checkpoints import run_state
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 what, at, sig = sys.argv.pop(1), int(sys.argv.pop(1)), getattr(signal, sys.argv.pop(1))
 
 def die():

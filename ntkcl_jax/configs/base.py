@@ -1,8 +1,9 @@
 """The config schema every run shares (ml_collections). Benchmark files override fields of this.
 
 Sections: `model` (backbone), `data` (task stream), `method` (NTK-CL and baselines),
-`optim` (per-task optimiser), `train` (devices, checkpoints, logging). Unknown keys are rejected
-by the launcher, so every field a module reads must be declared here.
+`optim` (per-task optimiser), `train` (devices, checkpoints, logging, compilation cache,
+profiling, reader threads: bookkeeping that never names a run, ntkcl_jax/same_run.py). Unknown
+keys are rejected by the launcher, so every field a module reads must be declared here.
 """
 import ml_collections
 
@@ -20,8 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.checkpoint = ""            # local file; '' = random init (tests only)
   c.model.checkpoint_format = "auto"  # auto | vit_jax | augreg | big_vision | timm | hf | ntkcl
   c.model.normalize = "none"         # none | inception | imagenet (official NTK-CL: none)
-  # Compute policy (docs/design.md, "Precision, fused attention and remat").
-  c.model.dtype = "float32"          # float32 | bfloat16: compute dtype of the ViT and PEFT
+  # Compute policy (docs/design.md, "Precision, fused attention and remat"). Each of the three
+  # keys below may be 'auto': the launcher sets it for the platform the run starts on
+  # (ntkcl_jax/models/ntkcl.py AUTO_POLICY: bf16 / JAX's default precision / fused on GPU and
+  # TPU, the values below on CPU) and saves the resolved value; the paper configs use 'auto'.
+  c.model.dtype = "float32"          # float32 | bfloat16 | auto: compute dtype of the ViT and PEFT
   #                                    layers; parameters, optimiser state and losses stay float32
   # Precision of every matmul of the model and the losses (jax.default_matmul_precision):
   # 'highest' | 'high' | 'default' | 'bfloat16' | 'tensorfloat32' | 'float32' | ... ('' = JAX's
@@ -29,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   # and the float32 runs would no longer match the CPU parity tests (tests/test_official_golden.py).
   c.model.matmul_precision = "highest"
   c.model.attention = "einsum"       # einsum (official op order, exact parity) | fused
-  #                                    (jax.nn.dot_product_attention: cuDNN flash attention on GPU)
+  #                                    (jax.nn.dot_product_attention: cuDNN flash attention on a
+  #                                    GPU in bf16/fp16, vit.attention_implementation) | auto
   c.model.remat = False              # recompute each ViT block in the backward pass (memory)
 
   c.data = ml_collections.ConfigDict()
@@ -96,4 +101,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 200
   c.train.keep_checkpoints = 2
   c.train.log_every_steps = 10
+  # Persistent XLA compilation cache (set before the first compile; a rerun or resume skips the
+  # compiles): 'auto' = the folder JAX was given (JAX_COMPILATION_CACHE_DIR), else on GPU / TPU
+  # $NTKCL_CACHE/jax_compilation or ~/.cache/ntkcl_jax/jax_compilation (off on CPU: short
+  # compiles, and XLA:CPU logs a false error for each cached program it loads); a path (local or
+  # gs://) = that folder on any platform; '' = off.
+  c.train.compilation_cache_dir = "auto"
+  # Profile train steps: (A, B) traces global train steps A to B (1-based, inclusive; e.g.
+  # --config.train.profile_steps=11,15) with jax.profiler into WORKDIR/profile, which
+  # TensorBoard's profile tab (`tensorboard --logdir=WORKDIR/profile`) and Perfetto
+  # (plugins/profile/*/*.trace.json.gz) open; () = off. Process 0 only.
+  c.train.profile_steps = ()
+  # Threads decoding and transforming images for the data stream (0 = one per CPU this process
+  # may use, at most 32); never changes a batch, only how fast it is ready.
+  c.train.reader_threads = 0
   return c

@@ -14,6 +14,11 @@ Config args (big_vision style, `--config=configs/ntkcl_benchmarks.py:key=value,.
              gs://vit_models/augreg/<file name>
   data_dir   where the benchmark's files are; default $NTKCL_DATA_DIR (or tfds's default for CIFAR)
   variant    official (the official code's numerics) or corrected
+  policy     auto (default): the compute policy of the platform the run starts on: bf16 compute,
+             fused attention (cuDNN flash attention on a GPU) and the platform's default matmul
+             precision on GPU/TPU; float32, 'highest' and the official op order on CPU (every CPU
+             result unchanged); parity: float32 / 'highest' / einsum everywhere, for comparing
+             with the official PyTorch code. The launcher saves the resolved policy with the run.
 A missing checkpoint or data path stops the launcher with a message naming the path.
 
 The table below is the one place the official numbers live. Values are those of the official code
@@ -59,7 +64,9 @@ def _choice(name: str, value: str, valid) -> str:
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, benchmark="", backbone="", ckpt="", data_dir="", variant="official")
+  a = parse_arg(arg, benchmark="", backbone="", ckpt="", data_dir="", variant="official",
+                policy="auto")
+  _choice("policy", a.policy, ("auto", "parity"))
   benchmark = _choice("benchmark", a.benchmark, BENCHMARKS)
   backbone = _choice("backbone", a.backbone, CHECKPOINTS)
   (classes, init_cls, inc, lr, batch, epochs, wd, nce, init_ptm, topk,
@@ -72,6 +79,8 @@ def get_config(arg=None):
   c.model.checkpoint = a.ckpt or os.path.join(ckpt_dir, CHECKPOINTS[backbone])
   c.model.checkpoint_format = "augreg"
   c.model.normalize = "none"  # the official transforms end at ToTensor
+  if a.policy == "auto":  # resolved by the launcher for its platform (ntkcl.resolve_policy)
+    c.model.dtype = c.model.matmul_precision = c.model.attention = "auto"
   c.data.name = benchmark
   c.data.source = source
   c.data.data_dir = a.data_dir or os.environ.get("NTKCL_DATA_DIR", "")

@@ -5,7 +5,8 @@
 layout under data_dir), `zip` (ZIP archives: the ../shared/data ones, or the demo images shipped
 in the package, `imagenette_demo`), `tfds` (tensorflow-datasets), `mock` (tfds under
 `tfds.testing.mock_data`: tests), `digits`, `synthetic`. The description returned with the splits
-names the source (the launcher prints it).
+names the source (the launcher prints it). `check_paths(config)` checks the folders and archives
+a config reads before anything is listed, read or downloaded (the launcher's first checks).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ntkcl_jax.data import benchmarks, sources
 from ntkcl_jax.data.sources import DataError
 from ntkcl_jax.data.stream import TaskStream
 
-__all__ = ["build_stream", "load_splits", "TaskStream", "DataError"]
+__all__ = ["build_stream", "check_paths", "load_splits", "TaskStream", "DataError"]
 
 SOURCES = ("folder", "zip", "tfds", "mock", "digits", "synthetic")
 
@@ -32,15 +33,47 @@ def check_same_classes(train, test, where: str) -> None:
                     f"with images in both splits")
 
 
+def _zip_path(config, ds, f: str) -> str:
+  """data_dir/f, one of the dataset's ZIP archives; missing: one line saying where it goes."""
+  d = config.data
+  path = os.path.join(d.data_dir, f)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} not found: {d.name} expects {list(ds.zip_files)} in data.data_dir="
+        f"{d.data_dir!r} " + ("(the demo set shipped in the package: rebuild it with `python "
+                              "-m ntkcl_jax.tools.make_demo_set` or reinstall)" if ds.bundled
+                              else "(the ../shared/data archives)"))
+  return path
+
+
+def check_paths(config) -> None:
+  """The dataset name, source, class count and the paths config.data reads (the image folders
+  of `folder`, the archives of `zip`) are checked without listing or reading anything, so a
+  wrong path is one line before any work. tfds data is checked when it is opened (a dataset
+  that is not prepared there is downloaded, after a reachability check)."""
+  d = config.data
+  ds = benchmarks.get(d.name)
+  if d.source not in SOURCES:
+    raise ValueError(f"data.source={d.source!r}; one of {SOURCES}")
+  benchmarks.check_num_classes(config)
+  if d.source == "folder":
+    benchmarks.folder_root(d.data_dir, ds, d.name)
+  elif d.source == "zip":
+    if not ds.zip_files:
+      raise ValueError(f"{d.name} has no ZIP archives; use source 'folder' or 'tfds'")
+    for f in ds.zip_files:
+      _zip_path(config, ds, f)
+  elif d.source in ("tfds", "mock") and not ds.tfds:
+    raise ValueError(f"{d.name} has no tensorflow-datasets builder ({ds.note or 'use folders'})")
+
+
 def load_splits(config, process_index: int = 0, process_count: int = 1, allgather=None):
-  """(train ImageSet, test ImageSet, description) for config.data; folders are listed by all
-  hosts together when `allgather` is given (sources.folder_images)."""
+  """(train ImageSet, test ImageSet, description) for config.data; folders and tfds labels are
+  listed by all hosts together when `allgather` is given (sources.folder_images, tfds_images)."""
+  check_paths(config)
   d = config.data
   ds = benchmarks.get(d.name)
   src = d.source
-  if src not in SOURCES:
-    raise ValueError(f"data.source={src!r}; one of {SOURCES}")
-  benchmarks.check_num_classes(config)
   if src == "synthetic":
     per_train, per_test = (d.max_per_class_train or 12), (d.max_per_class_test or 8)
     size = config.model.image_size
@@ -51,17 +84,9 @@ def load_splits(config, process_index: int = 0, process_count: int = 1, allgathe
     return (sources.digits_images("train"), sources.digits_images("test"),
             "scikit-learn bundled digits (8x8, upsampled)")
   if src == "zip":
-    if not ds.zip_files:
-      raise ValueError(f"{d.name} has no ZIP archives; use source 'folder' or 'tfds'")
     sets, verified = [], []
     for f in ds.zip_files:
-      path = os.path.join(d.data_dir, f)
-      if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: {d.name} expects {list(ds.zip_files)} in data.data_dir="
-            f"{d.data_dir!r} " + ("(the demo set shipped in the package: rebuild it with `python "
-                                  "-m ntkcl_jax.tools.make_demo_set` or reinstall)" if ds.bundled
-                                  else "(the ../shared/data archives)"))
+      path = _zip_path(config, ds, f)
       key = f"{os.path.basename(os.path.normpath(d.data_dir))}/{f}"
       verified.append(sources.verify_sha256(
           path, os.path.join(os.path.dirname(os.path.normpath(d.data_dir)), "MANIFEST.json"), key))
@@ -80,26 +105,29 @@ def load_splits(config, process_index: int = 0, process_count: int = 1, allgathe
               if train.listed_by > 1 else "")
     return train, test, f"{d.name} folders at {root}{shared}"
   # tfds / mock
-  if not ds.tfds:
-    raise ValueError(f"{d.name} has no tensorflow-datasets builder ({ds.note or 'use folders'})")
   ctx = contextlib.nullcontext()
   if src == "mock":
     # lazy: tensorflow-datasets is heavy and only mock data needs it here
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     ctx = tfds.testing.mock_data(num_examples=max(4 * d.num_classes, 32))
   with ctx:
-    train, test = (sources.tfds_images(ds.tfds, split, d.data_dir,
-                                       skip_decoding=src != "mock") for split in ds.tfds_splits)
+    train, test = (sources.tfds_images(ds.tfds, split, d.data_dir, skip_decoding=src != "mock",
+                                       process_index=process_index,
+                                       process_count=process_count, allgather=allgather)
+                   for split in ds.tfds_splits)
     if src == "mock":  # mock sources are lazy: materialise inside the context
       for s in (train, test):
         for i in range(len(s)):
           s.image(i)
-  return train, test, f"source=tfds: {ds.tfds}" + (" (mock data)" if src == "mock" else "")
+  shared = (f"; each of {train.listed_by} hosts read the labels of its share"
+            if train.listed_by > 1 else "")
+  return train, test, (f"source=tfds: {ds.tfds}" + (" (mock data)" if src == "mock" else "")
+                       + shared)
 
 
 def build_stream(config, process_index: int = 0, process_count: int = 1) -> TaskStream:
   """The task stream of config.data for one host of `process_count`. When these are the running
-  JAX processes (a multi-host run), the hosts share the listing of folder datasets."""
+  JAX processes (a multi-host run), the hosts share the listing of folder and tfds datasets."""
   allgather = None
   if process_count > 1:
     import jax  # pylint: disable=g-import-not-at-top  # lazy: single-host users need no JAX here

@@ -5,17 +5,22 @@ expects (`train/` and `test/` or `val/`; local or `gs://`), tensorflow-datasets 
 scikit-learn's bundled digits and synthetic class templates. Decoded images are cached in memory
 (the offline sets are small); errors name the file and say what to do. On several hosts a folder
 is listed once in total: each host walks its share of the class folders and the hosts exchange
-the names (`folder_images(..., allgather=)`); every host can then read any image, as the rows it
-feeds of a global batch may come from any class (docs/design.md, Data on several hosts).
+the names (`folder_images(..., allgather=)`), and a tfds split's labels are read once in total
+in the same way (`tfds_images(..., allgather=)`); every host can then read any image, as the rows
+it feeds of a global batch may come from any class (docs/design.md, Data on several hosts). A tfds
+dataset that is not prepared is downloaded only after its hosts answered within a timeout.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import posixpath
+import socket
 import threading
+import urllib.parse
 import zipfile
 from typing import Callable, Optional
 
@@ -216,27 +221,111 @@ def synthetic_images(split: str, num_classes: int, size: int, per_class: int) ->
                       f"synthetic ({num_classes} classes)")
 
 
+def host_share(n: int, process_index: int = 0, process_count: int = 1) -> range:
+  """The contiguous share [p*n/P, (p+1)*n/P) of `n` records that host p of P reads when the
+  hosts list a dataset together; the shares of all hosts are disjoint and cover every record."""
+  return range(n * process_index // process_count, n * (process_index + 1) // process_count)
+
+
+def tfds_prepare_hint(name: str, data_dir: str) -> str:
+  """The command that prepares a tfds dataset where the stream reads it (random access needs
+  the array_record file format)."""
+  return f"`tfds build {name} --data_dir={data_dir} --file_format=array_record`"
+
+
+def reachable(host: str, port: int, timeout: float) -> bool:
+  """Whether a TCP connection to host:port opens within `timeout` seconds, name lookup
+  included: the attempt runs in a daemon thread, so a lookup that hangs cannot hold the caller."""
+  result = []
+
+  def attempt():
+    try:
+      socket.create_connection((host, port), timeout=timeout).close()
+      result.append(True)
+    except OSError:
+      result.append(False)
+  t = threading.Thread(target=attempt, daemon=True)
+  t.start()
+  t.join(timeout)
+  return bool(result and result[0])
+
+
+def check_download_hosts(name: str, urls, data_dir: str, timeout: float) -> None:
+  """Before a tfds download: every host it downloads from (`urls`, the builder's checksum
+  list) must answer within `timeout` s, else one line naming the dataset, the folder to put
+  prepared files in and the command that prepares them (a download would hang or fail late)."""
+  hosts = sorted({(u.hostname, u.port or (443 if u.scheme == "https" else 80))
+                  for u in map(urllib.parse.urlsplit, urls or ()) if u.hostname})
+  for host, port in hosts:
+    if not reachable(host, port, timeout):
+      raise DataError(
+          f"tfds dataset {name!r} is not prepared under {data_dir} and its download host "
+          f"{host}:{port} did not answer within {timeout:g} s; prepare it on a machine with "
+          f"internet access ({tfds_prepare_hint(name, data_dir)}), copy the folder here and pass "
+          f"--config.data.data_dir={data_dir}")
+
+
+@contextlib.contextmanager
+def socket_timeout(seconds: float):
+  """Sockets opened inside the block give up after `seconds` without data (a stalled download
+  fails instead of hanging); the previous default is restored after."""
+  old = socket.getdefaulttimeout()
+  socket.setdefaulttimeout(seconds)
+  try:
+    yield
+  finally:
+    socket.setdefaulttimeout(old)
+
+
+def _tfds_source(name: str, split: str, data_dir: Optional[str], download: bool, decoders,
+                 connect_timeout: float):
+  """tfds.data_source of a prepared dataset; one that is not prepared is downloaded (when
+  `download`) only after its download hosts answered (`check_download_hosts`), with a read
+  timeout, so that no network problem can hang the launcher."""
+  # lazy: tensorflow-datasets (and TensorFlow behind it) is heavy and only the tfds source needs it
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
+                            decoders=decoders)
+  except Exception:  # pylint: disable=broad-except  # not prepared (tfds raises several kinds)
+    if not download:
+      raise
+  where = data_dir or os.fspath(tfds.core.constants.DATA_DIR)
+  check_download_hosts(name, tfds.builder(name, data_dir=data_dir or None).url_infos, where,
+                       connect_timeout)
+  with socket_timeout(max(60.0, connect_timeout)):
+    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=True,
+                            decoders=decoders)
+
+
 def tfds_images(name: str, split: str, data_dir: Optional[str] = None,
-                download: bool = True, skip_decoding: bool = True) -> ImageSet:
+                download: bool = True, skip_decoding: bool = True, process_index: int = 0,
+                process_count: int = 1, allgather: Optional[Callable[[list], list]] = None,
+                connect_timeout: float = 10.0) -> ImageSet:
   """A tensorflow-datasets data source (random access, no TensorFlow).
 
   Images are read undecoded (`SkipDecoding`), so listing the labels touches no pixels and the
   JPEG/PNG decoding happens in the stream's threads, with the same cache and errors as ZIPs.
-  `skip_decoding=False` for `tfds.testing.mock_data` (its random examples are arrays already)."""
+  `skip_decoding=False` for `tfds.testing.mock_data` (its random examples are arrays already).
+  With `allgather` (sharding.process_allgather_json), each of `process_count` hosts reads the
+  labels of its share of the records only (`host_share`) and the hosts exchange them."""
   # lazy: tensorflow-datasets (and TensorFlow behind it) is heavy and only the tfds source needs it
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   decoders = {"image": tfds.decode.SkipDecoding()} if skip_decoding else None
+  where = data_dir or os.fspath(tfds.core.constants.DATA_DIR)
   try:
-    src = tfds.data_source(name, split=split, data_dir=data_dir or None, download=download,
-                           decoders=decoders)
+    src = _tfds_source(name, split, data_dir, download, decoders, connect_timeout)
+  except DataError:
+    raise
   except Exception as e:  # pylint: disable=broad-except
     raise FileNotFoundError(
-        f"tfds dataset {name!r} (split {split!r}) is not available under "
-        f"{data_dir or tfds.core.constants.DATA_DIR} and could not be prepared "
-        f"({type(e).__name__}: {e}). Prepare it on a machine with internet access (`tfds build {name}`) and pass "
-        f"--config.data.data_dir") from e
-  n = len(src)
-  labels = np.array([int(src[i]["label"]) for i in range(n)], np.int64)
+        f"tfds dataset {name!r} (split {split!r}) is not available under {where} and could not "
+        f"be prepared ({type(e).__name__}: {e}). Prepare it on a machine with internet access "
+        f"({tfds_prepare_hint(name, where)}) and pass --config.data.data_dir") from e
+  share = host_share(len(src), process_index, process_count) if allgather else range(len(src))
+  mine = [int(src[i]["label"]) for i in share]
+  labels = np.array([y for part in allgather(mine) for y in part] if allgather else mine,
+                    np.int64)
 
   def load(i):
     img = src[i]["image"]
@@ -246,7 +335,9 @@ def tfds_images(name: str, split: str, data_dir: Optional[str] = None,
       img = _decode(bytes(img), f"tfds {name} {split} example {i}")
     img = np.asarray(img, np.uint8)
     return np.repeat(img, 3, -1) if img.shape[-1] == 1 else img
-  return ImageSet(labels, load, None, None, f"tfds {name} ({split})")
+  s = ImageSet(labels, load, None, None, f"tfds {name} ({split})")
+  s.listed_by = process_count if allgather else 1
+  return s
 
 
 def verify_sha256(path: str, manifest: str, key: str) -> bool:

@@ -5,7 +5,8 @@ images depends only on (seed, task, epoch), augmentation only on (seed, epoch, e
 so `train_batches(task, epoch, B, start_batch=k)` yields exactly batches k, k+1, ... of the
 uninterrupted iterator, on any number of hosts. Each host materialises only its rows
 [p*B/P, (p+1)*B/P) of every global batch. Partial last batches (kept, as the official loader
-does) are padded by repeating a real example and masked.
+does) are padded by repeating a real example and masked; so are eval batches whose size the
+number of hosts does not divide (the learner pads them further to the devices of the mesh).
 
 Images are uint8, as the transforms leave them (every crop and resize ends in PIL's uint8):
 /255 and `model.normalize` happen on the device (`normalization.model_input`, bit-identical to
@@ -16,7 +17,9 @@ Why plain numpy + threads rather than grain or tf.data: there is no TensorFlow i
 grain's MapDataset would give the same random access but its iterator state is
 replaced here by the three integers the launcher already checkpoints, and the decoded offline
 sets fit in memory; a thread pool (PIL releases the GIL) plus a prefetching thread keep the
-pipeline ahead of the train step (benchmarks/input_pipeline.py measures it).
+pipeline ahead of the train step (benchmarks/input_pipeline.py measures it). The pool has
+`train.reader_threads` threads (0: one per CPU this process may use, at most MAX_READER_THREADS);
+the thread count never changes a batch, only how fast it is ready.
 """
 from __future__ import annotations
 
@@ -33,6 +36,20 @@ import numpy as np
 
 from ntkcl_jax import normalization
 from ntkcl_jax.data import protocol, sources, transforms
+
+MAX_READER_THREADS = 32  # decoding threads beyond this rarely help and each holds buffers
+
+
+def reader_threads(asked: int = 0) -> int:
+  """Threads of the stream's image pool: `asked` if > 0, else one per CPU this process may
+  run on (its affinity, which containers and schedulers narrow), capped at MAX_READER_THREADS."""
+  if asked > 0:
+    return int(asked)
+  try:
+    cpus = len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    cpus = os.cpu_count() or 1
+  return max(1, min(MAX_READER_THREADS, cpus))
 
 
 def subsample_salt(config, split: str) -> tuple[int, ...]:
@@ -99,7 +116,8 @@ class TaskStream:
                              for t in self.tasks],
                    "test": [int(np.isin(self.test_new[self.test_idx], t).sum())
                             for t in self.tasks]}
-    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
+    self.reader_threads = reader_threads(int(config.train.get("reader_threads", 0)))
+    self._pool = concurrent.futures.ThreadPoolExecutor(self.reader_threads)
     self._test_cache: dict[tuple[str, int], np.ndarray] = {}
     self._test_cache_left = sources.cache_budget_bytes()
 
@@ -108,8 +126,12 @@ class TaskStream:
     idx = self.train_idx[np.isin(self.train_new[self.train_idx], self.tasks[task])]
     return idx
 
+  def num_train_images(self, task: int) -> int:
+    """Training images of the task (each epoch); batch b holds min(B, n - b*B) real rows."""
+    return len(self._task_train_indices(task))
+
   def num_train_batches(self, task: int, batch_size: int) -> int:
-    return math.ceil(len(self._task_train_indices(task)) / batch_size)
+    return math.ceil(self.num_train_images(task) / batch_size)
 
   def epoch_order(self, task: int, epoch: int) -> np.ndarray:
     """The task's training image indices in the order of this epoch."""
@@ -215,16 +237,19 @@ class TaskStream:
     return _Resumable(batches_from, task, epoch, start_batch)
 
   def eval_batches(self, split: str, classes, batch_size: int):
-    """'test': test images of these new labels; 'proto': their training images, test transform."""
+    """'test': test images of these new labels; 'proto': their training images, test transform.
+    Any batch size: batch b holds images [b*B, (b+1)*B), its rows padded (masked) to a multiple
+    of the number of hosts."""
     if split not in ("test", "proto"):
       raise ValueError(f"eval split {split!r}: use 'test' or 'proto'")
     idx, new = ((self.test_idx, self.test_new) if split == "test" else
                 (self.train_idx, self.train_new))
     idx = idx[np.isin(new[idx], list(classes))]
     n = math.ceil(len(idx) / batch_size)
+    padded = -(-batch_size // self.pc) * self.pc
 
     def job(b):
-      rows, mask = self._host_rows(idx[b * batch_size:(b + 1) * batch_size], batch_size)
+      rows, mask = self._host_rows(idx[b * batch_size:(b + 1) * batch_size], padded)
       return self._make(rows, mask, new, lambda i: self._eval_image(split, i))
     return self._prefetched(lambda b=b: job(b) for b in range(n))
 

@@ -57,10 +57,42 @@ POLICY_KEYS = ("dtype", "matmul_precision", "attention", "remat")
 DTYPES = ("float32", "bfloat16")
 
 
+AUTO = "auto"
+# What 'auto' compute-policy keys become on each platform: the CPU keeps float32, 'highest'
+# matmuls and the official op order (every CPU result and the parity tests stay exact); GPUs and
+# TPUs compute in bf16 with fused (on a GPU, cuDNN flash) attention at the platform's default
+# matmul precision (TF32 on A100/H100, one bf16 pass on TPU).
+AUTO_POLICY = {"cpu": {"dtype": "float32", "matmul_precision": "highest", "attention": "einsum"},
+               "accelerator": {"dtype": "bfloat16", "matmul_precision": "",
+                               "attention": "fused"}}
+
+
+def policy_for(platform: str) -> dict:
+  """The concrete compute policy 'auto' stands for on a JAX platform ('cpu', 'gpu', 'tpu')."""
+  return AUTO_POLICY["cpu" if platform == "cpu" else "accelerator"]
+
+
+def resolve_policy(config, platform: Optional[str] = None):
+  """The config with every 'auto' key of model.dtype / matmul_precision / attention set for the
+  platform (default: the running JAX backend); a config without 'auto' is returned as is. The
+  launcher saves the resolved config, so a run names its real policy."""
+  m = config.model
+  auto = [k for k in AUTO_POLICY["cpu"] if m[k] == AUTO]
+  if not auto:
+    return config
+  concrete = policy_for(platform or jax.default_backend())
+  out = config.copy_and_resolve_references()
+  with out.unlocked():
+    for k in auto:
+      out.model[k] = concrete[k]
+  return out
+
+
 def vit_config(config) -> vit.ViTConfig:
   """The backbone's ViTConfig of a run config (`model.name`, `image_size`, `overrides`, and the
-  compute policy `dtype`, `matmul_precision`, `attention`, `remat`)."""
-  m = config.model
+  compute policy `dtype`, `matmul_precision`, `attention`, `remat`; 'auto' keys are resolved for
+  the running platform)."""
+  m = resolve_policy(config).model
   overrides = m.overrides.to_dict()
   clash = sorted(set(overrides) & set(POLICY_KEYS))
   if clash:

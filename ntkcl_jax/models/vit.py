@@ -21,7 +21,8 @@ Extension points (no second copy of the ViT is ever needed):
 Compute policy (docs/design.md, "Precision, fused attention and remat"): `dtype` is the compute
 dtype of every layer (parameters stay float32: flax `param_dtype`); the attention softmax runs in
 at least float32; every matmul runs at `matmul_precision`; `attention='fused'` uses
-`jax.nn.dot_product_attention`; `remat` recomputes each block's activations in the backward pass.
+`jax.nn.dot_product_attention` (cuDNN flash attention on a GPU in bf16/fp16:
+attention_implementation); `remat` recomputes each block's activations in the backward pass.
 """
 from __future__ import annotations
 
@@ -90,6 +91,22 @@ class ViTConfig:
 
 
 ATTENTIONS = ("einsum", "fused")
+FLASH_DTYPES = ("bfloat16", "float16")  # what cuDNN's fused attention kernels take
+
+
+def attention_implementation(platform: str, dtype, head_dim: int) -> tuple[str, str]:
+  """(implementation, why) of attention='fused': cuDNN flash attention where it applies (a GPU,
+  bf16/fp16 compute, a head dimension that is a multiple of 8 and at most 128), XLA's own fused
+  path otherwise. jax.nn.dot_product_attention's `implementation=None` always takes XLA's path
+  in jax 0.10, so the choice is made here."""
+  name = jnp.dtype(dtype).name
+  if platform != "gpu":
+    return "xla", f"no GPU ({platform})"
+  if name not in FLASH_DTYPES:
+    return "xla", f"compute dtype {name} (cuDNN flash attention takes {FLASH_DTYPES})"
+  if head_dim % 8 or head_dim > 128:
+    return "xla", f"head dimension {head_dim} (cuDNN needs a multiple of 8, at most 128)"
+  return "cudnn", f"GPU, {name} compute, head dimension {head_dim}"
 
 
 def check_matmul_precision(precision: Optional[str]) -> None:
@@ -169,8 +186,8 @@ class SelfAttention(nn.Module):
   """Multi-head self-attention with separate query/key/value (kernels (D, heads, head_dim)).
 
   attention='einsum': explicit logits and softmax, the official code's order of operations.
-  attention='fused': `jax.nn.dot_product_attention` with implementation=None, so XLA picks cuDNN
-  flash attention on GPU where it applies (bf16/fp16) and its own XLA path elsewhere.
+  attention='fused': `jax.nn.dot_product_attention` with cuDNN flash attention where it applies
+  and XLA's fused path elsewhere (attention_implementation).
   """
   num_heads: int
   dtype: Any = jnp.float32
@@ -183,7 +200,8 @@ class SelfAttention(nn.Module):
     proj = lambda name: nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype, name=name)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # (B, N, H, hd)
     if self.attention == "fused":
-      out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5, implementation=None)
+      impl, _ = attention_implementation(jax.default_backend(), self.dtype, hd)
+      out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5, implementation=impl)
     else:
       # Scaling q (B*N*hd values) rather than the logits (B*H*N*N) saves an elementwise pass each
       # way; with hd = 64 the factor is a power of two, so the result is bit-identical.
