@@ -1,6 +1,6 @@
 r"""Batched-branch forward (vmap over stacked prompt sets) against running the sets one by one.
 
-    python benchmarks/branches.py [--models=tiny,ViT-S/16,ViT-B/16] [--batch=16] [--steps=3]
+    python -m benchmarks.branches [--models=tiny,ViT-S/16,ViT-B/16] [--batch=16] [--steps=3]
 
 NTK-CL runs every prompt set of each branch (frozen sets + current) as a separate full ViT pass
 (docs/method.md §1.4). `ntkcl.features` batches them with `jax.vmap` over the stacked PEFT trees,
@@ -11,20 +11,17 @@ The two paths are also checked to give the same features.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ntkcl_jax import cli, tree_utils  # noqa: E402
-from ntkcl_jax.models import ntkcl, vit  # noqa: E402
+from ntkcl_jax import cli, tree_utils
+from ntkcl_jax.models import ntkcl, vit
 
 
 def one_by_one(spec, backbone, trainable, frozen, images):
@@ -56,46 +53,48 @@ def timed(fn, args, steps):
   return statistics.median(ts)
 
 
-def main(argv=None):
-  return cli.run(_main, argv)
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def define_model_flags(fv) -> None:
   """--models, --batch, --steps: shared with benchmarks/report.py, which passes them on."""
-  p.add_argument("--models", default="tiny,ViT-S/16,ViT-B/16")
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--steps", type=int, default=3)
+  flags.DEFINE_string("models", "tiny,ViT-S/16,ViT-B/16", "comma-separated ViT variants",
+                      flag_values=fv)
+  flags.DEFINE_integer("batch", 16, "images per batch", flag_values=fv)
+  flags.DEFINE_integer("steps", 3, "timed steps per path", flag_values=fv)
 
 
-def _main(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  add_model_args(p)
-  a = p.parse_args(argv)
-  unknown = [m for m in a.models.split(",") if m not in vit.variant_names()]
+def define_flags(fv) -> None:
+  define_model_flags(fv)
+
+
+def _main(fv) -> int:
+  unknown = [m for m in fv.models.split(",") if m not in vit.variant_names()]
   if unknown:
     raise cli.InputError(f"--models: unknown ViT variants {unknown}; known {vit.variant_names()}")
-  if a.batch < 1 or a.steps < 1:
+  if fv.batch < 1 or fv.steps < 1:
     raise cli.InputError("--batch and --steps must be >= 1")
   print(f"{'model':<12} {'path':<12} {'fwd s':>8} {'img/s':>8} {'fwd+bwd s':>10} {'img/s':>8}")
-  for name in a.models.split(","):
+  for name in fv.models.split(","):
     cfg = vit.get_config(name, image_size=32) if name.startswith("tiny") else vit.get_config(name)
     spec = ntkcl.ModelSpec(cfg, method="ntkcl", ffn_num=16, num_prompts=10, frozen_sets=1,
                            section_weights=(0.3, 0.1))
     key = jax.random.PRNGKey(0)
     backbone = vit.init_params(cfg, key)
     trainable, frozen = ntkcl.init_trainable(spec, key), ntkcl.init_frozen(spec, key)
-    x = jax.random.uniform(key, (a.batch, cfg.image_size, cfg.image_size, 3))
+    x = jax.random.uniform(key, (fv.batch, cfg.image_size, cfg.image_size, 3))
     ref = np.asarray(jax.jit(batched, static_argnums=0)(spec, backbone, trainable, frozen, x))
     got = np.asarray(jax.jit(one_by_one, static_argnums=0)(spec, backbone, trainable, frozen, x))
     assert np.allclose(ref, got, rtol=1e-4, atol=1e-4), np.abs(ref - got).max()
     for label, fn in (("vmap", batched), ("one-by-one", one_by_one)):
       fwd = timed(lambda b, t, f, x, fn=fn: fn(spec, b, t, f, x), (backbone, trainable, frozen, x),
-                  a.steps)
+                  fv.steps)
       grad = jax.grad(lambda t, b, f, x, fn=fn: jnp.sum(fn(spec, b, t, f, x) ** 2))
-      bwd = timed(grad, (trainable, backbone, frozen, x), a.steps)
-      print(f"{name:<12} {label:<12} {fwd:>8.3f} {a.batch / fwd:>8.1f} {bwd:>10.3f} "
-            f"{a.batch / bwd:>8.1f}", flush=True)
+      bwd = timed(grad, (trainable, backbone, frozen, x), fv.steps)
+      print(f"{name:<12} {label:<12} {fwd:>8.3f} {fv.batch / fwd:>8.1f} {bwd:>10.3f} "
+            f"{fv.batch / bwd:>8.1f}", flush=True)
+  return 0
+
+
+main = cli.program(_main, define_flags, __doc__)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

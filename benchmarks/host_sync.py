@@ -1,7 +1,7 @@
 r"""Host syncs per train step and launcher step time, by `train.log_every_steps`.
 
-    python benchmarks/host_sync.py                         # tiny + DINOv2-S/14-sized, ~5 min
-    python benchmarks/host_sync.py --models=tiny --log_every=1,10,50 --steps=100
+    python -m benchmarks.host_sync                         # tiny + DINOv2-S/14-sized, ~5 min
+    python -m benchmarks.host_sync --models=tiny --log_every=1,10,50 --steps=100
 
 What is run: `ntkcl_jax.train.run` itself (data stream, device prefetch, jitted step with the
 state donated, logging) on synthetic images, 2 tasks, checkpoints only at task ends, one device;
@@ -17,23 +17,20 @@ compiled step. Prints a markdown section.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from absl import flags
+import jax
+import ml_collections
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-
-from ntkcl_jax import cli  # noqa: E402
-from ntkcl_jax import config_files  # noqa: E402
-from ntkcl_jax import learner as learner_lib  # noqa: E402
-from ntkcl_jax import train  # noqa: E402
+from ntkcl_jax import cli
+from ntkcl_jax import config_files
+from ntkcl_jax import learner as learner_lib
+from ntkcl_jax import train
 
 OLD_READS_PER_STEP = 1 + len(learner_lib.LOG_TERMS)  # float(loss) + the logged scalars
 
@@ -93,27 +90,24 @@ def measure(config) -> dict:
   return {"steps": n, "reads": reads, "s_per_step": (t1 - t0) / n}
 
 
-def main(argv=None):
-  return cli.run(_main, argv)
+def define_flags(fv) -> None:
+  flags.DEFINE_string("models", "tiny,DINOv2-S/14", "tiny and/or DINOv2-S/14", flag_values=fv)
+  flags.DEFINE_string("log_every", "1,10,50", "train.log_every_steps values", flag_values=fv)
+  flags.DEFINE_integer("steps", 100, "train steps per task (tiny)", flag_values=fv)
+  flags.DEFINE_integer("big_steps", 50, "train steps per task (DINOv2-S/14)", flag_values=fv)
+  flags.DEFINE_integer("image_size", 56, "DINOv2-S/14's image size", flag_values=fv)
+  flags.DEFINE_integer("batch", 8, "images per train batch", flag_values=fv)
 
 
-def _main(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--models", default="tiny,DINOv2-S/14", help="tiny and/or DINOv2-S/14")
-  p.add_argument("--log_every", default="1,10,50", help="train.log_every_steps values")
-  p.add_argument("--steps", type=int, default=100, help="train steps per task (tiny)")
-  p.add_argument("--big_steps", type=int, default=50, help="train steps per task (DINOv2-S/14)")
-  p.add_argument("--image_size", type=int, default=56, help="DINOv2-S/14's image size")
-  p.add_argument("--batch", type=int, default=8)
-  a = p.parse_args(argv)
-  models = [m for m in a.models.split(",") if m]
+def _main(fv):
+  models = [m for m in fv.models.split(",") if m]
   if set(models) - {"tiny", "DINOv2-S/14"}:
-    raise cli.InputError(f"--models={a.models}: choose from tiny, DINOv2-S/14")
+    raise cli.InputError(f"--models={fv.models}: choose from tiny, DINOv2-S/14")
   try:
-    every = [int(x) for x in a.log_every.split(",")]
+    every = [int(x) for x in fv.log_every.split(",")]
   except ValueError as e:
-    raise cli.InputError(f"--log_every={a.log_every}: comma-separated integers") from e
-  if min(every) < 1 or a.steps < 1 or a.big_steps < 1 or a.batch < 1 or a.image_size < 14:
+    raise cli.InputError(f"--log_every={fv.log_every}: comma-separated integers") from e
+  if min(every) < 1 or fv.steps < 1 or fv.big_steps < 1 or fv.batch < 1 or fv.image_size < 14:
     raise cli.InputError("--log_every, --steps, --big_steps, --batch must be >= 1 and "
                          "--image_size >= 14")
   cache = tempfile.TemporaryDirectory()
@@ -121,16 +115,16 @@ def _main(argv):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   rows = []
   for model in models:
-    steps = a.steps if model == "tiny" else a.big_steps
-    size = 16 if model == "tiny" else a.image_size
+    steps = fv.steps if model == "tiny" else fv.big_steps
+    size = 16 if model == "tiny" else fv.image_size
     for log_every in every:
-      m = measure(make_config(model, a.image_size, steps, a.batch, log_every))
+      m = measure(make_config(model, fv.image_size, steps, fv.batch, log_every))
       rows.append((f"{model} {size}px", log_every, m))
   cache.cleanup()
   print("## Host syncs of the train loop\n")
-  print(f"`python benchmarks/host_sync.py --models={a.models} --log_every={a.log_every} "
-        f"--steps={a.steps} --big_steps={a.big_steps} --image_size={a.image_size} "
-        f"--batch={a.batch}`: the launcher (`train.run`) on synthetic images, batch {a.batch}, "
+  print(f"`python -m benchmarks.host_sync --models={fv.models} --log_every={fv.log_every} "
+        f"--steps={fv.steps} --big_steps={fv.big_steps} --image_size={fv.image_size} "
+        f"--batch={fv.batch}`: the launcher (`train.run`) on synthetic images, batch {fv.batch}, "
         f"one of {jax.device_count()} device(s), {os.cpu_count()} CPU threads; the second "
         f"task's train phase is timed (load average {os.getloadavg()[0]:.1f} at the end).\n")
   print("| model | log_every_steps | steps timed | device reads / step | s / step | steps / s |")
@@ -146,5 +140,8 @@ def _main(argv):
   return rows
 
 
+main = cli.program(_main, define_flags, __doc__)
+
+
 if __name__ == "__main__":
-  main()
+  main()  # exit status 0, or 2 with one error line for bad input (cli.run_program)

@@ -1,7 +1,7 @@
 r"""The official PyTorch NTK-CL training step, timed on the same hardware as ours: the reference that
 `train_step.py` is compared with.
 
-    python benchmarks/official_torch_step.py --official_repo=PATH/TO/NTK-CL --batch=8 --steps=4
+    python -m benchmarks.official_torch_step --official_repo=PATH/TO/NTK-CL --batch=8 --steps=4
 
 PATH is a checkout of github.com/Programmergg/NTK-CL (not vendored here: we run its code, we do
 not copy it). Needs torch and timm (`bash install.sh parity`). What runs is the official
@@ -20,13 +20,13 @@ so the `of peak` column here and in train_step.py mean the same thing.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
 import subprocess
-import sys
 import time
+
+from absl import flags
 
 from ntkcl_jax import cli
 
@@ -82,10 +82,10 @@ def build_learner(repo: str, batch: int, frozen: int, task: int):
   import torch  # pylint: disable=g-import-not-at-top
   create = timm.create_model
   timm.create_model = lambda name, pretrained=False, **kw: create(name, pretrained=False, **kw)
-  sys.path.insert(0, repo)
-  from models.learner import PromptLearner  # pylint: disable=g-import-not-at-top
+  from ntkcl_jax.checkpoints import official  # pylint: disable=g-import-not-at-top
+  learner_module = official.import_official(repo, "models.learner")
   args = official_args(batch, frozen)
-  learner = PromptLearner(args)
+  learner = learner_module.PromptLearner(args)
   for t in range(task + 1):
     learner._cur_task = t  # pylint: disable=protected-access
     learner._known_classes = 10 * t  # pylint: disable=protected-access
@@ -97,31 +97,29 @@ def build_learner(repo: str, batch: int, frozen: int, task: int):
   return learner
 
 
-def main(argv=None):
-  return cli.run(_main, argv)
+def define_flags(fv) -> None:
+  flags.DEFINE_string("official_repo", None, "checkout of Programmergg/NTK-CL", flag_values=fv)
+  flags.mark_flag_as_required("official_repo", flag_values=fv)
+  flags.DEFINE_integer("batch", 8, "images per train batch", flag_values=fv)
+  flags.DEFINE_integer("steps", 4, "timed steps (one more is the warm-up)", flag_values=fv)
+  flags.DEFINE_integer("frozen_sets", 1, "official frozen_prompt_list_num", flag_values=fv)
+  flags.DEFINE_integer("task", 1, "index of the task whose step is timed", flag_values=fv)
+  flags.DEFINE_integer("threads", os.cpu_count(), "torch CPU threads", flag_values=fv)
 
 
-def _main(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--official_repo", required=True, help="checkout of Programmergg/NTK-CL")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--steps", type=int, default=4, help="timed steps (one more is the warm-up)")
-  p.add_argument("--frozen_sets", type=int, default=1, help="official frozen_prompt_list_num")
-  p.add_argument("--task", type=int, default=1, help="index of the task whose step is timed")
-  p.add_argument("--threads", type=int, default=os.cpu_count())
-  a = p.parse_args(argv)
-  if not os.path.exists(os.path.join(a.official_repo, "models", "learner.py")):
-    raise cli.InputError(f"--official_repo={a.official_repo} is not a checkout of "
+def _main(fv):
+  if not os.path.exists(os.path.join(fv.official_repo, "models", "learner.py")):
+    raise cli.InputError(f"--official_repo={fv.official_repo} is not a checkout of "
                          "Programmergg/NTK-CL (models/learner.py missing); clone it and pass its "
                          "path")
   import torch  # pylint: disable=g-import-not-at-top
   from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(a.threads)
+  torch.set_num_threads(fv.threads)
   torch.manual_seed(0)
   peak = torch_matmul_throughput()
-  learner = build_learner(a.official_repo, a.batch, a.frozen_sets, a.task)
-  x = torch.rand(a.batch, 3, 224, 224)
-  y = torch.randint(10 * a.task, 10 * (a.task + 1), (a.batch,))
+  learner = build_learner(fv.official_repo, fv.batch, fv.frozen_sets, fv.task)
+  x = torch.rand(fv.batch, 3, 224, 224)
+  y = torch.randint(10 * fv.task, 10 * (fv.task + 1), (fv.batch,))
 
   def run(steps):
     loader = TimedLoader(x, y, steps)
@@ -133,26 +131,30 @@ def _main(argv):
   with counter:
     run(1)
   flops = counter.get_total_flops()
-  times = run(a.steps + 1)[1:]
+  times = run(fv.steps + 1)[1:]
   s = statistics.median(times)
   trainable = sum(q.numel() for q in learner._network.parameters() if q.requires_grad)  # pylint: disable=protected-access
   try:
-    commit = subprocess.run(["git", "-C", a.official_repo, "rev-parse", "--short", "HEAD"],
+    commit = subprocess.run(["git", "-C", fv.official_repo, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True, check=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     commit = "unknown commit"
-  print(f"\nofficial code: {a.official_repo} at {commit}; torch {torch.__version__}, "
+  print(f"\nofficial code: {fv.official_repo} at {commit}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; float32 matmul throughput (2048^3, same process): "
         f"{peak / 1e9:.1f} GFLOP/s")
-  print(f"official NTK-CL step, ViT-B/16 224px, batch {a.batch}, {a.frozen_sets} frozen set(s), "
-        f"task {a.task}, {trainable:,} trainable parameters")
+  print(f"official NTK-CL step, ViT-B/16 224px, batch {fv.batch}, {fv.frozen_sets} frozen "
+        f"set(s), task {fv.task}, {trainable:,} trainable parameters")
   print(f"{'img/s':>8} {'s/step':>8} {'GFLOP':>9} {'GFLOP/s':>8} {'of peak':>7}  step times (s)")
-  print(f"{a.batch / s:>8.2f} {s:>8.3f} {flops / 1e9:>9.2f} {flops / s / 1e9:>8.1f} "
+  print(f"{fv.batch / s:>8.2f} {s:>8.3f} {flops / 1e9:>9.2f} {flops / s / 1e9:>8.1f} "
         f"{100 * flops / s / peak:>6.1f}%  {', '.join(f'{t:.2f}' for t in times)}")
   print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"
         f" MB")
-  return {"images_per_s": a.batch / s, "s_per_step": s, "flops": flops, "peak": peak}
+  return {"images_per_s": fv.batch / s, "s_per_step": s, "flops": flops, "peak": peak}
+
+
+# Runs the benchmark; returns its measurements (images_per_s, s_per_step, flops, peak) to a caller.
+main = cli.program(_main, define_flags, __doc__)
 
 
 if __name__ == "__main__":
-  main()
+  main()  # exit status 0, or 2 with one error line for bad input (cli.run_program)

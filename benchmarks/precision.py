@@ -1,10 +1,10 @@
 r"""Compute-policy benchmark: the NTK-CL train step in float32 vs bfloat16, einsum vs fused
 attention, remat off vs on; prints a markdown section for docs/benchmarks.md.
 
-    python benchmarks/precision.py              # ViT-S/16 width, 6 blocks, 64 px, batch 16, CPU
-    python benchmarks/precision.py --depth=0 --steps=5    # all 12 blocks (about twice as long)
-    python benchmarks/precision.py --model=DINOv2-S/14 --image_size=56
-    python benchmarks/precision.py --accuracy_seeds=0,1,2,3,4   # + whole runs, bf16 vs f32
+    python -m benchmarks.precision              # ViT-S/16 width, 6 blocks, 64 px, batch 16, CPU
+    python -m benchmarks.precision --depth=0 --steps=5    # all 12 blocks (about twice as long)
+    python -m benchmarks.precision --model=DINOv2-S/14 --image_size=56
+    python -m benchmarks.precision --accuracy_seeds=0,1,2,3,4   # + whole runs, bf16 vs f32
 
 What is timed: `Learner.step_given` (every NTK-CL branch pass, all loss terms, gradients, the SGD
 update; official settings: ffn_num 16, P = 10, one frozen set) on random images with a random
@@ -20,29 +20,27 @@ unless finished, in its run directory), with each run's wall time.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
 import sys
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts.*
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import train_step  # noqa: E402  benchmarks/train_step.py, beside this file
-from ntkcl_jax import cli  # noqa: E402
-from ntkcl_jax import evidence  # noqa: E402
-from ntkcl_jax import config_files  # noqa: E402
-from ntkcl_jax import learner as learner_lib  # noqa: E402
-from ntkcl_jax import sharding  # noqa: E402
-from ntkcl_jax.models import ntkcl  # noqa: E402
-from ntkcl_jax.models import vit  # noqa: E402
+from benchmarks import train_step
+from ntkcl_jax import cli
+from ntkcl_jax import config_files
+from ntkcl_jax import evidence
+from ntkcl_jax import results
+from ntkcl_jax import learner as learner_lib
+from ntkcl_jax import sharding
+from ntkcl_jax.models import ntkcl
+from ntkcl_jax.models import vit
 
 # (label, model keys): the float32 einsum step without remat is the reference of every row.
 SETTINGS = (
@@ -62,17 +60,6 @@ def cpu_bf16_flags() -> str:
     return "unknown (/proc/cpuinfo unreadable)"
   found = sorted(flags & {"avx512_bf16", "amx_bf16"})
   return ", ".join(found) if found else "none"
-
-
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown CPU"
 
 
 def make_config(model: str, image_size: int, depth: int, batch: int, **policy):
@@ -147,40 +134,38 @@ def accuracy_lines(seeds, workdir: str) -> list:
   return lines
 
 
-def main(argv=None):
-  return cli.run(_main, argv)
+def define_flags(fv) -> None:
+  flags.DEFINE_string("model", "ViT-S/16", f"ViT variant: {vit.variant_names()}", flag_values=fv)
+  flags.DEFINE_integer("image_size", 64, "image size (px)", flag_values=fv)
+  flags.DEFINE_integer("depth", 6,
+                       "number of blocks (0 = the variant's; 6 keeps the run under ~5 min on 2 "
+                       "CPU cores, compile time grows with depth)", flag_values=fv)
+  flags.DEFINE_integer("batch", 16, "images per train step", flag_values=fv)
+  flags.DEFINE_integer("steps", 5, "timed rounds of the settings", flag_values=fv)
+  flags.DEFINE_string("accuracy_seeds", "",
+                      "also compare whole runs (docs/results.md's faithful Split-Imagenette runs) "
+                      "in f32 and bf16 for these seeds, e.g. 0,1,2,3,4", flag_values=fv)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  flags.DEFINE_string("workdir", os.path.join(repo, "runs", "results"),
+                      "run directory of those runs", flag_values=fv)
 
 
-def _main(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--model", default="ViT-S/16", help=f"ViT variant: {vit.variant_names()}")
-  p.add_argument("--image_size", type=int, default=64)
-  p.add_argument("--depth", type=int, default=6,
-                 help="number of blocks (0 = the variant's; 6 keeps the run under ~5 min on 2 "
-                 "CPU cores, compile time grows with depth)")
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--steps", type=int, default=5)
-  p.add_argument("--accuracy_seeds", default="",
-                 help="also compare whole runs (docs/results.md's faithful Split-Imagenette runs) "
-                      "in f32 and bf16 for these seeds, e.g. 0,1,2,3,4")
-  p.add_argument("--workdir", default=os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), "runs", "results"), help="run directory of those runs")
-  a = p.parse_args(argv)
+def _main(fv):
   try:
-    acc_seeds = [int(x) for x in a.accuracy_seeds.split(",") if x]
+    acc_seeds = [int(x) for x in fv.accuracy_seeds.split(",") if x]
   except ValueError as e:
-    raise cli.InputError(f"--accuracy_seeds={a.accuracy_seeds}: comma-separated integers") from e
-  if a.model not in vit.variant_names():
-    raise cli.InputError(f"--model={a.model}: unknown ViT variant; known {vit.variant_names()}")
-  if a.batch < 1 or a.steps < 1 or a.depth < 0 or a.image_size < 1:
+    raise cli.InputError(f"--accuracy_seeds={fv.accuracy_seeds}: comma-separated integers") from e
+  if fv.model not in vit.variant_names():
+    raise cli.InputError(f"--model={fv.model}: unknown ViT variant; known {vit.variant_names()}")
+  if fv.batch < 1 or fv.steps < 1 or fv.depth < 0 or fv.image_size < 1:
     raise cli.InputError("--batch, --steps and --image_size must be >= 1, --depth >= 0")
-  base = make_config(a.model, a.image_size, a.depth, a.batch)
+  base = make_config(fv.model, fv.image_size, fv.depth, fv.batch)
   vcfg = ntkcl.vit_config(base)  # also checks image_size against the patch size
   backbone = vit.init_params(vcfg, jax.random.PRNGKey(0))
   runners, rows = [], []
   for label, policy in SETTINGS:
-    cfg = make_config(a.model, a.image_size, a.depth, a.batch, **policy)
-    jitted, args = step_and_args(cfg, backbone, a.batch, rows[0][1]["state"] if rows else None)
+    cfg = make_config(fv.model, fv.image_size, fv.depth, fv.batch, **policy)
+    jitted, args = step_and_args(cfg, backbone, fv.batch, rows[0][1]["state"] if rows else None)
     t0 = time.perf_counter()
     compiled, once = train_step.compiled_runner(jitted, args, carry_index=0)
     compile_s = time.perf_counter() - t0
@@ -190,7 +175,7 @@ def _main(argv):
     rows.append((label, {"compile_s": compile_s, "times": [], "state": args[0],
                          "temp_bytes": getattr(mem, "temp_size_in_bytes", 0) if mem else 0}))
     print(f"  compiled {label} in {compile_s:.0f} s", file=sys.stderr, flush=True)
-  for _ in range(a.steps):
+  for _ in range(fv.steps):
     for once, (_, r) in zip(runners, rows):
       t0 = time.perf_counter()
       once()
@@ -199,15 +184,15 @@ def _main(argv):
     r["s_per_step"] = statistics.median(r["times"])
   ref = rows[0][1]
   lines = [
-      f"## Compute policy: bf16, fused attention, remat ({a.model} width, {vcfg.num_layers} "
-      f"blocks, {vcfg.image_size} px, batch {a.batch}, CPU)", "",
-      f"`python benchmarks/precision.py --model={a.model} --depth={a.depth} "
-      f"--image_size={a.image_size} --batch={a.batch} --steps={a.steps}"
-      + (f" --accuracy_seeds={a.accuracy_seeds}`" if acc_seeds else "`"), "",
-      f"{cpu_name()}, {os.cpu_count()} CPU threads, JAX {jax.__version__} on "
+      f"## Compute policy: bf16, fused attention, remat ({fv.model} width, {vcfg.num_layers} "
+      f"blocks, {vcfg.image_size} px, batch {fv.batch}, CPU)", "",
+      f"`python -m benchmarks.precision --model={fv.model} --depth={fv.depth} "
+      f"--image_size={fv.image_size} --batch={fv.batch} --steps={fv.steps}"
+      + (f" --accuracy_seeds={fv.accuracy_seeds}`" if acc_seeds else "`"), "",
+      f"{results.cpu()}, {os.cpu_count()} CPU threads, JAX {jax.__version__} on "
       f"{jax.devices()[0].platform}; bf16 matmul instructions on this CPU: {cpu_bf16_flags()}. "
       f"One NTK-CL train step (`Learner.step_given`), {vcfg.num_layers} blocks, random weights; "
-      f"median of {a.steps} steps (settings timed in turn) after compiling; XLA temp = the "
+      f"median of {fv.steps} steps (settings timed in turn) after compiling; XLA temp = the "
       "compiled step's temporary buffers (`memory_analysis()`).", "",
       "| setting | ms/step | vs float32 einsum | compile s | XLA temp MB |",
       "|---|---:|---:|---:|---:|"]
@@ -216,10 +201,13 @@ def _main(argv):
                  f"{r['s_per_step'] / ref['s_per_step']:.2f}x | {r['compile_s']:.1f} | "
                  f"{r['temp_bytes'] / 2**20:.1f} |")
   if acc_seeds:
-    lines += accuracy_lines(acc_seeds, a.workdir)
+    lines += accuracy_lines(acc_seeds, fv.workdir)
   print("\n".join(lines))
   return rows
 
 
+main = cli.program(_main, define_flags, __doc__)
+
+
 if __name__ == "__main__":
-  main()
+  main()  # exit status 0, or 2 with one error line for bad input (cli.run_program)

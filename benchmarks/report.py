@@ -1,9 +1,9 @@
 r"""Runs the speed benchmarks and writes docs/benchmarks.md (every number on the page comes from
 the commands it lists, run here in subprocesses).
 
-    python benchmarks/report.py                      # full set (ViT-B/16 rows take a while)
-    python benchmarks/report.py --models=tiny,ViT-S/16 --steps=2
-    python benchmarks/report.py --rerun="ViT-B/16, corrected"   # redo matching sections only
+    python -m benchmarks.report                      # full set (ViT-B/16 rows take a while)
+    python -m benchmarks.report --models=tiny,ViT-S/16 --steps=2
+    python -m benchmarks.report --rerun="ViT-B/16, corrected"   # redo matching sections only
 
 With --rerun=REGEX, sections of the existing page whose title does not match are kept verbatim
 (commands and outputs) and only the matching ones are run again, e.g. after a measurement was
@@ -11,7 +11,6 @@ disturbed by other load.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -20,20 +19,17 @@ import subprocess
 import sys
 import time
 
-import branches  # benchmarks/branches.py, beside this file
+from absl import flags
+
+from benchmarks import branches
 from ntkcl_jax import cli
+from ntkcl_jax import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-    cpu = names[0] if names else cpu
-  except OSError:
-    pass
+  cpu = results.cpu()
   mem = ""
   try:
     with open("/proc/meminfo") as f:
@@ -60,6 +56,22 @@ def existing_sections(path: str) -> dict:
     return {}
   with open(path) as f:
     return existing_sections_from(f.read().split("\n"))
+
+
+def kept_sections(path: str) -> dict:
+  """existing_sections, each labelled with the CPU it was measured on: a section of a page from
+  before sections named their CPU gets that page's `Machine:` CPU, so that a page rerun on
+  other hardware never passes its kept numbers off as measured on the new one."""
+  sections = existing_sections(path)
+  with open(path) if os.path.exists(path) else open(os.devnull) as f:
+    old = next((l for l in f if l.startswith("Machine: ")), "")
+  cpu = old[len("Machine: "):].split(",")[0].strip() or "an earlier machine"
+  for title, lines in sections.items():
+    trailer = next((i for i in range(len(lines) - 1, -1, -1)
+                    if re.match(r"\(\d+ s wall, \d{4}-\d\d-\d\d\)$", lines[i])), None)
+    if trailer is not None:
+      lines[trailer] = lines[trailer][:-1] + f", {cpu})"
+  return sections
 
 
 def existing_sections_from(lines: list) -> dict:
@@ -133,65 +145,67 @@ def write(path: str, header: list, body: list) -> None:
     f.write("\n".join(header + head_to_head(lines) + summary(lines) + lines))
 
 
-def main(argv=None):
-  return cli.run(_main, argv)
+def define_flags(fv) -> None:
+  branches.define_model_flags(fv)
+  flags.DEFINE_string("output", os.path.join(ROOT, "docs", "benchmarks.md"), "the page written",
+                      flag_values=fv)
+  flags.DEFINE_string("rerun", "", "regex: rerun only matching sections, keep others",
+                      flag_values=fv)
+  flags.DEFINE_string("official_repo", os.environ.get("NTKCL_OFFICIAL_REPO", ""),
+                      "checkout of github.com/Programmergg/NTK-CL for the head-to-head section "
+                      "(default $NTKCL_OFFICIAL_REPO; skipped when empty)", flag_values=fv)
 
 
-def _main(argv):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  branches.add_model_args(ap)
-  ap.add_argument("--output", default=os.path.join(ROOT, "docs", "benchmarks.md"))
-  ap.add_argument("--rerun", default="", help="regex: rerun only matching sections, keep others")
-  ap.add_argument("--official_repo", default=os.environ.get("NTKCL_OFFICIAL_REPO", ""),
-                  help="checkout of github.com/Programmergg/NTK-CL for the head-to-head section "
-                       "(default $NTKCL_OFFICIAL_REPO; skipped when empty)")
-  a = ap.parse_args(argv)
+def _main(fv) -> int:
   # checked before the first section runs (each takes minutes), not when the page is written
-  if not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
-    raise cli.InputError(f"--output={a.output}: directory {os.path.dirname(a.output)} does not "
+  if not os.path.isdir(os.path.dirname(os.path.abspath(fv.output))):
+    raise cli.InputError(f"--output={fv.output}: directory {os.path.dirname(fv.output)} does not "
                          "exist")
-  if a.official_repo and not os.path.isfile(os.path.join(a.official_repo, "models", "learner.py")):
-    raise cli.InputError(f"--official_repo={a.official_repo} is not a checkout of "
+  if fv.official_repo and not os.path.isfile(os.path.join(fv.official_repo, "models",
+                                                         "learner.py")):
+    raise cli.InputError(f"--official_repo={fv.official_repo} is not a checkout of "
                          "Programmergg/NTK-CL (models/learner.py missing); clone it, or leave "
                          "--official_repo and $NTKCL_OFFICIAL_REPO empty to skip that section")
   try:
-    re.compile(a.rerun)
+    re.compile(fv.rerun)
   except re.error as e:
-    raise cli.InputError(f"--rerun={a.rerun!r} is not a regular expression ({e})") from e
+    raise cli.InputError(f"--rerun={fv.rerun!r} is not a regular expression ({e})") from e
   py = sys.executable
   sections = []
-  if a.official_repo:
-    sections.append((THEIRS, [py, "benchmarks/official_torch_step.py",
-                              f"--official_repo={a.official_repo}", "--batch=8",
-                              f"--steps={max(a.steps, 4)}"]))
-  sections.append((OURS, [py, "benchmarks/train_step.py", "--model=ViT-B/16", "--batch=8",
-                          f"--steps={max(a.steps, 4)}", "--variant=official"]))
-  for model in a.models.split(","):
+  if fv.official_repo:
+    sections.append((THEIRS, [py, "-m", "benchmarks.official_torch_step",
+                              f"--official_repo={fv.official_repo}", "--batch=8",
+                              f"--steps={max(fv.steps, 4)}"]))
+  sections.append((OURS, [py, "-m", "benchmarks.train_step", "--model=ViT-B/16", "--batch=8",
+                          f"--steps={max(fv.steps, 4)}", "--variant=official"]))
+  for model in fv.models.split(","):
     for variant in ("official", "corrected"):
-      cmd = [py, "benchmarks/train_step.py", f"--model={model}", f"--batch={a.batch}",
-             f"--steps={a.steps}", f"--variant={variant}"]
+      cmd = [py, "-m", "benchmarks.train_step", f"--model={model}", f"--batch={fv.batch}",
+             f"--steps={fv.steps}", f"--variant={variant}"]
       sections.append((f"Training step: {model}, {variant}", cmd))
-  big = a.models.split(",")[-1]
-  sections.append((f"Where the time goes: {big}, batch {a.batch}, official",
-                   [py, "benchmarks/train_step.py", f"--model={big}", f"--batch={a.batch}",
+  big = fv.models.split(",")[-1]
+  sections.append((f"Where the time goes: {big}, batch {fv.batch}, official",
+                   [py, "-m", "benchmarks.train_step", f"--model={big}", f"--batch={fv.batch}",
                     "--steps=1", "--profile"]))
   sections.append(("Batched (vmap) prompt sets against one-by-one passes",
-                   [py, "benchmarks/branches.py", f"--models={a.models}", f"--batch={a.batch}",
-                    "--steps=2"]))
-  sections.append(("Input pipeline at 224 px", [py, "benchmarks/input_pipeline.py"]))
+                   [py, "-m", "benchmarks.branches", f"--models={fv.models}",
+                    f"--batch={fv.batch}", "--steps=2"]))
+  sections.append(("Input pipeline at 224 px", [py, "-m", "benchmarks.input_pipeline"]))
   sections.append(("Empirical NTK: joint kernel of 5 tasks x 64 images, tiny config",
-                   [py, "-m", "ntk_analysis.benchmark", "--tasks=5", "--n=64",
+                   [py, "-m", "benchmarks.ntk", "--tasks=5", "--n=64",
                     "--skip=jax:ntvp:1,neural_tangents:jacobian:2"]))
   sections.append(("Compute policy: float32 against bfloat16, einsum against fused attention, "
-                   "remat", [py, "benchmarks/precision.py", "--accuracy_seeds=0,1,2,3,4"]))
-  sections.append(("Host syncs per step", [py, "benchmarks/host_sync.py"]))
+                   "remat", [py, "-m", "benchmarks.precision", "--accuracy_seeds=0,1,2,3,4"]))
+  sections.append(("Host syncs per step", [py, "-m", "benchmarks.host_sync"]))
   sections.append(("Empirical NTK across devices: joint kernel of 5 tasks x 64 images, tiny "
-                   "config", [py, "-m", "ntk_analysis.benchmark", "--device_counts=1,2,4,8"]))
+                   "config, host and device contraction",
+                   [py, "-m", "benchmarks.ntk", "--device_counts=1,2,4,8",
+                    "--contract=host,device"]))
   sections.append(("Empirical NTK: memory estimate against measured peak",
-                   [py, "-m", "ntk_analysis.benchmark", "--memory=activations,tiny",
+                   [py, "-m", "benchmarks.ntk", "--memory=activations,tiny",
                     "--device_counts=1,8"]))
-  flag = f" --official_repo={a.official_repo}" if a.official_repo else ""
-  lines = [f"# Speed benchmarks (regenerated by `python benchmarks/report.py{flag}`)", "",
+  flag = f" --official_repo={fv.official_repo}" if fv.official_repo else ""
+  lines = [f"# Speed benchmarks (regenerated by `python -m benchmarks.report{flag}`)", "",
            f"Machine: {machine()}. Date: {datetime.date.today().isoformat()}.", "",
            "Each table is the verbatim output of the command above it. `of peak` divides the "
            "achieved FLOP/s (the framework's own count of the compiled step: XLA's cost analysis "
@@ -211,22 +225,27 @@ def _main(argv):
            "times by kind of op and by model code. The two NTK device sections run on fake "
            "CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) that share this "
            "machine's cores: they show that the split kernels agree (the trace column) and "
-           "what splitting costs, not the speed-up of real accelerators. Sections rerun with "
-           "`--rerun` carry their own date under their output.", ""]
-  keep = existing_sections(a.output) if a.rerun else {}
+           "what splitting costs, not the speed-up of real accelerators. Every section names "
+           "the date and CPU it was measured on under its output (sections kept by `--rerun` "
+           "keep theirs).", ""]
+  keep = kept_sections(fv.output) if fv.rerun else {}
   body = []
   for title, cmd in sections:
-    if title in keep and not re.search(a.rerun, title):
+    if title in keep and not re.search(fv.rerun, title):
       body += [f"## {title}"] + keep[title]
       continue
     print("running:", " ".join(cmd[1:]), flush=True)
     out, secs = run(cmd)
     body += [f"## {title}", "", "```", "$ python " + " ".join(cmd[1:]), out, "```",
-             f"({secs:.0f} s wall, {datetime.date.today().isoformat()})", ""]
-    write(a.output, lines, body)  # after every section: nothing lost on a crash
-  write(a.output, lines, body)
-  print(f"wrote {a.output}")
+             f"({secs:.0f} s wall, {datetime.date.today().isoformat()}, {results.cpu()})", ""]
+    write(fv.output, lines, body)  # after every section: nothing lost on a crash
+  write(fv.output, lines, body)
+  print(f"wrote {fv.output}")
+  return 0
+
+
+main = cli.program(_main, define_flags, __doc__)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -1,10 +1,10 @@
 r"""Training-step benchmark: images/s, s/step, XLA FLOPs and the fraction of the machine's matmul
 throughput that the NTK-CL train step achieves.
 
-    python benchmarks/train_step.py --model=ViT-B/16 --batch=8 --steps=3 --variant=official
-    python benchmarks/train_step.py --model=tiny --batch=16 --steps=20
-    python benchmarks/train_step.py --table          # tiny, ViT-S/16, ViT-B/16 x variants
-    python benchmarks/train_step.py --model=ViT-B/16 --batch=16 --profile   # + where time goes
+    python -m benchmarks.train_step --model=ViT-B/16 --batch=8 --steps=3 --variant=official
+    python -m benchmarks.train_step --model=tiny --batch=16 --steps=20
+    python -m benchmarks.train_step --table          # tiny, ViT-S/16, ViT-B/16 x variants
+    python -m benchmarks.train_step --model=ViT-B/16 --batch=16 --profile   # + where time goes
 
 What is timed: one jitted train step of the learner (all NTK-CL branch passes, losses, gradients,
 optimiser update) on random images, after a warm-up step that compiles it; the median over
@@ -16,7 +16,6 @@ the time goes: a single plain ViT forward pass, and a plain ViT forward + backwa
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -25,22 +24,20 @@ import os
 import re
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ntkcl_jax import cli  # noqa: E402
-from ntkcl_jax import config_files  # noqa: E402
-from ntkcl_jax import learner as learner_lib  # noqa: E402
-from ntkcl_jax import sharding  # noqa: E402
-from ntkcl_jax import switches  # noqa: E402
-from ntkcl_jax.models import vit  # noqa: E402
+from ntkcl_jax import cli
+from ntkcl_jax import config_files
+from ntkcl_jax import learner as learner_lib
+from ntkcl_jax import sharding
+from ntkcl_jax import switches
+from ntkcl_jax.models import vit
 
 
 def matmul_throughput(n: int = 2048, repeats: int = 5) -> float:
@@ -249,44 +246,45 @@ def print_rows(rows, peak):
         f" MB")
 
 
-def main(argv=None):
-  return cli.run(_main, argv)
+def define_flags(fv) -> None:
+  flags.DEFINE_string("model", "tiny", f"ViT variant: {vit.variant_names()}", flag_values=fv)
+  flags.DEFINE_integer("depth", 0, "number of blocks (0 = the variant's)", flag_values=fv)
+  flags.DEFINE_integer("image_size", 0, "0 = the variant's default", flag_values=fv)
+  flags.DEFINE_integer("batch", 16, "images per train step", flag_values=fv)
+  flags.DEFINE_integer("steps", 5, "timed steps (median)", flag_values=fv)
+  flags.DEFINE_enum("variant", "official", ["official", "corrected"],
+                    "official settings, or all six switches on", flag_values=fv)
+  flags.DEFINE_bool("table", False, "tiny, ViT-S/16 and ViT-B/16 at batch 16, both variants",
+                    flag_values=fv)
+  flags.DEFINE_bool("profile", False, "also trace one NTK-CL step and print where its time goes",
+                    flag_values=fv)
 
 
-def _main(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--model", default="tiny", help=f"ViT variant: {vit.variant_names()}")
-  p.add_argument("--depth", type=int, default=0, help="number of blocks (0 = the variant's)")
-  p.add_argument("--image_size", type=int, default=0, help="0 = the variant's default")
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--steps", type=int, default=5)
-  p.add_argument("--variant", default="official", choices=("official", "corrected"))
-  p.add_argument("--table", action="store_true",
-                 help="tiny, ViT-S/16 and ViT-B/16 at batch 16, both variants")
-  p.add_argument("--profile", action="store_true",
-                 help="also trace one NTK-CL step and print where its time goes")
-  a = p.parse_args(argv)
-  if a.model not in vit.variant_names():  # checked before the matmul probe, not after it
-    raise cli.InputError(f"--model={a.model}: unknown ViT variant; known {vit.variant_names()}")
-  if a.batch < 1 or a.steps < 1 or a.depth < 0 or a.image_size < 0:
+def _main(fv):
+  if fv.model not in vit.variant_names():  # checked before the matmul probe, not after it
+    raise cli.InputError(f"--model={fv.model}: unknown ViT variant; known {vit.variant_names()}")
+  if fv.batch < 1 or fv.steps < 1 or fv.depth < 0 or fv.image_size < 0:
     raise cli.InputError("--batch and --steps must be >= 1, --depth and --image_size >= 0")
-  if a.profile:
+  if fv.profile:
     # its own learner: the timing below then reports a real (uncached) compile time
-    vcfg = vit_config(a.model, a.depth, a.image_size)
-    print(f"where the time goes: NTK-CL train step ({a.variant}), {vcfg.name} "
-          f"d{vcfg.num_layers} {vcfg.image_size}px, batch {a.batch}")
-    print("\n".join(profile_step(*ntkcl_step(vcfg, a.batch, a.variant))), flush=True)
+    vcfg = vit_config(fv.model, fv.depth, fv.image_size)
+    print(f"where the time goes: NTK-CL train step ({fv.variant}), {vcfg.name} "
+          f"d{vcfg.num_layers} {vcfg.image_size}px, batch {fv.batch}")
+    print("\n".join(profile_step(*ntkcl_step(vcfg, fv.batch, fv.variant))), flush=True)
   peak = matmul_throughput()
   rows = []
-  if a.table:
+  if fv.table:
     for model in ("tiny", "ViT-S/16", "ViT-B/16"):
       for variant in ("official", "corrected"):
-        rows += run_one(model, 0, 0, 16, a.steps, variant, peak)
+        rows += run_one(model, 0, 0, 16, fv.steps, variant, peak)
   else:
-    rows = run_one(a.model, a.depth, a.image_size, a.batch, a.steps, a.variant, peak)
+    rows = run_one(fv.model, fv.depth, fv.image_size, fv.batch, fv.steps, fv.variant, peak)
   print_rows(rows, peak)
   return rows
 
 
+main = cli.program(_main, define_flags, __doc__)
+
+
 if __name__ == "__main__":
-  main()
+  main()  # exit status 0, or 2 with one error line for bad input (cli.run_program)

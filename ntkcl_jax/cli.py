@@ -100,7 +100,7 @@ def run_program(main: Callable, define: Callable, argv: Optional[Sequence[str]] 
   take(argv) -> (kwargs, rest): what the program takes out of argv before its flags are parsed,
   passed to main as keyword arguments (a config file and its overrides:
   ntkcl_jax.config_files.take_config). `argv`: the arguments after the program name (default
-  sys.argv[1:]). Returns main(fv, **kwargs)."""
+  sys.argv[1:]). Returns main(fv, **kwargs), 0 where main returns None."""
   argv = [sys.argv[0] if sys.argv else "prog", *(sys.argv[1:] if argv is None else argv)]
 
   def go():
@@ -115,5 +115,13 @@ def run_program(main: Callable, define: Callable, argv: Optional[Sequence[str]] 
     except absl_flags.Error as e:
       hint = " (--help lists the flags)" if "Unknown command line flag" in str(e) else ""
       raise InputError(message(e) + hint) from e
-    return main(fv, **kwargs)
+    out = main(fv, **kwargs)
+    return 0 if out is None else out
   return guard(go, prog=prog)()
+
+
+def program(main: Callable, define: Callable, doc: str = "",
+            take: Optional[Callable] = None) -> Callable:
+  """`main(argv=None)` of a script or benchmark: run_program with its flags, docstring and
+  `take` (`main = cli.program(_main, define_flags, __doc__)`)."""
+  return functools.partial(run_program, main, define, doc=doc, take=take)

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from ntkcl_jax import cli
 from ntkcl_jax import configs as shipped
+from ntkcl_jax.configs import ntkcl_benchmarks
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(shipped.__file__))
 DEFAULT_CONFIG = "configs/demo.py"
@@ -36,10 +37,9 @@ REMOVED_KEYS = {
                         "drop it, train.mesh_data sets the number of devices",
 }
 # The per-benchmark files `configs/<benchmark>_<backbone>.py` that configs/ntkcl_benchmarks.py
-# replaced (its config args `benchmark=` and `backbone=` select the same configs).
-REPLACED_BENCHMARKS = ("cifar100", "imagenet_r", "imagenet_a", "domainnet", "oxford_pets",
-                       "eurosat", "plantvillage", "vtab", "kvasir")
-REPLACED_BACKBONES = ("in21k", "in1k")
+# replaced: its config args `benchmark=` and `backbone=` select the same configs.
+REPLACED_BENCHMARKS = tuple(ntkcl_benchmarks.BENCHMARKS)
+REPLACED_BACKBONES = tuple(ntkcl_benchmarks.CHECKPOINTS)
 
 
 def resolve_path(path: str) -> str:

@@ -113,7 +113,9 @@ def plot_terms(traj: dict, path: str, weights: dict) -> None:
   plt.close(fig)
 
 
-def page(by_method: dict, seeds, scale: str, base: str, regenerate: str, plot_path: str) -> str:
+def page(by_method: dict, seeds, fv, plot_path: str) -> str:
+  """The markdown page of this run of the script (its flags `fv`)."""
+  scale, base = fv.scale, os.path.relpath(fv.workdir, pages.REPO)
   found = collapse(by_method)
   culprits = [m for m, (_, reading) in found.items()
               if reading == "reproduces the collapse" and m != "corrected"]
@@ -126,8 +128,8 @@ def page(by_method: dict, seeds, scale: str, base: str, regenerate: str, plot_pa
       "the first two tasks of a whole run, tests/test_train.py). With all six switches on, the",
       "corrected mode collapses once old prototypes exist: this page finds which switch does it.",
       "", *pages.STATISTICS, "",
-      f"**Criterion (fixed before measuring).** The collapse is ΔA[1,0], the paired difference",
-      f"against faithful of the accuracy on task 0's classes after task 1. An arm *reproduces the",
+      "**Criterion (fixed before measuring).** The collapse is ΔA[1,0], the paired difference",
+      "against faithful of the accuracy on task 0's classes after task 1. An arm *reproduces the",
       f"collapse* if the whole t interval of ΔA[1,0] lies below −{COLLAPSE:g} points; a switch has",
       f"*no effect on it* if the interval lies within ±{NO_EFFECT:g} points. When no switch alone",
       "reproduces it, the pairs of the suspects (fix_nce_sign, fix_orth, fix_patch_init,",
@@ -176,7 +178,8 @@ def page(by_method: dict, seeds, scale: str, base: str, regenerate: str, plot_pa
     lines += ["", "Trajectories of the weighted terms over training (mean over seeds, as logged "
               "every few steps) for faithful, all six switches and each arm that reproduces the "
               "collapse:", "", f"![NCE and orthogonality terms over training]({PLOT})"]
-  lines += ["", "## Commands", "", "This page:", "", "```", regenerate, "```", "",
+  lines += ["", "## Commands", "", "This page:", "", "```",
+            pages.regenerate("scripts.corrections_page", fv), "```", "",
             "Each row's runs (seed S = each of the seeds above):", "", "```"]
   for m in by_method:
     cmd = pages.command(DATASET, m, "S", scale, os.path.join(base, DATASET, m, "seedS"), EXTRA)
@@ -189,7 +192,7 @@ def define_flags(fv) -> None:
   pages.define_flags(fv, "corrections", "results_corrections.md")
 
 
-def _main(fv) -> int:
+def _main(fv) -> None:
   seeds = pages.parse_seeds(fv.seeds)
   pages.check_output(fv.output, fv.workdir)
   log = lambda m: print(m, flush=True)  # noqa: E731
@@ -201,16 +204,10 @@ def _main(fv) -> int:
   if not any(r == "reproduces the collapse" for m, (_, r) in collapse(by_method).items()
              if m != "corrected"):
     by_method.update(gather(STAGE2))
-  plot = os.path.join(os.path.dirname(os.path.abspath(fv.output)), PLOT)
-  os.makedirs(os.path.dirname(plot), exist_ok=True)
-  text = page(by_method, seeds, fv.scale, os.path.relpath(fv.workdir, pages.REPO),
-              pages.regenerate("scripts.corrections_page", fv), plot)
-  pages.write(fv.output, text)
-  return 0
+  pages.write(fv.output, page(by_method, seeds, fv, pages.beside(fv.output, PLOT)))
 
 
-def main(argv=None) -> int:
-  return cli.run_program(_main, define_flags, argv, doc=__doc__)
+main = cli.program(_main, define_flags, __doc__)
 
 
 if __name__ == "__main__":

@@ -92,9 +92,7 @@ def _main(fv, config, config_spec, config_overrides) -> int:
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.run_program(_main, define_flags, argv, doc=__doc__,
-                         take=config_files.take_config())
+main = cli.program(_main, define_flags, __doc__, take=config_files.take_config())
 
 
 if __name__ == "__main__":

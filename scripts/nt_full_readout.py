@@ -246,8 +246,7 @@ def define_flags(fv) -> None:
   flags.DEFINE_string("output", DEFAULT_OUTPUT, "markdown page", flag_values=fv)
 
 
-def main(argv=None) -> int:
-  return cli.run_program(_main, define_flags, argv, doc=__doc__)
+main = cli.program(_main, define_flags, __doc__)
 
 
 if __name__ == "__main__":

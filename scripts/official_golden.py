@@ -271,8 +271,7 @@ def _main(fv) -> int:
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.run_program(_main, define_flags, argv, doc=__doc__)
+main = cli.program(_main, define_flags, __doc__)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,13 @@ def regenerate(module: str, fv) -> str:
   return " ".join(parts)
 
 
+def beside(output: str, relative: str) -> str:
+  """The absolute path of a figure next to the page (`relative` to its folder), folder made."""
+  path = os.path.join(os.path.dirname(os.path.abspath(output)), relative)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  return path
+
+
 def write(path: str, text: str) -> None:
   with open(path, "w") as f:
     f.write(text)

@@ -150,8 +150,10 @@ def compute_plan(results: dict, seeds) -> list:
           f"this page's command trains them."]
 
 
-def page(results: dict, seeds, scale: str, base: str, regenerate: str, forest_path: str) -> str:
-  """The markdown page. results[dataset][method] = {seed: results.json dict}."""
+def page(results: dict, seeds, fv, forest_path: str) -> str:
+  """The markdown page of this run of the script (its flags `fv`). results[dataset][method] =
+  {seed: results.json dict}."""
+  scale, base = fv.scale, os.path.relpath(fv.workdir, pages.REPO)
   lines = pages.header(TITLE, "-m scripts.results_page") + [
       "",
       "Class-incremental Split-Imagenette and Split-CIFAR-10, 5 tasks × 2 classes, with the real",
@@ -193,7 +195,7 @@ def page(results: dict, seeds, scale: str, base: str, regenerate: str, forest_pa
     pages.forest_plot(forest, forest_path, "paired differences, Student-t 95% intervals")
   lines += ["## Compute", "", *compute_plan(results, seeds), "",
             "## Commands", "", "This page (runs that exist are reused, unfinished ones resume):",
-            "", "```", regenerate, "```", "",
+            "", "```", pages.regenerate("scripts.results_page", fv), "```", "",
             "Each row's runs (seed S = each of the seeds above):", "", "```"]
   for dataset, by_method in results.items():
     for method in by_method:
@@ -209,22 +211,16 @@ def define_flags(fv) -> None:
   pages.define_flags(fv, "results", "results.md")
 
 
-def _main(fv) -> int:
+def _main(fv) -> None:
   seeds = pages.parse_seeds(fv.seeds)
   pages.check_names(fv.datasets, pages.DATASETS, "datasets")
   pages.check_output(fv.output, fv.workdir)
   results = pages.collect(fv.datasets, lambda d: METHODS[d], seeds, fv.scale, fv.workdir,
                           fv.finished_only, log=lambda m: print(m, flush=True))
-  forest = os.path.join(os.path.dirname(os.path.abspath(fv.output)), FOREST)
-  os.makedirs(os.path.dirname(forest), exist_ok=True)
-  text = page(results, seeds, fv.scale, os.path.relpath(fv.workdir, pages.REPO),
-              pages.regenerate("scripts.results_page", fv), forest)
-  pages.write(fv.output, text)
-  return 0
+  pages.write(fv.output, page(results, seeds, fv, pages.beside(fv.output, FOREST)))
 
 
-def main(argv=None) -> int:
-  return cli.run_program(_main, define_flags, argv, doc=__doc__)
+main = cli.program(_main, define_flags, __doc__)
 
 
 if __name__ == "__main__":

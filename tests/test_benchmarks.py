@@ -5,12 +5,11 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks.*
 
-import precision  # noqa: E402  pylint: disable=g-import-not-at-top
-import report  # noqa: E402  pylint: disable=g-import-not-at-top
-import train_step  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import precision  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import report  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import train_step  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def test_ntkcl_step_does_the_work_of_six_forward_passes():
@@ -75,7 +74,7 @@ def test_head_to_head_is_left_out_without_the_official_run():
                     reason="set NTKCL_OFFICIAL_REPO to a checkout of Programmergg/NTK-CL (and "
                            "install the parity extra) to time the official PyTorch step")
 def test_official_torch_step_runs_the_official_loop():
-  import official_torch_step  # pylint: disable=g-import-not-at-top
+  from benchmarks import official_torch_step  # pylint: disable=g-import-not-at-top
   out = official_torch_step.main([f"--official_repo={os.environ['NTKCL_OFFICIAL_REPO']}",
                                   "--batch=2", "--steps=1"])
   # the official step is the same work as ours: about six ViT-B/16 forwards (35.1 GFLOP each)

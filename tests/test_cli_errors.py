@@ -29,7 +29,7 @@ def bad(tmp_path_factory):
   (d / "a_file").write_text("x")
   (d / "raises.py").write_text("def get_config():\n  raise RuntimeError('boom in get_config')\n")
   np.save(d / "images.npy", np.zeros((2, 16, 16, 3), np.float32))
-  cell = d / "results" / "imagenette" / "simplecil" / "seed0"
+  cell = d / "results" / "imagenette" / "official" / "seed0"  # the first cell a page reads
   cell.mkdir(parents=True)
   (cell / "results.json").write_text("not json")
   (d / "fake_checkout").mkdir()
@@ -125,7 +125,7 @@ CASES = [
     ("results-page-not-a-run", M + ["scripts.results_page", "--datasets=imagenette",
                                     "--seeds=0", "--workdir={d}/results",
                                     "--output={d}/results.md"],
-     "{d}/results/imagenette/simplecil/seed0/results.json is not a results.json"),
+     "{d}/results/imagenette/official/seed0/results.json is not a results.json"),
     ("results-page-unknown-dataset", M + ["scripts.results_page", "--datasets=nope",
                                           "--workdir={d}/results", "--output={d}/results.md"],
      "unknown datasets ['nope']"),

@@ -2,6 +2,7 @@
 scripts/pages.py) on constructed records: per-method statistics, paired rows with Student-t
 intervals, the oracle section, seed-major run order, records without the oracle retrained, the
 corrections page's collapse criterion, and the launcher command of each cell."""
+import glob
 import json
 import os
 import sys
@@ -189,3 +190,20 @@ def test_corrections_page_runs_the_pairs_when_no_switch_alone_collapses(tmp_path
   corrections_page.main(["--seeds=0,1,2", f"--output={out}", f"--workdir={tmp_path}/w"])
   assert set(calls) == set(corrections_page.STAGE1) | set(corrections_page.STAGE2)
   assert "`fix_nce_sign+fix_orth` reproduces the collapse" in out.read_text()
+
+
+def test_committed_run_records_read_as_finished():
+  """Every committed record of the evidence pages is the run its page's cell names, by the
+  launcher's same-run rule (configs moved into the package and keys added since included)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  checked = 0
+  for page_runs, extra in (("results", ()), ("corrections", corrections_page.EXTRA)):
+    base = os.path.join(repo, "runs", page_runs)
+    for path in sorted(glob.glob(os.path.join(base, "*", "*", "seed*", "results.json"))):
+      dataset, method, seed = path.split(os.sep)[-4:-1]
+      config, workdir = pages.cell(dataset, method, int(seed[4:]), pages.DEFAULT_SCALE, base,
+                                   extra)
+      assert pages.grid.finished_results(config, workdir) is not None, path
+      checked += 1
+  if not checked:
+    pytest.skip("no committed run records in runs/")

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from ntk_analysis import joint
-from ntkcl_jax import config_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

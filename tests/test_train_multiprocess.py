@@ -11,7 +11,6 @@ from PIL import Image
 import portpicker
 import pytest
 
-from ntkcl_jax import config_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,12 +11,8 @@ per class (0 = all 1,000 of the archive), test images per class (0 = all), epoch
 batch (SGD batch size).
 """
 from ntkcl_jax.configs import dinov2s_real
-from ntkcl_jax.configs.config_args import parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, size=56, per_class=300, test_per_class=0, epochs=5, source="auto",
-                batch=16)
-  return dinov2s_real.get_config("cifar10", image_size=a.size, per_class_train=a.per_class,
-                                 per_class_test=a.test_per_class, epochs=a.epochs,
-                                 source=a.source, batch_size=a.batch)
+  return dinov2s_real.from_arg("cifar10", arg, size=56, per_class=300, test_per_class=0,
+                               epochs=5, source="auto", batch=16)

