@@ -43,8 +43,8 @@ def is_checkout(path):
 
 
 def installed_checkout():
-    # The checkout an importable ntkcl_jax was installed from (editable install): its path; "" if
-    # installed otherwise; None if not importable.
+    # The checkout an importable ntkcl_jax comes from (an editable install): its path; "" if
+    # installed otherwise (site-packages); None if not importable.
     spec = importlib.util.find_spec("ntkcl_jax")
     if spec is None:
         return None
@@ -90,8 +90,10 @@ else:
     dists = {"numpy": "numpy", "jax": "jax", "PIL": "pillow", "scipy": "scipy", "pandas": "pandas"}
     before = {m: importlib.metadata.version(d) for m, d in dists.items() if m in sys.modules}
     print(f"installing ntkcl-jax from {src} for a {RUNTIME} runtime (a few minutes) ...", flush=True)
+    # A regular (not editable) install: it lands in site-packages, which this kernel already
+    # searches, so the package imports without a restart.
     r = subprocess.run(["bash", os.path.join(src, "install.sh"), RUNTIME],
-                       env=dict(os.environ, PYTHON=sys.executable),
+                       env=dict(os.environ, PYTHON=sys.executable, NTKCL_EDITABLE="0"),
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     print("\\n".join(r.stdout.splitlines()[-15:]))
     if r.returncode != 0:
@@ -104,17 +106,6 @@ else:
         raise RuntimeError(f"the install changed {changed}, already imported by this kernel: "
                            "restart it (Colab: Runtime > Restart session) and run this cell again "
                            "(it then skips the install)")
-    if importlib.util.find_spec("ntkcl_jax") is None:
-        # a new editable install is activated by its .pth file at interpreter start: do that now
-        import site
-        for d in site.getsitepackages() + [site.getusersitepackages()]:
-            for pth in glob.glob(os.path.join(d, "__editable__*ntkcl_jax*.pth")):
-                if d not in sys.path:
-                    sys.path.append(d)
-                for line in open(pth):
-                    if line.startswith("import"):
-                        exec(line)
-        importlib.invalidate_caches()
     if importlib.util.find_spec("ntkcl_jax") is None:
         raise RuntimeError("ntkcl-jax was installed but this kernel cannot import it: restart the "
                            "kernel (Colab: Runtime > Restart session) and run this cell again")
@@ -132,21 +123,16 @@ if RUNTIME != "cpu" and BACKEND == "cpu":
 SCALE = os.environ.get("NTKCL_NB_SCALE", "tiny")   # 'tiny' (CPU, seconds) or 'demo' (real images)
 print("scale:", SCALE)"""
 
-SETUP = """import os, sys, tempfile, json
+SETUP = """import os, tempfile, json
 import numpy as np
 import jax
 from ntkcl_jax import config_files, train
-# Configs come from the installed package (ntkcl_jax.configs); the theory drivers in scripts/ from
-# the checkout it was installed from.
-repo = config_files.REPO_ROOT
-if os.path.isdir(os.path.join(repo, "scripts")) and repo not in sys.path:
-    sys.path.insert(0, repo)
-print("configs:", config_files.CONFIG_DIR)
+print("configs:", config_files.CONFIG_DIR)   # the installed package's own (ntkcl_jax.configs)
 print(jax.devices())"""
 
 TRAIN = """# A class-incremental run: the tiny config (CPU fallback) or the real-image demo.
 cfg_file = "tiny.py" if SCALE == "tiny" else "demo.py"
-config = config_files.load_config_file(os.path.join(config_files.CONFIG_DIR, cfg_file))
+config = config_files.load("configs/" + cfg_file)
 config.train.mesh_data = 1
 workdir = os.environ.get("NTKCL_NB_WORKDIR") or tempfile.mkdtemp(prefix="ntkcl_nb_")
 results = train.run(config, workdir, progress=False)
@@ -178,21 +164,29 @@ for key in ("check_a_overlap_vs_forgetting", "check_c_views"):
         print(key, "\\n  prediction:", c.get("prediction"), "\\n  holds:", c.get("holds"))
         display(__import__("pandas").DataFrame(c["table"]))"""
 
-COMPARE = """# (b) the orthogonality term: the base run (dis_temp 1e-4) against the zero-weight control
-# (dis_temp 0), each measured from its task-end checkpoints into a record (scripts/theory.py).
-# One seed: every verdict is 'inconclusive'; the sweep over seeds is the command printed below.
-from ntk_analysis import experiments
-if not os.path.isdir(os.path.join(repo, "scripts")):
-    raise RuntimeError(f"these cells use the project's scripts/, which {repo} lacks: install from a "
-                       "checkout (NTKCL_SOURCE in the first cell)")
-from scripts import theory
-settings = (dict(n_per_task=4, probes=4, lin_train=6, lin_test=6) if SCALE == "tiny"
-            else theory.SETTINGS)
-orth_root = workdir + "_orth"
-recs = [theory.run_arm(config, orth_root, theory.arm_name(ov), ov, config.seed, parts,
-                       settings=settings, log=lambda *_: None)
-        for ov, parts in (({}, ("pairs", "lazy")), ({"method.dis_temp": 0.0}, ("pairs",)))]
-out = experiments.orthogonality(experiments.Sweep(recs))
+COMPARE = """# (b) the orthogonality term: this run (dis_temp 1e-4) against its zero-weight control
+# (dis_temp 0, nothing else changed), each trained keeping its task-end checkpoints and measured
+# from them (ntk_analysis.measure). One seed: every verdict is 'inconclusive'; the sweep over
+# seeds is the command printed in the last cell.
+from ntk_analysis import judge, measure
+from ntkcl_jax import results as results_lib
+settings = dict(n_per_task=4, probes=4, lin_test=6) if SCALE == "tiny" else measure.SETTINGS
+
+
+def measured_record(cfg, arm, parts):
+    wd = workdir + "_" + arm
+    cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints = 0, 10
+    res = train.run(cfg, wd, progress=False)
+    rec = measure.measure_run(wd, parts, log=lambda *_: None, **settings)
+    return {"arm": arm, "seed": int(cfg.seed), "config": json.loads(cfg.to_json_best_effort()),
+            "results": res, **rec}
+
+
+control = config.copy_and_resolve_references()
+control.method.dis_temp = 0.0
+recs = [measured_record(config.copy_and_resolve_references(), "base", ("pairs", "lazy")),
+        measured_record(control, "dis_temp=0", ("pairs",))]
+out = judge.orthogonality(judge.Sweep(recs))
 print("prediction:", out["prediction"], "\\ncriterion:", out["criterion"])
 __import__("pandas").DataFrame(out["findings"])[["quantity", "prediction", "text", "verdict"]]"""
 
@@ -200,18 +194,18 @@ __import__("pandas").DataFrame(out["findings"])[["quantity", "prediction", "text
 LAZY = """# (d) Lazy regime over whole tasks (the base run's record above): kernel distance S and e_lin
 # between theta_t^0 and theta_t, and a linearised run against the network.
 from IPython.display import Image, display
-d = experiments.laziness(experiments.Sweep(recs[:1]),
-                         plot_path=os.path.join(orth_root, "theory_d.png"))
+d = judge.laziness(judge.Sweep(recs[:1]), plot_path=workdir + "_theory_d.png")
 print("prediction:", d["prediction"], "\\ncriterion:", d["criterion"])
-display(__import__("pandas").DataFrame(d["tables"]["per_task"]))
-display(Image(os.path.join(orth_root, "theory_d.png")))"""
+display(__import__("pandas").DataFrame(d["findings"])[["quantity", "text", "verdict"]])
+display(Image(workdir + "_theory_d.png"))"""
 
 SWEEPS = """# (a)-(f) as a sweep of training runs over seeds: one command that resumes where it stopped (records
 # in runs/theory), tiny or real scale by the config (this cell only prints it; --plan lists the
-# runs); scripts/ntk_page.py then writes docs/ntk.md from the records.
-print("python scripts/theory.py --config=configs/tiny.py:data=digits --root=workdirs/theory_tiny --seeds=0,1")
-print("python scripts/theory.py --config=configs/imagenette_dinov2s.py:size=56,per_class=200,test_per_class=0,epochs=4 "
-      "--config.data.subsample_per_seed=True --seeds=0,1,2,3,4 --experiments=a,b,c,d,e,f")"""
+# runs); python -m scripts.ntk_page then writes docs/ntk.md from the records. Both run from a
+# checkout's root (scripts/ is not installed with the package).
+print("python -m scripts.theory --config=configs/tiny.py:data=digits --root=workdirs/theory_tiny --seeds=0,1")
+print("python -m scripts.theory --config=configs/theory_dinov2s.py:size=56,per_class=200,test_per_class=200,epochs=2 "
+      "--config.data.subsample_per_seed=True --root=runs/theory")"""
 
 def write(name, cells):
   nb = nbf.v4.new_notebook()
@@ -230,6 +224,6 @@ if __name__ == "__main__":
       "# Theory checks: the paper's generalisation-gap story against training\n\n(a) inter-task "
       "overlap vs forgetting, (b) the orthogonality term's effect, (c) one view vs three views, "
       "(d) the lazy-regime check, (e) per-task spectra (docs/ntk_theory.md §4); the sweeps of "
-      "(b), (c) and (f) over many runs are `python scripts/theory.py`.",
+      "(a)-(f) over seeds are `python -m scripts.theory`.",
       INSTALL, SETUP, TRAIN, NTK, CHECKS, COMPARE, LAZY, SWEEPS])
   print("wrote notebooks")

@@ -12,15 +12,15 @@ unless --chunk is given; the estimate (per device: the Jacobian call's arguments
 output; on the host: panels, kernel and call scratch) is printed. The Jacobian calls spread their
 samples over every device (--devices; several processes: --coordinator, --num_processes and
 --process_id as for training, each process computes the same kernels and process 0 writes them).
-Only the drawn subsets of the images are decoded (task_data). Writes DIR/ntk/: kernel_<view>.npz (kernel + metadata), report.json
-(metrics per task and task pair, experiments (a) and (c)), and PNG plots. --task_ends writes the
-kernels of each task end to DIR/ntk/task<t>/ (joint.task_end_path), which the experiments read;
+Only the drawn subsets of the images are decoded (run_data.task_data). Writes DIR/ntk/:
+kernel_<view>.npz (kernel + metadata), report.json (metrics per task and task pair, and the
+single-run descriptions of ntk_analysis/report.py), and PNG plots. --task_ends writes the kernels
+of each task end to DIR/ntk/task<t>/ (joint.task_end_path), which that report reads;
 the run must have kept those checkpoints (train.keep_checkpoints at least the number of tasks with
 train.checkpoint_every_steps=0, or at least steps plus tasks).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Iterator, Optional, Sequence
@@ -30,46 +30,13 @@ import numpy as np
 
 import jax
 
-from ntk_analysis import experiments, joint, kernels, metrics, plots, readouts
+from ntk_analysis import joint, kernels, metrics, plots, readouts, run_data
+from ntk_analysis import report as single_run
 from ntkcl_jax import cli, data, sharding
 from ntkcl_jax import results as results_lib
-from ntkcl_jax.checkpoints import run_state, runs
+from ntkcl_jax.checkpoints import runs
 
 FLAGS = flags.FLAGS
-
-
-class TaskImages:
-  """One task's training images under the test transform, decoded only when indexed: images[idx]
-  -> the model's normalised float32 input of those images (an index array, slice or int), in the
-  order of stream.eval_batches('proto', the task's classes); len() needs no decoding."""
-
-  def __init__(self, stream, classes):
-    rows, new = stream.train_idx, stream.train_new
-    self.stream, self.rows = stream, rows[np.isin(new[rows], list(classes))]
-    self.labels = new[self.rows].astype(np.int32)
-
-  def __len__(self) -> int:
-    return len(self.rows)
-
-  def __getitem__(self, idx) -> np.ndarray:
-    rows = np.atleast_1d(self.rows[idx])
-    # pylint: disable-next=protected-access  # the stream's cached test-transform decode
-    images = np.stack([self.stream._eval_image("proto", int(i)) for i in rows])
-    out = self.stream.model_input(images)
-    return out if np.ndim(self.rows[idx]) else out[0]
-
-  def __array__(self, dtype=None, copy=None):
-    del copy
-    out = self[np.arange(len(self))]
-    return out if dtype is None else out.astype(dtype)
-
-
-def task_data(stream):
-  """({task: TaskImages, the training images under the test transform as the model's normalised
-  float32 input}, {task: their labels}) of every task. Nothing is decoded until indexed: the
-  kernels draw their subsets first and decode those images only."""
-  images = {t: TaskImages(stream, classes) for t, classes in enumerate(stream.tasks)}
-  return images, {t: im.labels for t, im in images.items()}
 
 
 def view_kernels(learner, state, images, views: Sequence[str], *, n_per_task: int,
@@ -118,20 +85,22 @@ def view_kernels(learner, state, images, views: Sequence[str], *, n_per_task: in
 
 def analyse(workdir: str, n_per_task: int = 16, num_probes: int = 8, views=("fused",),
             checkpoint: Optional[int] = None, seed: int = 0, out_dir: Optional[str] = None,
-            log=print, plot: bool = True, devices=None, **ntk_kwargs) -> dict:
+            log=print, plot: bool = True, devices=None, compute: str = "float32",
+            **ntk_kwargs) -> dict:
   """Computes and writes the kernels, report and plots of one checkpoint (None: the newest) of a
   run; returns the report. `devices`: those the Jacobian calls split their samples over
   (kernels.device_mesh: None one device, 'all' every device of every process, the CLI's
   default); with devices of several processes only process 0 writes. `ntk_kwargs` configure
-  kernels.ntk_fn (chunk, memory_limit, backend, implementation, ...)."""
+  kernels.ntk_fn (chunk, memory_limit, backend, implementation, ...). `compute`: 'float32' (the
+  kernels at float32 whatever the run trained in) or 'run' (the run's own compute policy)."""
   out_dir = out_dir or os.path.join(workdir, "ntk")
   spans = {d.process_index for d in kernels.device_mesh(devices).devices.reshape(-1)}
   write = jax.process_index() == 0 or spans == {jax.process_index()}
   if write:
     os.makedirs(out_dir, exist_ok=True)
-  config, learner, state, meta = runs.load_run(workdir, checkpoint)
+  config, learner, state, meta = runs.load_run(workdir, checkpoint, compute=compute)
   stream = data.build_stream(config)
-  images, labels = task_data(stream)
+  images, labels = run_data.task_data(stream)
   log(f"{workdir}: checkpoint {meta['checkpoint_id']}, {stream.num_tasks} tasks x "
       f"{n_per_task} images, method {config.method.name}/{config.method.variant}")
   report = {"workdir": os.path.abspath(workdir), "checkpoint_id": meta["checkpoint_id"],
@@ -155,12 +124,12 @@ def analyse(workdir: str, n_per_task: int = 16, num_probes: int = 8, views=("fus
   main_view = "fused" if "fused" in by_view else next(iter(by_view))
   if "results" in meta:  # a finished run: its accuracy matrix
     ends = all(os.path.exists(joint.task_end_path(workdir, t)) for t in range(stream.num_tasks))
-    report["check_a_overlap_vs_forgetting"] = experiments.overlap_vs_forgetting(
+    report["check_a_overlap_vs_forgetting"] = single_run.overlap_vs_forgetting(
         [workdir],
         os.path.join(out_dir, "check_a_overlap_vs_forgetting.png") if plot and write else None,
         kernel=None if ends else by_view[main_view])
   if len(by_view) > 1:
-    report["check_c_views"] = experiments.view_ranks(by_view)
+    report["check_c_views"] = single_run.view_ranks(by_view)
   if write:
     results_lib.atomic_write_json(os.path.join(out_dir, "report.json"),
                                   results_lib.jsonable(report))
@@ -168,72 +137,32 @@ def analyse(workdir: str, n_per_task: int = 16, num_probes: int = 8, views=("fus
   return report
 
 
-def _checkpoint_metas(workdir: str) -> dict:
-  """{checkpoint id: its saved metadata (position, counters, task_records)} of a run."""
-  ckdir, ids = os.path.join(workdir, "checkpoints"), []
-  if os.path.isdir(ckdir):
-    ck = run_state.RunCheckpointer(ckdir, keep=100000, async_save=False)
-    ids = [int(i) for i in ck.all_ids()]
-    ck.close()
-  if not ids:
-    raise FileNotFoundError(f"{ckdir}: no complete checkpoint there; point --workdir at a "
-                            "training run's workdir (python -m ntkcl_jax.train --workdir=...)")
-  out = {}
-  for cid in ids:
-    with open(os.path.join(ckdir, str(cid), "meta", "metadata")) as f:
-      out[cid] = json.load(f)
-  return out
-
-
-def task_end_checkpoints(workdir: str) -> dict:
-  """{task t: id of the checkpoint saved at the end of task t} among the kept checkpoints."""
-  ends = {}
-  for cid, meta in sorted(_checkpoint_metas(workdir).items()):
-    pos, done = meta["position"], len(meta["task_records"])
-    if pos["task"] == done and pos["epoch"] == 0 and pos["batch"] == 0 and done > 0:
-      ends.setdefault(done - 1, cid)
-  return ends
-
-
 def task_end_kernels(workdir: str, n_per_task: int = 8, num_probes: int = 8,
                      views=("fused",), seed: int = 0, log=print, **ntk_kwargs) -> dict:
   """Kernels of every task-end checkpoint into joint.task_end_path(workdir, t); tasks whose
   kernels exist are skipped. Returns {task: its output directory}."""
-  ends = task_end_checkpoints(workdir)
-  num_tasks = _num_tasks(workdir)
-  missing = sorted(set(range(num_tasks)) - set(ends))
-  todo = {t: c for t, c in ends.items()
-          if not all(os.path.exists(joint.task_end_path(workdir, t, v)) for v in views)}
-  if missing and any(not os.path.exists(joint.task_end_path(workdir, t, v))
-                     for t in missing for v in views):
-    raise FileNotFoundError(
-        f"{workdir}: no checkpoint of the end of tasks {missing} (only the newest "
-        f"train.keep_checkpoints are kept); retrain with --config.train.keep_checkpoints="
-        f"{num_tasks + 1} --config.train.checkpoint_every_steps=0 (or a keep_checkpoints of at "
-        "least steps plus tasks)")
-  for t, cid in sorted(todo.items()):
-    analyse(workdir, n_per_task, num_probes, views, checkpoint=cid, seed=seed,
+  num_tasks = run_data.num_tasks(workdir)
+  todo = [t for t in range(num_tasks)
+          if not all(os.path.exists(joint.task_end_path(workdir, t, v)) for v in views)]
+  ends = run_data.require_task_ends(workdir, todo)
+  for t in todo:
+    analyse(workdir, n_per_task, num_probes, views, checkpoint=ends[t], seed=seed,
             out_dir=os.path.dirname(joint.task_end_path(workdir, t)), log=log, plot=False,
             **ntk_kwargs)
   return {t: os.path.dirname(joint.task_end_path(workdir, t)) for t in range(num_tasks)}
 
 
-def _num_tasks(workdir: str) -> int:
-  metas = _checkpoint_metas(workdir)
-  return int(metas[max(metas)]["num_tasks"])
-
-
 def every_checkpoint(workdir: str, n_per_task: int = 8, num_probes: int = 4, seed: int = 0,
                      view: str = "fused", **ntk_kwargs) -> Iterator[dict]:
   """For each kept checkpoint within a task (in order): {checkpoint, step, task, kernel, f,
-  params, x}, the joint kernel of `view` on fixed subsets of every task (experiments.lazy_regime
+  params, x}, the joint kernel of `view` on fixed subsets of every task (a lazy-regime study
   reads it; train with train.checkpoint_every_steps=1 for a point per step).
 
   The readout closes over the frozen PEFT sets, which change at task ends only: one readout and
   one kernels.ntk_fn (compiled once) serve every checkpoint with the same frozen sets."""
-  ids = sorted(_checkpoint_metas(workdir))
+  ids = sorted(run_data.checkpoint_metas(workdir))
   config, learner, _, _ = runs.load_run(workdir, ids[0])
-  images, _ = task_data(data.build_stream(config))
+  images, _ = run_data.task_data(data.build_stream(config))
   probe = readouts.probes(learner.spec.feature_dim, num_probes, seed)
   x = np.concatenate([images[t][joint.subset_indices(seed, t, len(images[t]), n_per_task)]
                       for t in sorted(images)])
@@ -269,7 +198,7 @@ def main(_):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-  kw = dict(backend=FLAGS.backend, implementation=FLAGS.implementation,
+  kw = dict(backend=FLAGS.backend, implementation=FLAGS.implementation, compute=FLAGS.compute,
             chunk=FLAGS.chunk or None, devices=_devices(FLAGS.devices),
             memory_limit=int(FLAGS.memory_limit_gb * 2**30) if FLAGS.memory_limit_gb > 0 else None)
   if FLAGS.task_ends:
@@ -309,6 +238,8 @@ def _define_flags() -> None:
   flags.DEFINE_float("memory_limit_gb", 0, "memory budget of one kernel in GiB (0: half of the "
                      "available memory, at most 1.5)")
   flags.DEFINE_integer("checkpoint", -1, "checkpoint id (-1: newest)")
+  flags.DEFINE_enum("compute", "float32", ["float32", "run"], "the kernels' compute policy: "
+                    "float32 whatever the run trained in, or the run's own (e.g. its bfloat16)")
   flags.DEFINE_integer("seed", 0, "subset and probe seed")
   flags.DEFINE_string("devices", "all", "devices the Jacobian calls split their samples over: "
                       "'all' (every device of every process) or a count of this process's")

@@ -1,7 +1,8 @@
 r"""Writes docs/ntk.md from the records of theory sweeps alone (ROOT/<arm>/seed<s>/record.json,
-written by scripts/theory.py): experiments (a)-(f), each with the paper's prediction, the
-criterion fixed before measuring, every result with its bootstrap interval over seeds and n, the
-verdict read off the interval, a plot (docs/ntk/), and the command of every run.
+written by scripts/theory.py): experiments (a)-(f), each with the paper's prediction, its
+control, the criterion fixed before measuring, every result with its Student-t interval over
+seeds and n (the bootstrap beside it), the verdict read off the t interval, a plot (docs/ntk/),
+the compute it took and the command of every run.
 
     python -m scripts.ntk_page                                   # --theory=runs/theory
     python -m scripts.ntk_page --theory=runs/theory,runs/theory_tiny --output=docs/ntk.md
@@ -14,7 +15,7 @@ import sys
 
 from absl import flags
 
-from ntk_analysis import experiments
+from ntk_analysis import judge
 from ntkcl_jax import cli, evidence
 
 IMG_DIR = "ntk"  # plots, next to the page
@@ -46,9 +47,10 @@ def _verdict(v) -> str:
 
 def findings_table(found) -> list:
   rows = [{"quantity": f["quantity"], "prediction": f["prediction"] or "(reported)",
-           "estimate [95% interval] (n seeds)": f["text"], "verdict": _verdict(f["verdict"]),
-           "note": ("within noise; " if f["lo"] is not None and f["hi"] is not None and
-                    f["lo"] <= 0 <= f["hi"] and not f["prediction"] else "") + (f["note"] or "")}
+           "estimate [t 95% interval] (n seeds)": f["text"], "verdict": _verdict(f["verdict"]),
+           "note": "; ".join(x for x in (
+               "within noise" if f["lo"] is not None and f["hi"] is not None and
+               f["lo"] <= 0 <= f["hi"] else "", f["bootstrap"]) if x)}
           for f in found]
   return table(rows)
 
@@ -73,7 +75,7 @@ def setting(base_rec: dict) -> str:
           f"these).")
 
 
-def runs_section(sweep: experiments.Sweep) -> list:
+def runs_section(sweep: judge.Sweep) -> list:
   """Every arm with its overrides, seeds and the command of its runs."""
   rows = []
   for arm, by_seed in sorted(sweep.arms().items(), key=lambda kv: (kv[0] != "base", kv[0])):
@@ -91,15 +93,12 @@ def runs_section(sweep: experiments.Sweep) -> list:
 
 def experiment_section(res: dict, img_prefix: str) -> list:
   lines = [f"### ({res['experiment']}) {res['name']}", "",
-           f"- Paper / literature: {res['prediction']}.",
-           f"- Criterion (fixed before measuring): {res['criterion']}", ""]
+           f"- Prediction: {res['prediction']}.", f"- Control: {res['control']}.",
+           f"- Criterion (fixed before measuring): {res['criterion']}.", ""]
   if res.get("missing"):
-    return lines + [f"Not measured: {res['missing']}.", ""]
-  lines += [f"Verdict: {_verdict(res['verdict']) or 'see the rows'}" +
-            (f" ({res['headline']})" if res.get("headline") else "") + ".", ""]
+    return lines + [f"Not measured yet: {res['missing']}.", ""]
+  lines += [f"Verdict: {verdict_text(res)}.", ""]
   lines += findings_table(res["findings"]) + [""]
-  if res.get("note"):
-    lines += [res["note"] + ".", ""]
   for name, rows in res["tables"].items():
     if name == "pairs" or not rows:  # the per-pair table is in the plot and the records
       continue
@@ -109,7 +108,22 @@ def experiment_section(res: dict, img_prefix: str) -> list:
   return lines
 
 
-def nt_section(sweep: experiments.Sweep) -> list:
+def verdict_text(res: dict) -> str:
+  """The experiment's verdict, or its separate verdicts ((b): paper and code; (f): each part);
+  (e) is a measurement."""
+  if res["experiment"] == "e":
+    return "none (a measurement)"
+  parts = []
+  if res.get("verdict") is not None:
+    parts.append(_verdict(res["verdict"]))
+  if res.get("code_verdict") is not None:
+    parts.append(f"code-level predictions {_verdict(res['code_verdict'])}")
+  for name, v in (res.get("verdicts") or {}).items():
+    parts.append(f"{name}: {_verdict(v)}")
+  return "; ".join(p for p in parts if p) or "see the rows"
+
+
+def nt_section(sweep: judge.Sweep) -> list:
   """The base runs' kernels at theta_T recomputed through neural-tangents (record part
   'nt_check'), against the JAX backend's kernels the experiments read."""
   rows = [{"seed": seed, "images": r["nt_check"]["n"],
@@ -131,10 +145,10 @@ def nt_section(sweep: experiments.Sweep) -> list:
 def sweep_section(root: str, out_dir: str, keys: str = "abcdef") -> tuple[list, list]:
   """The page section of one sweep, and the plot files it wrote."""
   tag = os.path.basename(os.path.normpath(root))
-  sweep = experiments.Sweep.load(root)
+  sweep = judge.Sweep.load(root)
   img_dir = os.path.join(out_dir, IMG_DIR)
   os.makedirs(img_dir, exist_ok=True)
-  report = experiments.analyse_sweep(sweep, keys, img_dir, prefix=f"{tag}_")
+  report = judge.judge_sweep(sweep, keys, img_dir, prefix=f"{tag}_")
   base = sweep.base()
   seeds = sorted({int(r["seed"]) for r in sweep.records})
   lines = [f"## Sweep `{root}`", ""]
@@ -142,21 +156,34 @@ def sweep_section(root: str, out_dir: str, keys: str = "abcdef") -> tuple[list, 
     lines += [f"Setting: {setting(next(iter(base.values())))}", ""]
   cmds = sorted({r.get("sweep_command") for r in sweep.records if r.get("sweep_command")})
   lines += [f"{len(sweep.records)} runs, seeds {seeds}; trained and measured by " +
-            (", ".join(f"`{c}`" for c in cmds) if cmds else "`python scripts/theory.py`") +
+            (", ".join(f"`{c}`" for c in cmds) if cmds else "`python -m scripts.theory`") +
             " (resumed over interruptions). Kernels: feature-sketch readouts of the trainable "
             "PEFT parameters over fixed, seeded per-task probe images (test transform), "
             f"{_first(sweep, 'n_per_task')} per task, {_first(sweep, 'probes')} probes.", "",
             "| experiment | verdict | detail |", "|---|---|---|"]
   for k, r in report.items():
-    lines.append(f"| ({k}) {r['name']} | {_verdict(r['verdict']) or ('not measured' if r.get('missing') else 'see rows')} | "
-                 f"{_fmt(r.get('headline') or r.get('missing') or '')} |")
-  lines += [""] + nt_section(sweep) + ["### Runs", ""] + runs_section(sweep) + [""]
+    lines.append(f"| ({k}) {r['name']} | "
+                 f"{'not measured yet' if r.get('missing') else verdict_text(r)} | "
+                 f"{_fmt(r.get('missing') or '')} |")
+  lines += [""] + compute_section(sweep) + nt_section(sweep) + ["### Runs", ""]
+  lines += runs_section(sweep) + [""]
   plots = []
   for r in report.values():
     lines += experiment_section(r, f"{IMG_DIR}/")
     if r.get("plot"):
       plots.append(r["plot"])
   return lines, plots
+
+
+def compute_section(sweep: judge.Sweep) -> list:
+  """The compute the sweep's records took, and what the remaining runs of its plan would."""
+  train = sum(r.get("train_seconds", 0) for r in sweep.records)
+  meas = sum(r.get("measure_seconds", 0) for r in sweep.records)
+  return ["### Compute", "",
+          f"{len(sweep.records)} runs: {train / 3600:.1f} h of training and {meas / 3600:.1f} h of "
+          f"measuring on 2 CPU cores, one run at a time (two side by side take as long as one "
+          f"after the other). `python -m scripts.theory --plan` with the sweep's flags lists the "
+          f"runs still missing; rerunning the sweep command trains and measures them.", ""]
 
 
 def _first(sweep, key):
@@ -198,7 +225,7 @@ def check_inputs(roots, output: str) -> None:
   if not roots:
     raise cli.InputError("--theory: give at least one sweep root (scripts/theory.py --root)")
   for root in roots:
-    if not os.path.isdir(root) or not experiments.Sweep.load(root).records:
+    if not os.path.isdir(root) or not judge.Sweep.load(root).records:
       raise cli.InputError(f"--theory={root}: no record.json under it (ROOT/<arm>/seed<s>/"
                            f"record.json); run python scripts/theory.py --root={root} first")
   if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
@@ -220,8 +247,7 @@ def _main(fv) -> int:
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.run_program(_main, define_flags, argv, doc=__doc__)
+main = cli.program(_main, define_flags, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,36 @@
 r"""The theory sweep (docs/ntk_theory.md §4, experiments (a)-(f)): trains the runs the chosen
-experiments need and keeps, of each, a small record of what the experiments read.
+experiments need and keeps, of each, a small record of what the judgments read.
 
-    python -m scripts.theory --config=configs/imagenette_dinov2s.py:size=56,per_class=200,test_per_class=0,epochs=4 \
-        --config.data.subsample_per_seed=True --seeds=0,1,2,3,4 --experiments=a,b,c,d,e,f
+    python -m scripts.theory --config=configs/theory_dinov2s.py:size=56,per_class=200,test_per_class=200,epochs=2 \
+        --config.data.subsample_per_seed=True --root=runs/theory
     python -m scripts.theory ... --plan     # list the runs (arm x seed) and which are missing
-    python scripts/ntk_page.py              # docs/ntk.md from the records alone
+    python -m scripts.ntk_page              # docs/ntk.md from the records alone
 
 Each run is ROOT/<arm>/seed<s>/ (ROOT: --root, default runs/theory), an ordinary training run of
 the config plus the arm's overrides (scripts/grid.train_unless_finished; it resumes from its
-checkpoints), checkpointed at task ends only. Right after it finishes,
-ntk_analysis.experiments.measure_run computes its kernel quantities from those checkpoints and
-ROOT/<arm>/seed<s>/record.json is written: the essential fields of results.json, the kernel
-quantities, the config, the measurement settings and the command (a few KB; runs/.gitignore keeps
-checkpoints, kernels and plots out of the repository, so the records are what later runs
-find). The run's checkpoints are then deleted (--keep_checkpoints keeps them). Rerunning skips
-every run whose record exists with the same config and settings, and stops at a record of
-another config (delete that arm's directory, or use another --root).
+checkpoints), checkpointed at task ends only. Right after it finishes, ntk_analysis.measure
+computes the arm's parts from those checkpoints and ROOT/<arm>/seed<s>/record.json is written:
+the essential fields of results.json, the measured parts, the config, the measurement settings
+and the command (a few KB; runs/.gitignore keeps checkpoints, kernels and plots out of the
+repository, so the records are what later runs find). The run's checkpoints are then deleted
+(--keep_checkpoints keeps them). Rerunning skips every run whose record exists with the same
+config and settings, and stops at a record of another config (delete that arm's directory, or use
+another --root). Seeds default to 0-4.
 
-Arms (an override equal to the config's value is dropped: an arm equal to the base is the base):
-  base                        every kernel part; (a), (c) views, (d), (e), the reference of (f),
-                              and the neural-tangents cross-check of its kernel (--nt_check)
-  (b) dis_temp=0              the zero-weight control of both kinds of term
-      dis_temp=w              the official signed-sum term, w in --dis_temps
-      dis_temp=w,fix_orth=..  variant=corrected with only fix_orth on (the paper's penalty), w in
-                              --orth_weights (empty: the --dis_temps)
-  (c) max_per_class_train=N   N in --n_per_class: the gap against N, each with the base's SGD
-                              steps per task (epochs scaled by the base's N / N)
-  (f) reg_temp=r              r in --reg_temps
-      frozen_update=copy      the frozen set overwritten with the last task's values
+Arms (an override equal to the config's value is dropped: an arm equal to the base is the base),
+each with the parts measured of it (ntk_analysis/measure.py):
+  base                         every part: (a) pairs, (c) views and gap, (d), (e), the reference of
+                               (b), (c) and (f), and the neural-tangents cross-check (--nt_check)
+  name=simplecil               gap: (a)'s control (SimpleCIL's drop for the same seed and pair)
+                               and (c)'s at the base's N
+  (b) dis_temp=0               pairs: the signed sum's zero-weight control
+      dis_temp=w               pairs: the official signed-sum term, w in --dis_temps
+      dis_temp=w,fix_orth=..   pairs: variant=corrected with only fix_orth on (the penalty), w in
+                               --orth_weights and 0 (its own zero-weight control)
+  (c) max_per_class_train=N    gap: N in --n_per_class, each with the base's SGD steps per task
+                               (epochs scaled by the base's N / N), NTK-CL and SimpleCIL
+  (f) reg_temp=r               tasks: r in --reg_temps (all below the stability bound)
+      frozen_update=copy       tasks: the frozen set overwritten with the last task's values
 Runs go seed by seed (every arm of seed 0, then seed 1, ...), so paired comparisons are complete
 for the seeds done whenever the sweep is stopped.
 """
@@ -43,8 +46,8 @@ from typing import Callable, Mapping, Optional, Sequence
 from absl import flags, logging
 import jax
 
-
-from ntk_analysis import experiments
+from ntk_analysis import judge
+from ntk_analysis import measure
 from ntkcl_jax import cli
 from ntkcl_jax import config_files
 from ntkcl_jax import results as results_lib
@@ -52,19 +55,18 @@ from ntkcl_jax import same_run
 from ntkcl_jax import switches
 from scripts import grid
 
-SCHEMA = 1  # of record.json
+SCHEMA = 2  # of record.json
 DEFAULT_ROOT = os.path.join("runs", "theory")
-# (b): the official weight 1e-4 and two far above it for the signed-sum term (a linear functional
-# of normalised features: its gradient is bounded at any weight); the fix_orth penalty (a squared
-# projection, at most 2 per image) from a weight where it is small beside the CE terms up to one
-# where it dominates them.
+# (b): the official weight 1e-4 and two far above it for the signed-sum term; the fix_orth
+# penalty from a weight where its gradient is small beside the cross-entropies' up to one where it
+# dominates them (the base run measures both scales: its grad_scale part).
 DIS_TEMPS = (1e-4, 1e-2, 1e-1)
 ORTH_WEIGHTS = (1e-2, 1e-1, 1.0)
-# (f): the official 1e-3 and values far above it. On the tiny digits config A_T first moves at
-# reg_temp 1 (docs/ntk.md, "(f)"), so the grid brackets 1e-1 .. 100 around it.
-REG_TEMPS = (0.0, 1e-3, 1e-1, 1.0, 10.0, 100.0)
+# (f): the official 1e-3 and values up to a third of the stability bound (1 + momentum) / lr
+# (95 at the theory config's lr 0.02 and momentum 0.9; plan() refuses values at or above it).
+REG_TEMPS = (0.0, 1e-3, 1e-1, 1.0, 10.0, 30.0)
 N_PER_CLASS = (25, 50, 100, 200)
-SETTINGS = {"n_per_task": 16, "probes": 8, "lin_train": 32, "lin_test": 32}
+SETTINGS = dict(measure.SETTINGS)
 RESULT_KEYS = ("accuracy_matrix", "avg_incremental_accuracy", "last_accuracy", "forgetting",
                "backward_transfer", "learning_accuracy", "class_order", "wall_time_s",
                "versions")
@@ -98,39 +100,50 @@ def num_tasks(config) -> int:
 
 def plan(config, experiments_: str = "abcdef", dis_temps: Sequence[float] = DIS_TEMPS,
          reg_temps: Sequence[float] = REG_TEMPS, n_per_class: Sequence[int] = N_PER_CLASS,
-         nt_check: bool = True, orth_weights: Optional[Sequence[float]] = None) -> dict:
+         nt_check: bool = True, orth_weights: Sequence[float] = ORTH_WEIGHTS) -> dict:
   """{arm: (overrides, parts)}: the arms the experiments need (module docstring), overrides
-  equal to the config's value dropped, and the kernel parts measured of each (`nt_check`: the
-  base runs' kernel at theta_T once more through neural-tangents). The fix_orth arms of (b) use
-  `orth_weights` (None: dis_temps)."""
+  equal to the config's value dropped, and the parts measured of each (`nt_check`: the base
+  run's kernel at theta_T once more through neural-tangents)."""
   arms: dict = {}
 
   def add(overrides, parts):
     ov = {k: v for k, v in overrides.items() if getattr(*_node(config, k)) != v}
     name = arm_name(ov)
     have = set(arms[name][1]) if name in arms else set()
-    arms[name] = (ov, tuple(p for p in experiments.PARTS if p in have | set(parts)))
+    arms[name] = (ov, tuple(p for p in measure.PARTS if p in have | set(parts)))
 
-  add({}, [p for p in experiments.PARTS if nt_check or p != "nt_check"])
+  add({}, [p for p in measure.PARTS if nt_check or p != "nt_check"])
+  simple = {"method.name": "simplecil"}
+  if "a" in experiments_ or "c" in experiments_:
+    add(simple, ("gap",))
   if "b" in experiments_:
     add({"method.dis_temp": 0.0}, ("pairs",))
-    others_off = {f"method.{s}": False for s in switches.NAMES if s != "fix_orth"}
     for w in dis_temps:
       add({"method.dis_temp": float(w)}, ("pairs",))
-    for w in dis_temps if orth_weights is None else orth_weights:
+    others_off = {f"method.{s}": False for s in switches.NAMES if s != "fix_orth"}
+    for w in (0.0, *orth_weights):
       add({"method.dis_temp": float(w), "method.variant": "corrected", "method.fix_orth": True,
            **others_off}, ("pairs",))
   if "c" in experiments_:
     n0, e0 = int(config.data.max_per_class_train), int(config.optim.epochs)
+    if n0 <= 0:
+      raise cli.InputError("(c) needs the base's images per class (data.max_per_class_train > "
+                           "0) to keep its SGD steps per task at every N")
     for n in n_per_class:
-      ov = {"data.max_per_class_train": int(n)}
-      if n0 > 0:  # the base's SGD steps per task at every N: epochs scaled by n0 / n
-        ov["optim.epochs"] = max(1, round(e0 * n0 / int(n)))
-      add(ov, ("pairs", "gap"))
+      ov = {"data.max_per_class_train": int(n),
+            "optim.epochs": max(1, round(e0 * n0 / int(n)))}
+      add(ov, ("gap",))
+      add({**ov, **simple}, ("gap",))
   if "f" in experiments_:
+    bound = judge.stability_bound({"optim.lr": config.optim.lr,
+                                   "optim.momentum": config.optim.momentum})
+    unstable = [r for r in reg_temps if r >= bound]
+    if unstable:
+      raise cli.InputError(f"--reg_temps {unstable} reach the stability bound (1 + momentum) / lr "
+                           f"= {bound:.3g} of the L2 term; keep the grid below it")
     for r in reg_temps:
-      add({"method.reg_temp": float(r)}, ("pairs",))
-    add({"method.frozen_update": "copy"}, ("pairs",))
+      add({"method.reg_temp": float(r)}, ("tasks",))
+    add({"method.frozen_update": "copy"}, ("tasks",))
   return arms
 
 
@@ -204,9 +217,9 @@ def run_arm(config, root: str, arm: str, overrides: Mapping[str, object], seed: 
   res = grid.train_unless_finished(c, wd, progress=False, log=log)
   t1 = time.time()
   log(f"measuring {wd} ({', '.join(parts)})")
-  kern = experiments.measure_run(wd, parts, n_per_task=settings["n_per_task"],
-                                 num_probes=settings["probes"], lin_train=settings["lin_train"],
-                                 lin_test=settings["lin_test"], log=log, **ntk_kwargs)
+  kern = measure.measure_run(wd, parts, n_per_task=settings["n_per_task"],
+                             probes=settings["probes"], lin_test=settings["lin_test"], log=log,
+                             **ntk_kwargs)
   rec = {"schema": SCHEMA, "arm": arm, "seed": int(seed), "overrides": dict(overrides),
          "settings": dict(settings), "config": json.loads(c.to_json_best_effort()),
          "results": {k: res.get(k) for k in RESULT_KEYS},
@@ -226,7 +239,7 @@ def run_all(config, root: str, seeds: Sequence[int] = (0,), experiments_: str = 
             n_per_class: Sequence[int] = N_PER_CLASS, settings: Mapping = SETTINGS,
             spec: str = "", base_overrides: Sequence[str] = (), sweep_command: str = "",
             keep_checkpoints: bool = False, plan_only: bool = False, nt_check: bool = True,
-            orth_weights: Optional[Sequence[float]] = None,
+            orth_weights: Sequence[float] = ORTH_WEIGHTS,
             log: Callable[[str], None] = print, **ntk_kwargs) -> list:
   """Every run the chosen experiments need, seed by seed: the records (plan_only: the list of
   (arm, seed, parts, done) without training anything)."""
@@ -255,31 +268,31 @@ def enable_compilation_cache(path: str) -> None:
 def define_flags(fv) -> None:
   """The CLI's flags (the base config of every run is --config=FILE[:arg] with --config.KEY=VALUE
   overrides, default configs/tiny.py:data=digits)."""
-  flags.DEFINE_string("root", DEFAULT_ROOT, "directory of the runs and their records", flag_values=fv)
-  flags.DEFINE_list("seeds", ["0"], "seeds of every arm", flag_values=fv)
-  flags.DEFINE_string("experiments", "a,b,c,d,e,f", "which of a-f (letters, commas optional)", flag_values=fv)
-  flags.DEFINE_list("dis_temps", [_value_text(w) for w in DIS_TEMPS], "(b): positive weights "
-                    "of the official signed-sum term", flag_values=fv)
-  flags.DEFINE_list("orth_weights", [_value_text(w) for w in ORTH_WEIGHTS], "(b): positive "
-                    "weights of the fix_orth penalty (empty: --dis_temps)", flag_values=fv)
-  flags.DEFINE_list("reg_temps", [_value_text(r) for r in REG_TEMPS], "(f): reg_temp values", flag_values=fv)
-  flags.DEFINE_list("n_per_class", [str(n) for n in N_PER_CLASS],
-                    "(c): training images per class (at least 2 values)", flag_values=fv)
-  flags.DEFINE_integer("n_per_task", SETTINGS["n_per_task"], "probe images per task of the "
-                       "kernels", flag_values=fv)
-  flags.DEFINE_integer("probes", SETTINGS["probes"], "random probes of the feature sketch", flag_values=fv)
-  flags.DEFINE_integer("lin_train", SETTINGS["lin_train"], "(d): training images per task of "
-                       "the linearised run", flag_values=fv)
-  flags.DEFINE_integer("lin_test", SETTINGS["lin_test"], "(d): test images per task it is "
-                       "compared on", flag_values=fv)
-  flags.DEFINE_bool("plan", False, "list the runs (arm x seed) and which records exist; train "
-                    "nothing", flag_values=fv)
-  flags.DEFINE_bool("keep_checkpoints", False, "keep each run's checkpoints after its record", flag_values=fv)
-  flags.DEFINE_bool("nt_check", True, "recompute each base run's kernel at theta_T through "
-                    "neural-tangents (needs the `ntk` extra)", flag_values=fv)
-  flags.DEFINE_bool("compilation_cache", False, "persistent XLA cache under ROOT/.jax_cache", flag_values=fv)
-  flags.DEFINE_float("memory_limit_gb", 0, "memory budget of one kernel in GiB (0: the "
-                     "default of ntk_analysis.kernels)", flag_values=fv)
+  def define(kind, name, default, help_text):
+    getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=fv)
+  define("string", "root", DEFAULT_ROOT, "directory of the runs and their records")
+  define("list", "seeds", ["0", "1", "2", "3", "4"], "seeds of every arm")
+  define("string", "experiments", "a,b,c,d,e,f", "which of a-f (letters, commas optional)")
+  define("list", "dis_temps", [_value_text(w) for w in DIS_TEMPS],
+         "(b): positive weights of the official signed-sum term")
+  define("list", "orth_weights", [_value_text(w) for w in ORTH_WEIGHTS],
+         "(b): positive weights of the fix_orth penalty")
+  define("list", "reg_temps", [_value_text(r) for r in REG_TEMPS],
+         "(f): reg_temp values, below the stability bound (1 + momentum) / lr")
+  define("list", "n_per_class", [str(n) for n in N_PER_CLASS],
+         "(c): training images per class (at least 2 values)")
+  define("integer", "n_per_task", SETTINGS["n_per_task"], "probe images per task of the kernels")
+  define("integer", "probes", SETTINGS["probes"], "random probes of the feature sketch")
+  define("integer", "lin_test", SETTINGS["lin_test"],
+         "(d): test images per task the linearised and the real run are compared on")
+  define("bool", "plan", False, "list the runs (arm x seed) and which records exist; train "
+         "nothing")
+  define("bool", "keep_checkpoints", False, "keep each run's checkpoints after its record")
+  define("bool", "nt_check", True, "recompute each base run's kernel at theta_T through "
+         "neural-tangents (needs the `ntk` extra)")
+  define("bool", "compilation_cache", False, "persistent XLA cache under ROOT/.jax_cache")
+  define("float", "memory_limit_gb", 0, "memory budget of one kernel in GiB (0: the default of "
+         "ntk_analysis.kernel_memory)")
 
 
 def _main(fl, config, config_spec, config_overrides) -> int:
@@ -297,14 +310,13 @@ def _main(fl, config, config_spec, config_overrides) -> int:
     seeds = [int(s) for s in fl.seeds]
     n_per_class = [int(n) for n in fl.n_per_class]
     dis_temps, reg_temps = [float(w) for w in fl.dis_temps], [float(r) for r in fl.reg_temps]
-    orth_weights = [float(w) for w in fl.orth_weights] or None
+    orth_weights = [float(w) for w in fl.orth_weights]
   except ValueError as e:
     raise cli.InputError(f"--seeds / --n_per_class need integers and --dis_temps / --reg_temps / "
                          f"--orth_weights numbers ({e})")
   if "c" in exps and len(set(n_per_class)) < 2:
     raise cli.InputError("--n_per_class needs at least 2 values for the slope of (c)")
-  settings = {"n_per_task": fl.n_per_task, "probes": fl.probes, "lin_train": fl.lin_train,
-              "lin_test": fl.lin_test}
+  settings = {"n_per_task": fl.n_per_task, "probes": fl.probes, "lin_test": fl.lin_test}
   spec, base_overrides = config_spec, config_overrides
   sweep_command = "python -m scripts.theory " + " ".join(sys.argv[1:])
   config.train.mesh_data = 1
@@ -334,9 +346,8 @@ def _main(fl, config, config_spec, config_overrides) -> int:
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.run_program(_main, define_flags, argv, doc=__doc__,
-                         take=config_files.take_config("configs/tiny.py:data=digits"))
+main = cli.program(_main, define_flags, __doc__,
+                   take=config_files.take_config("configs/tiny.py:data=digits"))
 
 
 if __name__ == "__main__":

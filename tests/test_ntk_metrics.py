@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ntk_analysis import experiments, joint, kernels, linearized, metrics, param_groups, readouts
+from ntk_analysis import joint, kernels, linearized, metrics, param_groups, readouts
+from ntk_analysis import report
 
 
 def _jacobians(seed=0, p=12, ns=5, nt=6):
@@ -190,7 +191,7 @@ def test_overlap_and_interference_on_a_controlled_joint_kernel(tmp_path):
     joint.JointKernel(k=kt, task_index=jk.task_index, indices=jk.indices).save(path)
   acc = [[90.0, None, None], [88.0, 80.0, None], [60.0, 79.0, 75.0]]
   (wd / "results.json").write_text(json.dumps({"accuracy_matrix": acc, "config": {}}))
-  res = experiments.overlap_vs_forgetting([str(wd)], str(tmp_path / "a.png"), kernel=jk)
+  res = report.overlap_vs_forgetting([str(wd)], str(tmp_path / "a.png"), kernel=jk)
   pairs = pd.DataFrame(res["table"])
   row = lambda s, t: pairs[(pairs.s == s) & (pairs.t == t)].iloc[0]
   assert row(0, 1)["rho"] == pytest.approx(0, abs=1e-12)
@@ -202,7 +203,7 @@ def test_overlap_and_interference_on_a_controlled_joint_kernel(tmp_path):
   f_01 = metrics.predicted_interference(jk.block(0, 1), jk.block(1, 1), r[1], 1e-3)[1]
   f_02 = metrics.predicted_interference(jk.block(0, 2), jk.block(2, 2), r[2], 1e-3)[1]
   assert f_01 == pytest.approx(0, abs=1e-12) and f_02 > 0
-  assert res["holds"] is None  # one run describes, the sweep judges (experiments.interference)
+  assert res["holds"] is None  # one run describes, the sweep judges (judge.interference)
 
 
 def test_centring_removes_a_constant_component_exactly():

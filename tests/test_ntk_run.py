@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from ntk_analysis import analyse, joint, readouts
+from ntk_analysis import joint, readouts, run_data
 from ntkcl_jax import config_files, data, train
 from ntkcl_jax.checkpoints import runs
 
@@ -45,7 +45,7 @@ def test_run_writes_kernels_report_and_plots(tiny_workdir):
   # independent check: naive J J^T of the same readout on the same images
   jk = joint.JointKernel.load(os.path.join(out, "kernel_fused.npz"))
   config, learner, state, _ = runs.load_run(tiny_workdir)
-  images, _ = analyse.task_data(data.build_stream(config))
+  images, _ = run_data.task_data(data.build_stream(config))
   x = np.concatenate([images[t][jk.indices[t]] for t in jk.tasks])  # the saved subsets
   assert all(len(jk.indices[t]) == 4 for t in jk.tasks) and len(jk.tasks) == 3
   f, params = readouts.model_readout(learner, state, "fused",
@@ -64,7 +64,7 @@ def test_extract_features_of_a_run_directory(tiny_workdir, tmp_path):
   on the restored state, and the logits' argmax is the run's prediction rule."""
   from ntkcl_jax.models import ntkcl  # pylint: disable=g-import-not-at-top
   config, learner, state, _ = runs.load_run(tiny_workdir)
-  images, labels = analyse.task_data(data.build_stream(config))
+  images, labels = run_data.task_data(data.build_stream(config))
   x = np.concatenate([images[t][:3] for t in sorted(images)])
   np.save(tmp_path / "in.npy", x)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,276 @@
+"""ntk_analysis.judge (a)-(f) on constructed sweeps of records whose answers are known, and the
+measuring helpers of ntk_analysis.measure against naive second computations: the verdicts follow
+the t intervals, (a) is net of SimpleCIL and holds task age fixed, (b)'s code predictions follow
+the measured gradient scale, (c)'s slopes and control, (d)'s thresholds, (f)'s U shape inside the
+stability bound; one seed never gives a verdict."""
+import copy
+
+import numpy as np
+import pytest
+
+from ntk_analysis import judge, measure
+from ntkcl_jax import switches
+
+T = 5  # tasks
+
+
+def _config(**changes):
+  c = {"seed": 0, "train": {"keep_checkpoints": 6},
+       "data": {"name": "digits", "num_classes": 10, "increment": 2, "max_per_class_train": 40},
+       "model": {"name": "tiny", "image_size": 16, "checkpoint": "", "overrides": {}},
+       "optim": {"epochs": 2, "lr": 0.02, "momentum": 0.9},
+       "method": {"name": "ntkcl", "variant": "official", "dis_temp": 1e-4, "reg_temp": 1e-3,
+                  "frozen_update": "ema", **{s: False for s in switches.NAMES}}}
+  for key, value in changes.items():
+    section, leaf = key.split(".")
+    c[section][leaf] = value
+  return c
+
+
+def _record(arm, seed, acc=None, config=None, **parts):
+  acc = acc if acc is not None else np.tril(np.full((T, T), 80.0))
+  acc = np.where(np.tril(np.ones((T, T))) > 0, acc, np.nan)
+  forgetting = float(np.mean([np.nanmax(acc[:-1, s]) - acc[-1, s] for s in range(T - 1)]))
+  cfg = copy.deepcopy(config or _config())
+  cfg["seed"] = seed
+  return {"arm": arm, "seed": seed, "config": cfg, "command": f"--config.seed={seed}",
+          "results": {"accuracy_matrix": [[None if np.isnan(v) else float(v) for v in row]
+                                          for row in acc],
+                      "last_accuracy": float(np.nanmean(acc[-1])), "forgetting": forgetting},
+          **parts}
+
+
+def _acc_from_drops(drop_of):
+  """An accuracy matrix whose A[t-1, s] - A[t, s] is drop_of(s, t)."""
+  a = np.full((T, T), np.nan)
+  for s in range(T):
+    a[s, s] = 90.0
+    for t in range(s + 1, T):
+      a[t, s] = a[t - 1, s] - drop_of(s, t)
+  return a
+
+
+def _pairs(interference_of, rho_of=None):
+  rho_of = rho_of or interference_of
+  return [{"s": s, "t": t, "interference": interference_of(s, t), "rho": rho_of(s, t),
+           "rho_centred": rho_of(s, t), "principal_cos_topk": rho_of(s, t),
+           "feature_drift": interference_of(s, t)} for t in range(1, T) for s in range(t)]
+
+
+SIMPLE = _config(**{"method.name": "simplecil"})
+
+
+def _a_sweep(seeds, base_drop, simple_drop, pred):
+  recs = []
+  for seed in seeds:
+    recs.append(_record("base", seed, _acc_from_drops(lambda s, t: base_drop(seed, s, t)),
+                        pairs=_pairs(lambda s, t: pred(seed, s, t))))
+    recs.append(_record("name=simplecil", seed,
+                        _acc_from_drops(lambda s, t: simple_drop(seed, s, t)), config=SIMPLE))
+  return judge.Sweep(recs)
+
+
+def test_a_holds_when_the_interference_orders_the_net_drop_within_each_lag():
+  rng = {s: np.random.default_rng(s) for s in range(5)}
+  pred = {(seed, s, t): rng[seed].uniform(0.2, 0.9) for seed in range(5)
+          for t in range(1, T) for s in range(t)}
+  sweep = _a_sweep(range(5), lambda seed, s, t: 5 + 20 * pred[(seed, s, t)] + 3 * (t - s),
+                   lambda seed, s, t: 5 + 3 * (t - s), lambda seed, s, t: pred[(seed, s, t)])
+  res = judge.interference(sweep)
+  main = res["findings"][0]
+  assert main["estimate"] == pytest.approx(1.0) and main["n"] == 5
+  assert res["verdict"] == "holds"
+
+
+def test_a_is_net_of_simplecil_and_holds_task_age_fixed():
+  """The raw drop follows the predictor only through what SimpleCIL also drops (dilution by new
+  classes): net of the control nothing is left, so (a) does not hold; and a predictor that
+  follows the lag alone does not hold either."""
+  rng = np.random.default_rng(7)
+  pred = {(seed, s, t): rng.uniform(0.2, 0.9) for seed in range(20)
+          for t in range(1, T) for s in range(t)}
+  noise = {k: rng.normal() for k in pred}
+  jitter = {k: rng.normal() for k in pred}
+  sweep = _a_sweep(range(20), lambda seed, s, t: 20 * pred[(seed, s, t)] + noise[(seed, s, t)],
+                   lambda seed, s, t: 20 * pred[(seed, s, t)],
+                   lambda seed, s, t: pred[(seed, s, t)])
+  res = judge.interference(sweep)
+  assert res["verdict"] != "holds" and abs(res["findings"][0]["estimate"]) < 0.3
+  lag_only = _a_sweep(range(20), lambda seed, s, t: 10 * (t - s) + noise[(seed, s, t)],
+                      lambda seed, s, t: 0.0,
+                      lambda seed, s, t: 0.2 * (t - s) + 0.01 * jitter[(seed, s, t)])
+  res = judge.interference(lag_only)
+  assert res["verdict"] != "holds" and abs(res["findings"][0]["estimate"]) < 0.3
+
+
+def test_one_seed_never_gives_a_verdict():
+  sweep = _a_sweep([0], lambda seed, s, t: s + t, lambda seed, s, t: 0.0,
+                   lambda seed, s, t: s + t)
+  res = judge.interference(sweep)
+  assert res["verdict"] == "inconclusive" and "no interval" in res["findings"][0]["text"]
+
+
+def _b_sweep(effect: dict, scale=(0.5, 2.0)):
+  """Base (official 1e-4) plus (b)'s arms; effect[(kind, w)] = the shift of mean centred rho
+  and A_T against the kind's zero control; the base records the gradient scales."""
+  recs = []
+  arms = {("official", 1e-4): ("base", _config()),
+          ("official", 0.0): ("dis_temp=0", _config(**{"method.dis_temp": 0.0}))}
+  for w in (0.0, 1e-2, 1.0):
+    arms[("fix_orth", w)] = (f"fix_orth {w}", _config(**{
+        "method.dis_temp": w, "method.variant": "corrected", "method.fix_orth": True}))
+  for seed in range(5):
+    for (kind, w), (arm, cfg) in arms.items():
+      d = effect.get((kind, w), 0.0) + 0.001 * np.sin(seed + 3 * w)
+      acc = np.tril(np.full((T, T), 80.0 + 10 * d))
+      rec = _record(arm, seed, acc, config=cfg,
+                    pairs=[{"rho_centred": 0.5 + d, "rho": 0.5, "s": 0, "t": 1}])
+      if arm == "base":
+        rec["grad_scale"] = {"ce": 1.0, "nce": 1.0, "orth_official": scale[0],
+                             "orth_corrected": scale[1]}
+      recs.append(rec)
+  return judge.Sweep(recs)
+
+
+def test_b_code_predictions_follow_the_measured_gradient_scale():
+  # official at 1e-4: scale 5e-5 (quiet); fix_orth at 1e-2: 0.02 (between); at 1: 2 (loud)
+  res = judge.orthogonality(_b_sweep({("fix_orth", 1.0): -0.2}))
+  table = {r["arm"]: r["code prediction"] for r in res["tables"]["arms"]}
+  assert table == {"signed sum (official) at 0.0001": "no effect", "fix_orth at 0.01": None,
+                   "fix_orth at 1": "an effect"}
+  assert res["code_verdict"] == "holds"
+  assert res["verdict"] == "inconclusive"  # fix_orth 0.01 lowers rho by nothing measurable
+  quiet_moves = judge.orthogonality(_b_sweep({("official", 1e-4): 0.3, ("fix_orth", 1.0): -0.2}))
+  assert quiet_moves["code_verdict"] == "fails"
+  loud_still = judge.orthogonality(_b_sweep({}))
+  assert loud_still["code_verdict"] == "fails"
+
+
+def _c_sweep(slope, ctl_slope):
+  recs = []
+  for seed in range(5):
+    for n in (25, 50, 100, 200):
+      arm = "base" if n == 200 else f"n={n}"
+      gap = 2.0 * (n / 25) ** slope * (1 + 0.01 * seed)
+      cfg = _config(**{"data.max_per_class_train": n, "optim.epochs": 2 * 200 // n})
+      recs.append(_record(arm, seed, config=cfg, gap=[
+          {"task": t, "proxy_train_ce": 0.1, "proxy_test_ce": 0.1 + gap, "proxy_train_acc": 1.0,
+           "proxy_test_acc": 0.9, "ncm_train_loo": 0.9, "ncm_test": 0.9 - 0.1 * (n / 25) ** slope}
+          for t in range(T)]))
+      ctl = _config(**{"data.max_per_class_train": n, "optim.epochs": 2 * 200 // n,
+                       "method.name": "simplecil"})
+      recs.append(_record(f"simple n={n}", seed, config=ctl, gap=[
+          {"task": t, "ncm_train_loo": 0.9, "ncm_test": 0.9 - 0.1 * (n / 25) ** ctl_slope}
+          for t in range(T)]))
+  return judge.Sweep(recs)
+
+
+def test_c_slopes_and_the_simplecil_control():
+  res = judge.views_and_sample_size(_c_sweep(-0.5, -0.1))
+  f = {x["quantity"]: x for x in res["findings"]}
+  slope = f["slope of log(proxy-head CE gap) against log N"]
+  assert slope["estimate"] == pytest.approx(-0.5, abs=1e-6) and slope["verdict"] == "holds"
+  assert f["the same slope against N^-1/2"]["verdict"] == "holds"
+  paired = f["slope of log(prototype-classifier gap), NTK-CL − SimpleCIL (paired)"]
+  assert paired["estimate"] == pytest.approx(-0.4) and paired["verdict"] == "holds"
+  flat = judge.views_and_sample_size(_c_sweep(0.2, 0.2))
+  assert flat["verdict"] == "fails"
+
+
+def test_d_thresholds():
+  def sweep(agreement, e_fun):
+    return judge.Sweep([_record("base", s, lazy=[
+        {"task": t, "agreement": agreement + 0.001 * s, "e_fun": e_fun, "e_lin": 0.1, "S": 0.01,
+         "acc_real": 0.9, "acc_lin": 0.88} for t in range(T)]) for s in range(5)])
+  assert judge.laziness(sweep(0.97, 0.1))["verdict"] == "holds"
+  assert judge.laziness(sweep(0.6, 0.1))["verdict"] == "fails"
+  assert judge.laziness(sweep(0.97, 0.8))["verdict"] == "fails"
+
+
+def test_f_u_shape_inside_the_bound_and_ema_against_copy():
+  recs = []
+  a_t = {0.0: 60.0, 1e-3: 64.0, 1.0: 66.0, 30.0: 55.0}
+  for seed in range(5):
+    for r, acc in a_t.items():
+      arm = "base" if r == 1e-3 else f"reg={r}"
+      tasks = [{"task": t, "drift_S": 0.1 / (1 + r) + 0.001 * seed} for t in range(T)]
+      recs.append(_record(arm, seed, np.tril(np.full((T, T), acc + 0.1 * seed)),
+                          config=_config(**{"method.reg_temp": r}), tasks=tasks))
+    recs.append(_record("copy", seed, np.tril(np.full((T, T), 62.0)),
+                        config=_config(**{"method.frozen_update": "copy"}),
+                        tasks=[{"task": t, "drift_S": 0.5} for t in range(T)]))
+  res = judge.regularisation_and_ema(judge.Sweep(recs))
+  assert res["verdicts"] == {"U shape (A_T)": "holds", "drift falls with reg_temp": "holds",
+                             "EMA: drift": "holds", "EMA: accuracy": "holds"}
+  assert judge.stability_bound({"optim.lr": 0.02, "optim.momentum": 0.9}) == pytest.approx(95.0)
+  assert "95" in res["criterion"]
+
+
+def test_missing_arms_are_reported_not_judged():
+  sweep = judge.Sweep([_record("base", 0)])
+  for key in "abcdf":
+    res = judge.EXPERIMENTS[key](sweep)
+    assert res["missing"] and res["verdict"] is None
+
+
+# -- measuring helpers against naive second computations -----------------------------------------
+def test_loo_prototype_accuracy_against_a_naive_loop():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(30, 12))
+  y = rng.integers(0, 3, size=30)
+  x[y == 1] += 0.7
+  weights = (0.3, 0.1)
+  correct = 0
+  for i in range(len(x)):
+    keep = np.arange(len(x)) != i
+    protos = np.stack([x[keep & (y == c)].mean(0) for c in range(3)])
+    correct += measure.reweighted(x[i:i + 1], protos, weights).argmax() == y[i]
+  assert measure.loo_ncm_accuracy(x, y, weights) == pytest.approx(correct / len(x))
+  # against the prototypes that include each image itself, leave-one-out is never easier
+  full = np.stack([x[y == c].mean(0) for c in range(3)])
+  assert measure.loo_ncm_accuracy(x, y, weights) <= np.mean(
+      measure.reweighted(x, full, weights).argmax(1) == y)
+
+
+def test_interference_term_against_dense_jacobians():
+  """The mixed-readout kernel's blocks give J_f(X_s) J_l(X_t)^T (J_l J_l^T + lambda I)^-1 R."""
+  rng = np.random.default_rng(1)
+  n, r, o, p = 4, 3, 2, 40
+  jac = rng.normal(size=(2 * n, r + o, p))  # rows: task s then task t
+  k = np.einsum("iap,jbp->ijab", jac, jac)  # (N, N, O, O), untraced
+  rows_s, rows_t = np.arange(n), np.arange(n, 2 * n)
+  residual = rng.normal(size=(n, o))
+  jf = jac[rows_s, :r].reshape(n * r, p)
+  jl = jac[rows_t, r:].reshape(n * o, p)
+  kll = jl @ jl.T
+  lam = measure.RIDGE * np.trace(kll) / kll.shape[0]
+  d = jf @ jl.T @ np.linalg.solve(kll + lam * np.eye(n * o), residual.reshape(-1))
+  got = measure.interference(k, rows_s, rows_t, r, residual)
+  assert got == pytest.approx(np.sum(d ** 2) / n, rel=1e-10)
+
+
+def test_trace_normalised_stack_gives_every_view_unit_trace():
+  rng = np.random.default_rng(2)
+  j = rng.normal(size=(5, 3, 20)) * np.array([1.0, 10.0, 0.1])[None, :, None]
+  blk = np.einsum("avp,bwp->abvw", j, j)
+  big = measure.trace_normalised_stack(blk)
+  for v in range(3):  # rows (sample, view), sample-major
+    assert np.trace(big[v::3, v::3]) == pytest.approx(1.0)
+  assert np.allclose(big, big.T)
+
+
+def test_ce_residual_is_the_negative_gradient_of_cross_entropy():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(4, 2 * 3))  # 2 views x 3 classes
+  labels = rng.integers(0, 3, size=4)
+  got = measure._ce_residual(logits, labels, 3)  # pylint: disable=protected-access
+  eps = 1e-6
+  for i in range(4):
+    for j in range(6):
+      def ce(z, view=j // 3):
+        zz = z.reshape(2, 3)[view]
+        return np.log(np.exp(zz).sum()) - zz[labels[i]]
+      up, down = logits[i].copy(), logits[i].copy()
+      up[j] += eps
+      down[j] -= eps
+      assert -(ce(up) - ce(down)) / (2 * eps) == pytest.approx(got[i, j], abs=1e-6)
