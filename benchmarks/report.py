@@ -197,6 +197,8 @@ def _main(fv) -> int:
   sections.append(("Compute policy: float32 against bfloat16, einsum against fused attention, "
                    "remat", [py, "-m", "benchmarks.precision", "--accuracy_seeds=0,1,2,3,4"]))
   sections.append(("Host syncs per step", [py, "-m", "benchmarks.host_sync"]))
+  sections.append(("Whole runs on 1, 3, 4 and 6 devices with eval batches that do not divide, "
+                   "and the progress a run shows", [py, "-m", "benchmarks.device_runs"]))
   sections.append(("Empirical NTK across devices: joint kernel of 5 tasks x 64 images, tiny "
                    "config, host and device contraction",
                    [py, "-m", "benchmarks.ntk", "--device_counts=1,2,4,8",

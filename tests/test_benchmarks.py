@@ -125,3 +125,20 @@ def test_precision_accuracy_table_pairs_runs_by_seed(monkeypatch, tmp_path, shif
   for name in ("ΔĀ", "ΔA_T"):
     line = next(l for l in text.splitlines() if l.startswith(f"- {name}: "))
     assert line.startswith(f"- {name}: {want:+.2f} [") and f"**{verdict}**" in line, line
+
+
+def test_device_runs_table_compares_every_run_with_one_device():
+  from benchmarks import device_runs  # pylint: disable=g-import-not-at-top
+  res = lambda m: {"accuracy_matrix": m, "last_accuracy": m[-1][-1]}  # noqa: E731
+  runs = [{"devices": 1, "eval_batch": 18, "code": 0, "traceback": False, "seconds": 5.0,
+           "results": res([[90.0]])},
+          {"devices": 3, "eval_batch": 18, "code": 0, "traceback": False, "seconds": 6.0,
+           "results": res([[90.0]])},
+          {"devices": 4, "eval_batch": 18, "code": 0, "traceback": False, "seconds": 6.0,
+           "results": res([[80.0]])},
+          {"devices": 6, "eval_batch": 18, "code": 2, "traceback": False, "seconds": 1.0,
+           "stderr": "error: boom"}]
+  rows = device_runs.table(runs)
+  assert rows[2].startswith("| 1 | 18 | 0 | False | 90.00 | True |")
+  assert "| 90.00 | True |" in rows[3] and "| 80.00 | False |" in rows[4]
+  assert "error: error: boom" in rows[5] and "| n/a |" in rows[5]
