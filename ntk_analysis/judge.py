@@ -276,7 +276,9 @@ def orthogonality(sweep: Sweep, plot_path: Optional[str] = None) -> dict:
            and "(code" not in f["quantity"]
            and f["quantity"].endswith(("Δ mean centred rho", "Δ forgetting"))]
   res = result("b", prediction, control, criterion, found, combine(paper),
-               {"arms": table, "gradient_scale_per_unit_weight": scale}, plot_path)
+               {"arms": table, "gradient scale per unit weight (|grad L_orth| / |grad sum CE|, "
+                "base run, start of task 1)": [{"term": k, "scale": v} for k, v in scale.items()]},
+               plot_path)
   res["code_verdict"] = combine(verdicts)
   return res
 
@@ -409,8 +411,9 @@ def laziness(sweep: Sweep, plot_path: Optional[str] = None) -> dict:
                {s: 100 * v["acc_real"] for s, v in per_seed.items()},
                {s: 100 * v["acc_lin"] for s, v in per_seed.items()}))]
   task0 = [r for rec in sweep.base().values() for r in rec.get("lazy") or [] if r["task"] == 0]
-  tables = {"task 0": {k: float(np.mean([r[k] for r in task0]))
-                       for k in ("agreement", "e_fun", "e_lin", "S")} if task0 else {}}
+  tables = {"task 0 (from the zero-initialised adapters, not judged)": [
+      {k: float(np.mean([r[k] for r in task0])) for k in ("agreement", "e_fun", "e_lin", "S")}]
+      if task0 else []}
   if plot_path:
     plots.findings(found[:3], plot_path, "(d) linearised vs real run")
   return result("d", prediction, control, criterion, found, combine([a["verdict"], e["verdict"]]),

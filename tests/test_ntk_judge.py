@@ -274,3 +274,20 @@ def test_ce_residual_is_the_negative_gradient_of_cross_entropy():
       up[j] += eps
       down[j] -= eps
       assert -(ce(up) - ce(down)) / (2 * eps) == pytest.approx(got[i, j], abs=1e-6)
+
+
+def test_every_result_renders_on_the_page():
+  """docs/ntk.md's section of each experiment renders from its result (tables are rows)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from scripts import ntk_page  # pylint: disable=g-import-not-at-top
+  lazy = judge.Sweep([_record("base", s, lazy=[
+      {"task": t, "agreement": 0.95, "e_fun": 0.1, "e_lin": 0.1, "S": 0.01, "acc_real": 0.9,
+       "acc_lin": 0.88} for t in range(T)]) for s in range(3)])
+  results = [judge.orthogonality(_b_sweep({("fix_orth", 1.0): -0.2})),
+             judge.views_and_sample_size(_c_sweep(-0.5, -0.1)), judge.laziness(lazy)]
+  for res in results:
+    text = "\n".join(ntk_page.experiment_section(res, "ntk/"))
+    assert f"### ({res['experiment']})" in text and "- Control: " in text
+    assert "Verdict: " in text
