@@ -15,12 +15,11 @@ estimate of the compiled step's temporary buffers (`compiled.memory_analysis()`
 .temp_size_in_bytes), which is what remat trades for recomputation. The bf16-vs-f32 accuracy of
 a whole run is checked by tests/test_precision.py (tiny config); `--accuracy_seeds` also compares
 whole runs on real data: the faithful Split-Imagenette runs of docs/results.md (real DINOv2-S/14,
-its scale) against the same runs in bfloat16, paired by seed (scripts/results_page.py trains them
-unless finished, in its run directory), with each run's wall time.
+its scale) against the same runs in bfloat16, paired by seed (the finished ones: python -m
+scripts.results_page trains them, in its run directory), with each run's wall time.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import sys
@@ -99,22 +98,24 @@ ACC_MARGIN = 1.0
 
 
 def accuracy_lines(seeds, workdir: str) -> list:
-  """The faithful Split-Imagenette runs of docs/results.md in float32 and in bfloat16 (trained
-  unless finished), paired by seed: a markdown table of Ā, A_T and wall time per run, and the
-  paired differences with Student-t intervals and a verdict against ACC_MARGIN."""
+  """The finished faithful Split-Imagenette runs of docs/results.md in float32 and in bfloat16
+  (scripts/results_page.py trains them; nothing is trained here), paired by seed: a markdown
+  table of Ā, A_T and wall time per run, and the paired differences with Student-t intervals
+  and a verdict against ACC_MARGIN."""
   from scripts import pages  # pylint: disable=g-import-not-at-top  # the runs' owner
   scale = pages.DEFAULT_SCALE
-  with contextlib.redirect_stdout(sys.stderr):  # the runs' logs; stdout is the page section
-    runs = {m: {s: pages.run_cell("imagenette", m, s, scale, workdir) for s in seeds}
-            for m in ("official", "official_bf16")}
+  runs = {m: {s: pages.finished_cell("imagenette", m, s, scale, workdir) for s in seeds}
+          for m in ("official", "official_bf16")}
+  done = [s for s in seeds if runs["official"][s] and runs["official_bf16"][s]]
   lines = ["", f"Whole runs on real data: Split-Imagenette at docs/results.md's scale (`{scale}`, "
-           f"real DINOv2-S/14), faithful NTK-CL in float32 and in bfloat16 compute, seeds "
-           f"{list(seeds)} (same class order, images and initialisation within a seed); runs in "
+           f"real DINOv2-S/14), faithful NTK-CL in float32 and in bfloat16 compute, the seeds of "
+           f"{list(seeds)} whose two runs are finished: {done} (same class order, images and "
+           f"initialisation within a seed); runs in "
            f"{os.path.relpath(workdir, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}"
            f"/imagenette/{{official,official_bf16}}/seed<s>.", "",
            "| seed | Ā f32 | Ā bf16 | A_T f32 | A_T bf16 | max abs diff of the accuracy matrix | "
            "wall s f32 | wall s bf16 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-  for s in seeds:
+  for s in done:
     a, b = runs["official"][s], runs["official_bf16"][s]
     ma, mb = (np.array([[np.nan if v is None else v for v in row] for row in r["accuracy_matrix"]])
               for r in (a, b))
@@ -122,14 +123,13 @@ def accuracy_lines(seeds, workdir: str) -> list:
                  f"{b['avg_incremental_accuracy']:.2f} | {a['last_accuracy']:.2f} | "
                  f"{b['last_accuracy']:.2f} | {np.nanmax(np.abs(ma - mb)):.2f} | "
                  f"{a['wall_time_s']:.0f} | {b['wall_time_s']:.0f} |")
-  lines += ["", "Wall times are as the runs recorded them: the float32 runs were trained for "
-            "docs/results.md, some while other jobs shared the CPU, so they are not a speed "
-            "comparison; the step times above are.", "",
+  lines += ["", "Wall times are as the runs recorded them, some while other jobs shared the CPU, "
+            "so they are not a speed comparison; the step times above are.", "",
             f"Paired bf16 − f32 (mean over seeds, Student-t 95% interval, the bootstrap beside it); "
             f"criterion: no effect if the interval lies within ±{ACC_MARGIN:g} point:", ""]
   for key, name in (("avg_incremental_accuracy", "ΔĀ"), ("last_accuracy", "ΔA_T")):
-    iv = evidence.paired({s: runs["official_bf16"][s][key] for s in seeds},
-                         {s: runs["official"][s][key] for s in seeds})
+    iv = evidence.paired({s: runs["official_bf16"][s][key] for s in done},
+                         {s: runs["official"][s][key] for s in done})
     lines.append(f"- {name}: {evidence.describe(iv, '=0', ACC_MARGIN)}")
   return lines
 

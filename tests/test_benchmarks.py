@@ -116,7 +116,7 @@ def test_precision_accuracy_table_pairs_runs_by_seed(monkeypatch, tmp_path, shif
     a = base[seed] + (shift + noise[seed] if method == "official_bf16" else 0.0)
     return {"avg_incremental_accuracy": a + 10, "last_accuracy": a, "wall_time_s": 100.0,
             "accuracy_matrix": [[a + 1, None], [a - 1, a]]}
-  monkeypatch.setattr(pages, "run_cell", fake)
+  monkeypatch.setattr(pages, "finished_cell", fake)
   text = "\n".join(precision.accuracy_lines(range(5), str(tmp_path)))
   rows = [l for l in text.splitlines() if l.startswith("| ") and l[2].isdigit()]
   assert len(rows) == 5
