@@ -227,7 +227,7 @@ def check_inputs(roots, output: str) -> None:
   for root in roots:
     if not os.path.isdir(root) or not judge.Sweep.load(root).records:
       raise cli.InputError(f"--theory={root}: no record.json under it (ROOT/<arm>/seed<s>/"
-                           f"record.json); run python scripts/theory.py --root={root} first")
+                           f"record.json); run python -m scripts.theory --root={root} first")
   if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
     raise cli.InputError(f"--output={output}: directory {os.path.dirname(output)} does not exist")
 

