@@ -20,7 +20,7 @@ def _show(*args, cwd=REPO):
 
 
 def test_tiny_with_seed_override_from_another_directory(tmp_path):
-  r = _show(f"--config={REPO}/configs/tiny.py", "--config.seed=3", cwd=tmp_path)
+  r = _show(f"--config={REPO}/ntkcl_jax/configs/tiny.py", "--config.seed=3", cwd=tmp_path)
   assert r.returncode == 0, r.stderr
   out = json.loads(r.stdout)
   np.random.seed(3)

@@ -71,6 +71,8 @@ def test_installed_wheel_finds_and_runs_its_configs_from_any_directory(wheel, tm
   code = f"""
 import importlib.util, os
 
+from ntkcl_jax import config_files
+
 assert config_files.__file__.startswith({str(target)!r}), config_files.__file__
 assert config_files.CONFIG_DIR == os.path.join({str(target)!r}, "ntkcl_jax", "configs")
 assert importlib.util.find_spec("configs") is None

@@ -71,11 +71,13 @@ def _run_install_cell(tmp_path, env_extra, fake_nvidia_smi=False):
 
 
 def _fake_checkout(tmp_path):
-  """A folder that looks like a checkout; its install.sh records its argument and $PYTHON."""
+  """A folder that looks like a checkout; its install.sh records its argument and $PYTHON and
+  "installs" an empty ntkcl_jax package into the cell's working directory (on its sys.path)."""
   src = tmp_path / "fake_checkout"
   (src / "ntkcl_jax").mkdir(parents=True)
   (src / "setup.py").write_text("")
-  (src / "install.sh").write_text(f'echo "$1 $PYTHON" > {tmp_path / "called"}\n')
+  (src / "install.sh").write_text(f'echo "$1 $PYTHON" > {tmp_path / "called"}\n'
+                                  'mkdir -p ntkcl_jax && touch ntkcl_jax/__init__.py\n')
   return src
 
 
@@ -107,3 +109,13 @@ def test_install_cell_fails_clearly_without_a_usable_source(tmp_path, source, me
   last = p.stderr.strip().splitlines()[-1]
   assert last.startswith("RuntimeError: ") and message in last, p.stderr[-3000:]
   assert not (tmp_path / "called").exists()
+
+
+def test_install_cell_says_restart_when_the_install_is_not_importable(tmp_path):
+  """An install.sh that succeeds without making ntkcl_jax importable here: the cell stops with
+  the restart advice instead of failing later on an import."""
+  src = _fake_checkout(tmp_path)
+  (src / "install.sh").write_text("true\n")
+  p = _run_install_cell(tmp_path, {"NTKCL_NB_SOURCE": str(src)})
+  assert p.returncode != 0
+  assert "ntkcl-jax was installed but this kernel cannot import it" in p.stderr, p.stderr[-3000:]

@@ -23,7 +23,7 @@ from ntkcl_jax import cli, config_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "data", "official_golden.npz")
-CONFIG = os.path.join(REPO, "configs", "ntkcl_benchmarks.py:benchmark=cifar100,backbone=in21k")
+CONFIG = os.path.join(REPO, "ntkcl_jax", "configs", "ntkcl_benchmarks.py:benchmark=cifar100,backbone=in21k")
 TOL = 1e-4  # relative, per item: max |ours - official| / max |official|
 
 
