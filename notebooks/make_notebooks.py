@@ -134,6 +134,7 @@ TRAIN = """# A class-incremental run: the tiny config (CPU fallback) or the real
 cfg_file = "tiny.py" if SCALE == "tiny" else "demo.py"
 config = config_files.load("configs/" + cfg_file)
 config.train.mesh_data = 1
+config.train.checkpoint_every_steps, config.train.keep_checkpoints = 0, 10  # every task's end kept
 workdir = os.environ.get("NTKCL_NB_WORKDIR") or tempfile.mkdtemp(prefix="ntkcl_nb_")
 results = train.run(config, workdir, progress=False)
 print("average incremental accuracy", results["avg_incremental_accuracy"],
@@ -164,19 +165,15 @@ for key in ("check_a_overlap_vs_forgetting", "check_c_views"):
         print(key, "\\n  prediction:", c.get("prediction"), "\\n  holds:", c.get("holds"))
         display(__import__("pandas").DataFrame(c["table"]))"""
 
-COMPARE = """# (b) the orthogonality term: this run (dis_temp 1e-4) against its zero-weight control
-# (dis_temp 0, nothing else changed), each trained keeping its task-end checkpoints and measured
-# from them (ntk_analysis.measure). One seed: every verdict is 'inconclusive'; the sweep over
-# seeds is the command printed in the last cell.
+COMPARE = """# (b) the orthogonality term: the run above (dis_temp 1e-4) against its zero-weight control
+# (dis_temp 0, nothing else changed), each measured from its task-end checkpoints
+# (ntk_analysis.measure). One seed: every verdict is 'inconclusive'; the sweep over seeds is the
+# command printed in the last cell.
 from ntk_analysis import judge, measure
-from ntkcl_jax import results as results_lib
 settings = dict(n_per_task=4, probes=4, lin_test=6) if SCALE == "tiny" else measure.SETTINGS
 
 
-def measured_record(cfg, arm, parts):
-    wd = workdir + "_" + arm
-    cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints = 0, 10
-    res = train.run(cfg, wd, progress=False)
+def measured_record(cfg, wd, res, arm, parts):
     rec = measure.measure_run(wd, parts, log=lambda *_: None, **settings)
     return {"arm": arm, "seed": int(cfg.seed), "config": json.loads(cfg.to_json_best_effort()),
             "results": res, **rec}
@@ -184,8 +181,9 @@ def measured_record(cfg, arm, parts):
 
 control = config.copy_and_resolve_references()
 control.method.dis_temp = 0.0
-recs = [measured_record(config.copy_and_resolve_references(), "base", ("pairs", "lazy")),
-        measured_record(control, "dis_temp=0", ("pairs",))]
+control_res = train.run(control, workdir + "_dis_temp=0", progress=False)
+recs = [measured_record(config, workdir, results, "base", ("pairs", "lazy")),
+        measured_record(control, workdir + "_dis_temp=0", control_res, "dis_temp=0", ("pairs",))]
 out = judge.orthogonality(judge.Sweep(recs))
 print("prediction:", out["prediction"], "\\ncriterion:", out["criterion"])
 __import__("pandas").DataFrame(out["findings"])[["quantity", "prediction", "text", "verdict"]]"""

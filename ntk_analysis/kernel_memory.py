@@ -9,7 +9,7 @@ device_estimate, with its per-device and host bytes).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 from jax.extend import core as jax_core
@@ -95,15 +95,12 @@ def estimate_bytes(n1: int, n2: int, outputs: int, n_params: int, chunk: int,
   return jac + kern + copies + activations
 
 
-def choose_chunk(n1: int, n2: int, outputs: int, n_params: int, trace: bool, limit: int,
-                 itemsize: int = 4, same: bool = False, activations: int = 0) -> Optional[int]:
-  """The largest chunk (<= max(n1, n2)) whose estimate_bytes fits `limit`; None if not even 1."""
-  fits = lambda c: estimate_bytes(n1, n2, outputs, n_params, c, trace, itemsize, same,
-                                  activations) <= limit
-  top = n1 if same else max(n1, n2)
+def _largest_fit(fits: Callable[[int], bool], top: int) -> Optional[int]:
+  """`top` if it fits, else the largest chunk below it that does (below `top` the estimates grow
+  with the chunk, so bisect the last fit); None if not even 1."""
   if fits(top):
     return top
-  lo, hi = 0, top - 1  # below `top` the estimate grows with the chunk: bisect the last fit
+  lo, hi = 0, top - 1
   while lo < hi:
     mid = (lo + hi + 1) // 2
     if fits(mid):
@@ -111,6 +108,14 @@ def choose_chunk(n1: int, n2: int, outputs: int, n_params: int, trace: bool, lim
     else:
       hi = mid - 1
   return lo or None
+
+
+def choose_chunk(n1: int, n2: int, outputs: int, n_params: int, trace: bool, limit: int,
+                 itemsize: int = 4, same: bool = False, activations: int = 0) -> Optional[int]:
+  """The largest chunk (<= max(n1, n2)) whose estimate_bytes fits `limit`; None if not even 1."""
+  fits = lambda c: estimate_bytes(n1, n2, outputs, n_params, c, trace, itemsize, same,
+                                  activations) <= limit
+  return _largest_fit(fits, n1 if same else max(n1, n2))
 
 
 def check_memory(n1, n2, outputs, n_params, chunk, trace, limit=None, itemsize=4, same=False,
@@ -278,17 +283,7 @@ def choose_chunk_device(n1: int, n2: int, outputs: int, n_params: int, trace: bo
   even 1."""
   fits = lambda c: _fits(device_estimate(n1, n2, outputs, n_params, c, trace, layout, itemsize,
                                          same), host_limit, device_limit)
-  top = n1 if same else max(n1, n2)
-  if fits(top):
-    return top
-  lo, hi = 0, top - 1
-  while lo < hi:
-    mid = (lo + hi + 1) // 2
-    if fits(mid):
-      lo = mid
-    else:
-      hi = mid - 1
-  return lo or None
+  return _largest_fit(fits, n1 if same else max(n1, n2))
 
 
 def _fits(est: DeviceEstimate, host_limit: int, device_limit: int) -> bool:

@@ -6,8 +6,10 @@ import os
 import shutil
 import tempfile
 
+import _xla  # tests/_xla.py: also why the tests compile at XLA's lowest CPU optimisation level
+
 _OWN_CACHE = None
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", _xla.flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _OWN_CACHE = tempfile.mkdtemp(prefix="ntkcl-tests-xla-cache-")

@@ -11,6 +11,7 @@ import pytest
 from ntkcl_jax import checkpoints, normalization, tree_utils
 from ntkcl_jax.models import vit
 from ntkcl_jax.tools import extract_features
+import _xla  # tests/_xla.py
 
 OVERRIDES = dict(patch_size=8, num_layers=2, hidden_size=64, mlp_dim=128, num_heads=4)
 CFG = vit.get_config("tiny", image_size=32, **OVERRIDES)
@@ -39,7 +40,7 @@ def run_cli(tmp_path, ckpt_path, x, *extra):
                       f"--images={tmp_path / 'in.npy'}", f"--output={tmp_path / 'out.npy'}",
                       "--model_overrides=" + ",".join(f"{k}={v}" for k, v in OVERRIDES.items()),
                       *extra], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                     env=dict(os.environ, XLA_FLAGS=""))
+                     env=dict(os.environ, XLA_FLAGS=_xla.flags()))
   assert p.returncode == 0, p.stderr[-3000:]
   return np.load(tmp_path / "out.npy")
 

@@ -16,6 +16,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from ntk_analysis import kernels, nt_compat
+import _xla  # tests/_xla.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_CONFIGS = sorted(os.path.basename(p)
@@ -65,7 +66,7 @@ def test_installed_wheel_finds_and_runs_its_configs_from_any_directory(wheel, tm
                   str(target), wheel], check=True, capture_output=True, timeout=300)
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
-  env = dict(os.environ, PYTHONPATH=str(target), XLA_FLAGS="", NTKCL_SHARED_DATA=str(elsewhere))
+  env = dict(os.environ, PYTHONPATH=str(target), XLA_FLAGS=_xla.flags(), NTKCL_SHARED_DATA=str(elsewhere))
   names = [n for n in SHIPPED_CONFIGS if n not in ("__init__.py", "base.py", "config_args.py",
                                                     "dinov2s_real.py", "ntkcl_benchmarks.py")]
   code = f"""
@@ -135,7 +136,7 @@ def test_importing_the_package_does_not_import_neural_tangents():
           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
           "('neural_tangents', 'tensorflow', 'grain') or m == 'ntk_analysis.nt_compat'))")
   p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                     env=dict(os.environ, XLA_FLAGS=""))
+                     env=dict(os.environ, XLA_FLAGS=_xla.flags()))
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.strip() == "[]"
 

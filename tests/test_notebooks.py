@@ -8,6 +8,7 @@ import sys
 import nbformat
 import pytest
 from nbclient import NotebookClient
+import _xla  # tests/_xla.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ["ntk_of_a_run.ipynb", "theory_checks.ipynb"]
@@ -28,7 +29,7 @@ def test_notebook_runs_at_tiny_scale(name, tmp_path, monkeypatch):
   monkeypatch.setenv("NTKCL_NB_SCALE", "tiny")
   monkeypatch.setenv("NTKCL_NB_WORKDIR", str(tmp_path / "run"))
   monkeypatch.setenv("NTKCL_NB_SOURCE", ROOT)  # the checkout (installed already: skipped)
-  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("XLA_FLAGS", _xla.flags())
   content = tmp_path / "content"  # Colab's working directory: outside the repository
   content.mkdir()
   nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
@@ -38,7 +39,7 @@ def test_notebook_runs_at_tiny_scale(name, tmp_path, monkeypatch):
                     for o in c.get("outputs", []))
   assert f"ntkcl-jax is installed ({ROOT}); skipping the install" in outputs
   assert "backend 'cpu'" in outputs and "RUNS ON CPU" not in outputs
-  assert f"configs: {os.path.join(ROOT, 'configs')}" in outputs
+  assert f"configs: {os.path.join(ROOT, 'ntkcl_jax', 'configs')}" in outputs
   assert "average incremental accuracy" in outputs
 
 
@@ -58,7 +59,7 @@ def _run_install_cell(tmp_path, env_extra, fake_nvidia_smi=False):
   env = {k: v for k, v in os.environ.items()
          if k not in ("NTKCL_NB_SOURCE", "COLAB_TPU_ADDR", "TPU_NAME", "TPU_ACCELERATOR_TYPE",
                       "PYTHONPATH")}
-  env["XLA_FLAGS"] = ""
+  env["XLA_FLAGS"] = _xla.flags()
   env.update(env_extra)
   if fake_nvidia_smi:
     bin_dir = tmp_path / "bin"

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks import ntk as benchmark  # noqa: E402
 from ntk_analysis import kernel_memory, kernels, readouts  # noqa: E402
 import _ntk_models  # noqa: E402
+import _xla  # tests/_xla.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,7 +170,7 @@ def _worker(coordinator, process_id, out):
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
   port = portpicker.pick_unused_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=_xla.flags(4),
              JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), f"localhost:{port}",
                              str(i), str(tmp_path / f"k{i}.npz")], env=env, cwd=ROOT,
@@ -203,7 +204,7 @@ def test_memory_estimate_bounds_the_measured_peak_device_contraction(devices):
                      capture_output=True, text=True, timeout=600,
                      env=dict(os.environ, JAX_PLATFORMS="cpu",
                               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
-                              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
+                              XLA_FLAGS=_xla.flags(devices)))
   assert p.returncode == 0, p.stderr[-3000:]
   r = json.loads(p.stdout.strip().splitlines()[-1])
   assert r["devices"] == devices and r["contract"] == "device"
@@ -237,7 +238,7 @@ def test_memory_estimate_bounds_the_measured_peak(devices):
   p = subprocess.run([sys.executable, "-m", "benchmarks.ntk", "--memory=activations"],
                      cwd=ROOT, capture_output=True, text=True, timeout=600,
                      env=dict(os.environ, JAX_PLATFORMS="cpu",
-                              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
+                              XLA_FLAGS=_xla.flags(devices)))
   assert p.returncode == 0, p.stderr[-3000:]
   r = json.loads(p.stdout.strip().splitlines()[-1])
   assert r["devices"] == devices and r["source"] == "xla"

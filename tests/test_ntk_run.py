@@ -12,6 +12,7 @@ import pytest
 from ntk_analysis import joint, readouts, run_data
 from ntkcl_jax import config_files, data, train
 from ntkcl_jax.checkpoints import runs
+import _xla  # tests/_xla.py
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_run_writes_kernels_report_and_plots(tiny_workdir):
   p = subprocess.run([sys.executable, "-m", "ntk_analysis.analyse", f"--workdir={tiny_workdir}",
                       "--n_per_task=4", "--views=fused,all", "--probes=4"], cwd=root,
                      capture_output=True, text=True, timeout=600,
-                     env=dict(os.environ, XLA_FLAGS=""))
+                     env=dict(os.environ, XLA_FLAGS=_xla.flags()))
   assert p.returncode == 0, p.stderr[-3000:]
   out = os.path.join(tiny_workdir, "ntk")
   for name in ("kernel_fused.npz", "kernel_all.npz", "report.json", "kernel_fused.png",
@@ -72,7 +73,7 @@ def test_extract_features_of_a_run_directory(tiny_workdir, tmp_path):
                       f"--checkpoint={tiny_workdir}", f"--images={tmp_path / 'in.npy'}",
                       f"--output={tmp_path / 'out.npz'}", "--batch_size=4"], cwd=root,
                      capture_output=True, text=True, timeout=600,
-                     env=dict(os.environ, XLA_FLAGS=""))
+                     env=dict(os.environ, XLA_FLAGS=_xla.flags()))
   assert p.returncode == 0, p.stderr[-3000:]
   out = np.load(tmp_path / "out.npz")
   f = ntkcl.features(learner.spec, learner.backbone, learner.trainable(state),

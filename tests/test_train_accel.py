@@ -18,6 +18,7 @@ import pytest
 from ntkcl_jax import checkpoints, cli, paths, same_run, train
 from test_pod_io import memory_gs  # pylint: disable=unused-import  # a fixture
 from test_train import tiny_config
+import _xla  # tests/_xla.py
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -32,7 +33,7 @@ SMALL = {"optim.batch_size": 12, "optim.epochs": 1, "train.checkpoint_every_step
 def _launch(workdir, *extra, devices=1, env=None, progress=False):
   """The launcher on configs/tiny.py in a subprocess with `devices` fake CPU devices."""
   env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=_xla.flags(devices))
   return subprocess.run([sys.executable, "-m", "ntkcl_jax.train", "--config=configs/tiny.py",
                          f"--workdir={workdir}", *([] if progress else ["--noprogress"]), *extra],
                         capture_output=True, text=True, timeout=600, cwd=REPO, env=env)

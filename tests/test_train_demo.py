@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from ntk_analysis import joint
+import _xla  # tests/_xla.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+ENV = dict(os.environ, XLA_FLAGS=_xla.flags(1))
 
 
 @pytest.fixture(scope="module")

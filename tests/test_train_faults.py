@@ -15,13 +15,14 @@ import pytest
 from ntkcl_jax import checkpoints, cli, learner as learner_lib, sharding, train
 from ntkcl_jax.checkpoints import run_state
 from test_train import tiny_config
+import _xla  # tests/_xla.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = "configs/tiny.py"
 
 
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+ENV = dict(os.environ, XLA_FLAGS=_xla.flags(1))
 
 # The launcher with the network cut (every Python socket refuses to connect), so that a test of
 # what happens before any download can never reach a download host, even if it fails.

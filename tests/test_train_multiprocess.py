@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 import portpicker
 import pytest
+import _xla  # tests/_xla.py
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +19,7 @@ CONFIG = "configs/tiny.py"
 
 
 def _env(devices):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  return dict(os.environ, XLA_FLAGS=_xla.flags(devices),
               JAX_PLATFORMS="cpu")
 
 

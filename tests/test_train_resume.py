@@ -16,6 +16,7 @@ import pytest
 
 from ntkcl_jax import sharding
 from ntkcl_jax.checkpoints import run_state, runs
+import _xla  # tests/_xla.py
 
 CONFIG = "configs/tiny.py"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +54,7 @@ train.main()
 
 
 def launch(workdir, *extra, kill=None, devices=8):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=_xla.flags(devices),
              JAX_PLATFORMS="cpu")
   prefix = [sys.executable, "-m", "ntkcl_jax.train"] if kill is None else [
       sys.executable, "-c", KILLER, *kill]
