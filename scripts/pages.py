@@ -61,6 +61,10 @@ for _a, _b in (("fix_nce_sign", "fix_orth"), ("fix_nce_sign", "fix_patch_init"),
                            ["--config.method.name=ntkcl", "--config.method.variant=corrected",
                             f"--config.method.{_a}=True", f"--config.method.{_b}=True"])
 TRAINS = {m for m in METHODS if m != "simplecil"}  # methods whose runs train (oracle recorded)
+# The results page's methods of each dataset; the init-PTM arm on Split-Imagenette only.
+RESULTS_METHODS = {"imagenette": ("official", "official_bf16", "official_ptm", "corrected",
+                                  "channel", "simplecil"),
+                   "cifar10": ("official", "official_bf16", "corrected", "channel", "simplecil")}
 
 DATASETS = {"imagenette": "configs/imagenette_dinov2s.py", "cifar10": "configs/cifar10_dinov2s.py"}
 DATASET_NAMES = {"imagenette": "Split-Imagenette", "cifar10": "Split-CIFAR-10"}

@@ -23,10 +23,7 @@ from ntkcl_jax import cli
 from ntkcl_jax import evidence
 from scripts import pages
 
-# The methods of each dataset; the init-PTM arm on Split-Imagenette only.
-METHODS = {"imagenette": ("official", "official_bf16", "official_ptm", "corrected", "channel",
-                          "simplecil"),
-           "cifar10": ("official", "official_bf16", "corrected", "channel", "simplecil")}
+METHODS = pages.RESULTS_METHODS  # the methods of each dataset
 # bf16 against float32: no effect if the interval lies within this many points (fixed before
 # measuring; the same criterion as docs/benchmarks.md's precision section).
 BF16_MARGIN = 1.0

@@ -25,7 +25,10 @@ def test_plan_rows_multiply_runs_by_steps_and_passes():
   rows = scale_plan.plan_rows(step, eval_s=10.0, steps=100, seeds=5, theory_step=0.2)
   (page1, n1, h1), (page2, n2, h2), (page3, n3, h3) = rows
   run = {m: 100 * s + 20.0 for m, s in step.items()}  # steps x s/step + two SimpleCIL passes
-  assert n1 == 30 and h1 == pytest.approx(10 * (sum(run.values()) + 10.0) / 3600)
+  # Imagenette trains faithful, bf16, init-PTM (all at faithful's step), corrected and channel;
+  # CIFAR-10 the same but init-PTM; each dataset adds one SimpleCIL run per seed.
+  per_seed = 5 * run["official"] + 2 * run["corrected"] + 2 * run["channel"] + 2 * 10.0
+  assert n1 == 45 and h1 == pytest.approx(5 * per_seed / 3600)
   assert n2 == 30 and h2 == pytest.approx(30 * run["corrected"] / 3600)
   assert n3 == 5 * scale_plan.THEORY_ARMS
   assert h3 == pytest.approx(5 * scale_plan.THEORY_ARMS * 1.5 * 100 * 0.2 / 3600)
@@ -43,3 +46,23 @@ def test_page_lists_every_size_and_the_chosen_scale():
   assert "| imagenette | 112 px | 65 | 60.00 ± 0.00 | 45.00 ± 0.00 | 50 s |" in text
   assert "| 112 px | 1.000 | 1.000 | 1.000 | 30 |" in text
   assert scale_plan.CHOSEN in text and "100 SGD steps per task" in text
+
+
+def test_theory_arm_count_is_the_sweeps_plan():
+  from ntkcl_jax import config_files  # pylint: disable=import-outside-toplevel
+  from scripts import theory  # pylint: disable=import-outside-toplevel
+  config = config_files.load("configs/theory_dinov2s.py:size=56,per_class=200,test_per_class=200,"
+                             "epochs=2")
+  assert len(theory.plan(config)) == scale_plan.THEORY_ARMS
+
+
+def test_page_sets_finished_wall_times_beside_the_model():
+  res = {"avg_incremental_accuracy": 60.0, "last_accuracy": 45.0, "wall_time_s": 50.0}
+  simple = {d: {56: [res]} for d in pages.DATASETS}
+  steps = {56: {m: {"step_s": 0.4, "compile_s": 30.0} for m in ("official", "corrected",
+                                                                  "channel")}}
+  text = scale_plan.page(simple, steps, 0.1, [56], [0], pages.DEFAULT_SCALE, "0.5", "cmd",
+                         measured=[700.0, 900.0, 1000.0])
+  # model: 5 tasks x 100 steps x 0.4 s + 2 x 50 s = 300 s; median measured 900 s: 3.0x
+  assert "3 finished trained runs at 56 px took a median of 900 s" in text
+  assert "the model above gives 300-300 s per run" in text and "about 3.0 at 56 px" in text
