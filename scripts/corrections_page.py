@@ -141,6 +141,9 @@ def page(by_method: dict, seeds, fv, plot_path: str) -> str:
   elif found:
     lines += ["**Finding:** no arm other than all six switches together reproduces the collapse "
               "by the criterion above (yet).", ""]
+  if not any(by_method.values()):
+    lines += ["**No run of this page has finished yet**; the command at the end trains them "
+              "(finished runs are reused).", ""]
   lines += ["| arm | " + " | ".join(q for q, _ in QUANTITIES) + " | seeds |",
             "|---|" + "---|" * len(QUANTITIES) + "---|"]
   for m, by_seed in by_method.items():

@@ -261,11 +261,12 @@ def define_flags(fv, runs: str, page_name: str) -> None:
 
 def regenerate(module: str, fv) -> str:
   """The command that rebuilds the page as this run of `module` did (flags not at their
-  defaults; paths relative to the repository)."""
+  defaults but --finished_only, so that it trains what is missing; paths relative to the
+  repository)."""
   parts = [f"python -m {module}"]
   for name in fv:
     flag = fv[name]
-    if flag.value == flag.default:
+    if flag.value == flag.default or name == "finished_only":
       continue
     value = ",".join(flag.value) if isinstance(flag.value, list) else flag.value
     if name in ("workdir", "output"):

@@ -92,6 +92,8 @@ def old_new_table(by_method: dict) -> list:
   classes, right after task t."""
   num = max((len(r["old_new_accuracy"]) for s in by_method.values() for r in s.values()),
             default=0)
+  if not num:
+    return ["No finished runs yet."]
   lines = ["| method | " + " | ".join(f"after task {t + 1}: old / new" for t in range(num)) + " |",
            "|---|" + "---|" * num]
   for m, by_seed in by_method.items():

@@ -213,3 +213,14 @@ def test_committed_run_records_read_as_finished():
       checked += 1
   if not checked:
     pytest.skip("no committed run records in runs/")
+
+
+def test_page_command_trains_what_is_missing_whatever_built_the_page():
+  """The page's own command keeps its non-default flags but never --finished_only: a reader who
+  reruns it gets the missing runs trained."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  fv = flags.FlagValues()
+  results_page.define_flags(fv)
+  fv(["results_page", "--finished_only", "--seeds=0,1", "--datasets=imagenette"])
+  assert pages.regenerate("scripts.results_page", fv) == (
+      "python -m scripts.results_page --datasets=imagenette --seeds=0,1")
