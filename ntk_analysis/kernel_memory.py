@@ -118,6 +118,14 @@ def choose_chunk(n1: int, n2: int, outputs: int, n_params: int, trace: bool, lim
   return _largest_fit(fits, n1 if same else max(n1, n2))
 
 
+def _unfit_words(auto: bool, chunk: int) -> tuple[str, str]:
+  """(what was tried, what the user can change) for the error of a kernel that does not fit."""
+  if auto:
+    return "even with chunk 1 (one sample per Jacobian panel)", ""
+  return (f"with chunk {chunk}",
+          "lower `chunk` (--chunk), or leave it unset to take the largest that fits; ")
+
+
 def check_memory(n1, n2, outputs, n_params, chunk, trace, limit=None, itemsize=4, same=False,
                  activations=0):
   """Bytes needed with `chunk` (None: the largest that fits); KernelMemoryError if over limit."""
@@ -130,10 +138,7 @@ def check_memory(n1, n2, outputs, n_params, chunk, trace, limit=None, itemsize=4
     chunk = 1
   need = estimate_bytes(n1, n2, outputs, n_params, chunk, trace, itemsize, same, activations)
   if need > limit:
-    what = ("even with chunk 1 (one sample per Jacobian panel)" if auto else
-            f"with chunk {chunk}")
-    todo = ("" if auto else
-            "lower `chunk` (--chunk), or leave it unset to take the largest that fits; ")
+    what, todo = _unfit_words(auto, chunk)
     raise KernelMemoryError(
         f"an NTK of {n1}x{n2} samples, {outputs} outputs, {n_params:,} parameters {what} "
         f"needs about {_size(need)} (limit {_size(limit)}): {todo}use fewer "
@@ -304,10 +309,7 @@ def check_memory_device(n1, n2, outputs, n_params, chunk, trace, layout: DeviceL
     chunk = 1
   est = device_estimate(n1, n2, outputs, n_params, chunk, trace, layout, itemsize, same)
   if not _fits(est, host_limit, device_limit):
-    what = ("even with chunk 1 (one sample per Jacobian panel)" if auto else
-            f"with chunk {chunk}")
-    todo = ("" if auto else
-            "lower `chunk` (--chunk), or leave it unset to take the largest that fits; ")
+    what, todo = _unfit_words(auto, chunk)
     raise KernelMemoryError(
         f"an NTK of {n1}x{n2} samples, {outputs} outputs, {n_params:,} parameters contracted on "
         f"the devices {what} needs about {_size(est.device)} per device (budget "

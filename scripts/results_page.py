@@ -23,7 +23,6 @@ from ntkcl_jax import cli
 from ntkcl_jax import evidence
 from scripts import pages
 
-METHODS = pages.RESULTS_METHODS  # the methods of each dataset
 # bf16 against float32: no effect if the interval lies within this many points (fixed before
 # measuring; the same criterion as docs/benchmarks.md's precision section).
 BF16_MARGIN = 1.0
@@ -206,7 +205,7 @@ def page(results: dict, seeds, fv, forest_path: str) -> str:
 
 
 def define_flags(fv) -> None:
-  flags.DEFINE_list("datasets", list(METHODS), "datasets of the page", flag_values=fv)
+  flags.DEFINE_list("datasets", list(pages.RESULTS_METHODS), "datasets of the page", flag_values=fv)
   pages.define_flags(fv, "results", "results.md")
 
 
@@ -214,7 +213,7 @@ def _main(fv) -> None:
   seeds = pages.parse_seeds(fv.seeds)
   pages.check_names(fv.datasets, pages.DATASETS, "datasets")
   pages.check_output(fv.output, fv.workdir)
-  results = pages.collect(fv.datasets, lambda d: METHODS[d], seeds, fv.scale, fv.workdir,
+  results = pages.collect(fv.datasets, lambda d: pages.RESULTS_METHODS[d], seeds, fv.scale, fv.workdir,
                           fv.finished_only, log=lambda m: print(m, flush=True))
   pages.write(fv.output, page(results, seeds, fv, pages.beside(fv.output, FOREST)))
 

@@ -9,6 +9,7 @@ import pytest
 from ntk_analysis import kernels, readouts
 from ntkcl_jax import config_files, train
 from ntkcl_jax.checkpoints import runs
+import _jaxpr  # tests/_jaxpr.py
 
 MATMULS = ("dot_general", "conv_general_dilated")
 
@@ -28,16 +29,7 @@ def bf16_workdir(tmp_path_factory):
 
 def matmuls(jaxpr) -> list:
   """Every dot_general / conv equation of a jaxpr, nested jaxprs (jit, vmap, remat) included."""
-  out = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name in MATMULS:
-      out.append(eqn)
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, (list, tuple)) else [v]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          out += matmuls(inner)
-  return out
+  return _jaxpr.equations(jaxpr, MATMULS)
 
 
 def takes_bf16(eqn) -> bool:

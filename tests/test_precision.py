@@ -12,6 +12,7 @@ from ntkcl_jax import switches
 from ntkcl_jax import config_files, learner as learner_lib, sharding, train, tree_utils
 from ntkcl_jax.checkpoints import runs
 from ntkcl_jax.models import ntkcl, peft, vit
+import _jaxpr  # tests/_jaxpr.py
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -94,16 +95,7 @@ def float_leaves(tree):
 
 def dot_generals(jaxpr):
   """Every dot_general equation of a jaxpr, inside nested jaxprs (jit, vmap, remat, ...) too."""
-  out = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      out.append(eqn)
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, (list, tuple)) else [v]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          out += dot_generals(inner)
-  return out
+  return _jaxpr.equations(jaxpr, ("dot_general",))
 
 
 # ------------------------------------------------------------------------------------------------
