@@ -2,9 +2,13 @@
 drivers (reuse a finished run).
 
 Two configs name the same run when they agree on every key outside `train.*` (logging, checkpoint
-cadence, mesh size: bookkeeping that may change on resume). A key that the saved config lacks
-because it was added to the schema (ntkcl_jax/configs/base.py) after the run was saved counts at
-the schema's default, so adding a key with a default never orphans a run.
+cadence, mesh size: bookkeeping that may change on resume) and on the files they read. A file or
+folder key names a run by its last path component: moving the data or the weights (a clone whose
+`../shared/data` sits elsewhere) keeps a finished run; pointing at another folder or file does
+not. The data's contents are pinned by the dataset's archive checksums (ntkcl_jax/data). A key
+that the saved config lacks because it was added to the schema (ntkcl_jax/configs/base.py) after
+the run was saved counts at the schema's default, so adding a key with a default never orphans a
+run.
 
     diffs = same_run.differences(saved_config_json, config)      # [] when the same run
     same_run.describe(diffs)  ->  "optim.lr: saved 0.02, asked 0.5; data.name: ..."
@@ -12,6 +16,7 @@ the schema's default, so adding a key with a default never orphans a run.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Mapping, Union
 
 import ml_collections
@@ -20,6 +25,7 @@ from ntkcl_jax.configs import base
 from ntkcl_jax.models import ntkcl
 
 BOOKKEEPING = ("train",)  # sections that never name a run
+LOCATIONS = ("data.data_dir", "model.checkpoint")  # named by their last path component
 
 
 def config_json(config: Union[ml_collections.ConfigDict, Mapping]) -> dict:
@@ -40,6 +46,8 @@ def flat(tree: Mapping, prefix: str = "") -> dict:
       continue
     if isinstance(v, Mapping):
       out.update(flat(v, f"{prefix}{k}."))
+    elif f"{prefix}{k}" in LOCATIONS and isinstance(v, str):
+      out[f"{prefix}{k}"] = os.path.basename(os.path.normpath(v)) if v else v
     else:
       out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
   return out

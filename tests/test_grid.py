@@ -138,6 +138,22 @@ def test_the_rule_names_each_differing_key_with_both_values():
   assert same_run.differences(saved, config_files.load(TINY)) == []
 
 
+def test_moving_the_data_or_weights_keeps_the_run_and_another_folder_does_not():
+  """A clone whose data sits under another root (CI's ../shared/data) reads the same finished
+  runs; a different data folder or weights file is another run."""
+  saved = same_run.config_json(config_files.load(
+      TINY, ["--config.data.data_dir=/work/shared/data/cifar10",
+             "--config.model.checkpoint=/w/weights/dinov2_vits14.pth"]))
+  moved = config_files.load(TINY, ["--config.data.data_dir=/check/work/shared/data/cifar10/",
+                                   "--config.model.checkpoint=/ckpt/dinov2_vits14.pth"])
+  assert same_run.differences(saved, moved) == []
+  other = config_files.load(TINY, ["--config.data.data_dir=/work/shared/data/cifar100",
+                                   "--config.model.checkpoint=/w/weights/dinov2_vitb14.pth"])
+  assert same_run.differences(saved, other) == [
+      ("data.data_dir", "cifar10", "cifar100"),
+      ("model.checkpoint", "dinov2_vits14.pth", "dinov2_vitb14.pth")]
+
+
 def test_multi_seed_trains_each_seed_once_and_tabulates(tmp_path, monkeypatch, capsys):
   calls = []
   monkeypatch.setattr(grid.train, "run", _fake_run(calls))
