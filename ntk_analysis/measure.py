@@ -349,21 +349,19 @@ def _task_test(run: Run, t: int, n: int):
   return x[idx], np.searchsorted(run.classes(t), y[idx])
 
 
-def linearised_task(run: Run, t: int):
-  """(theta_t^0, theta_t of the linearised run, its learner): the learner linearised at theta_t^0
-  trained over task t's real minibatches (same augmentation, order, loss terms, dropout keys and
-  learning rates)."""
+def linearised_task(run: Run, t: int, lin: linear_model.LinearisedLearner):
+  """(theta_t^0, the linearised run's final state): `lin` (one per run: the anchor travels in the
+  state) linearised at theta_t^0 and trained over task t's real minibatches (same augmentation,
+  order, loss terms, dropout keys and learning rates)."""
   s0 = run.start(t)
-  lin = linear_model.LinearisedLearner(run.config, run.learner.backbone, run.learner.mesh,
-                                       anchor=run.learner.trainable(s0))
-  state = jax.tree_util.tree_map(jnp.copy, s0)  # the step donates its input
+  state = lin.anchored(jax.tree_util.tree_map(jnp.copy, s0))  # the step donates its input
   bsz, classes = run.config.optim.batch_size, run.stream.tasks[t]
   for e in range(run.learner.epochs()):
     for batch in run.stream.train_batches(t, e, bsz):
       state, _ = lin.train_step(state, batch, e, classes)
   if int(jax.device_get(state["nonfinite_step"])):
     raise FloatingPointError(f"the linearised run of task {t} hit a non-finite loss")
-  return s0, state, lin
+  return s0, state
 
 
 def part_lazy(run: Run, kw: dict, log: Callable, lin_test: int) -> list:
@@ -371,14 +369,15 @@ def part_lazy(run: Run, kw: dict, log: Callable, lin_test: int) -> list:
   fused view), e_lin of the real update and S(K(theta_t^0), K(theta_t))."""
   if not run.trains:
     return []
+  lin = linear_model.LinearisedLearner(run.config, run.learner.backbone, run.learner.mesh)
+  lin_features = jitted_features(lin)
   out = []
   for t in range(run.T):
-    s0, s_lin, lin = linearised_task(run, t)
+    s0, s_lin = linearised_task(run, t, lin)
     s_real = dict(s0, params=run.states[t]["params"])  # theta_t with the frozen sets it used
     x, y = _task_test(run, t, lin_test)
     n_new = len(run.classes(t))
     logits = {}
-    lin_features = jitted_features(lin)
     for name, st, features in (("start", s0, run.features), ("real", s_real, run.features),
                                ("lin", s_lin, lin_features)):
       f = features(st, x)

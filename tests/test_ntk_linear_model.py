@@ -1,10 +1,12 @@
 """ntk_analysis.linear_model: the learner linearised at an anchor equals the real learner there,
 equals phi(p0) + J(p0)(p - p0) from a dense Jacobian elsewhere, and trains through the
-learner's own step with the same dropout masks."""
+learner's own step with the same dropout masks; one learner serves every anchor (it travels in
+the state) with one compile."""
 import jax
 import jax.flatten_util  # noqa: F401  (jax.flatten_util.ravel_pytree)
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ntk_analysis import linear_model
 from ntkcl_jax import learner as learner_lib
@@ -35,7 +37,7 @@ def _setup():
   keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
   anchor = jax.tree_util.tree_unflatten(
       tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
-  lin = linear_model.LinearisedLearner(cfg, backbone, mesh, anchor=anchor)
+  lin = linear_model.LinearisedLearner(cfg, backbone, mesh)
   images = jax.random.uniform(jax.random.PRNGKey(3), (4, 16, 16, 3))
   return real, lin, state, anchor, images
 
@@ -43,7 +45,8 @@ def _setup():
 def test_linearised_features_are_the_first_order_taylor_expansion():
   real, lin, state, anchor, images = _setup()
   frozen = state["frozen"]
-  at_anchor = lin.features(lin.backbone, anchor, frozen, images)
+  lin_frozen = lin.anchored(state, anchor)["frozen"]
+  at_anchor = lin.features(lin.backbone, anchor, lin_frozen, images)
   want = real.features(real.backbone, anchor, frozen, images)
   for k in ("channel", "patch", "fused"):
     np.testing.assert_allclose(at_anchor[k], want[k], rtol=1e-6, atol=1e-6)
@@ -52,7 +55,7 @@ def test_linearised_features_are_the_first_order_taylor_expansion():
   phi = lambda u: real.features(real.backbone, unravel(u), frozen, images)["fused"]  # noqa: E731
   jac = jax.jacrev(phi)(flat0)  # (B, D, P): a dense Jacobian, not a JVP
   taylor = phi(flat0) + jnp.einsum("bdp,p->bd", jac, delta)
-  got = lin.features(lin.backbone, unravel(flat0 + delta), frozen, images)["fused"]
+  got = lin.features(lin.backbone, unravel(flat0 + delta), lin_frozen, images)["fused"]
   np.testing.assert_allclose(got, taylor, rtol=1e-4, atol=1e-5)
   # and it is not the real model there (the expansion is only first order)
   assert float(jnp.max(jnp.abs(got - phi(flat0 + delta)))) > 1e-6
@@ -61,9 +64,10 @@ def test_linearised_features_are_the_first_order_taylor_expansion():
 def test_a_linearised_step_runs_through_the_learners_own_code():
   real, lin, state, anchor, images = _setup()
   state = dict(state, params=dict(state["params"], **anchor))
+  anchored = lin.anchored(state)
   batch = {"image": np.asarray(images * 255, np.uint8), "label": np.array([0, 1, 0, 1], np.int32),
            "mask": np.ones(4, bool)}
-  s_lin, means = lin.train_step(jax.tree_util.tree_map(jnp.copy, state), batch, 0, [0, 1],
+  s_lin, means = lin.train_step(jax.tree_util.tree_map(jnp.copy, anchored), batch, 0, [0, 1],
                                 log=True)
   s_real, means_real = real.train_step(jax.tree_util.tree_map(jnp.copy, state), batch, 0, [0, 1],
                                        log=True)
@@ -73,3 +77,26 @@ def test_a_linearised_step_runs_through_the_learners_own_code():
   for a, b in zip(jax.tree_util.tree_leaves(s_lin["params"]),
                   jax.tree_util.tree_leaves(s_real["params"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_one_learner_serves_every_anchor_with_one_compile():
+  """Linearised at a second anchor, the same learner (no new compile) is the real model there;
+  a state without an anchor is refused with what to do."""
+  real, lin, state, anchor, images = _setup()
+  batch = {"image": np.asarray(images * 255, np.uint8), "label": np.array([0, 1, 0, 1], np.int32),
+           "mask": np.ones(4, bool)}
+  for scale in (1.0, 1.5):
+    at = jax.tree_util.tree_map(lambda a, s=scale: s * a, anchor)
+    st = dict(state, params=dict(state["params"], **at))
+    fresh = jax.tree_util.tree_map(jnp.copy, st)  # the step donates its input
+    s_lin, means = lin.train_step(lin.anchored(fresh), batch, 0, [0, 1], log=True)
+    _, means_real = real.train_step(jax.tree_util.tree_map(jnp.copy, st), batch, 0, [0, 1],
+                                    log=True)
+    np.testing.assert_allclose(float(means["loss"]), float(means_real["loss"]), rtol=1e-5)
+    # the anchor rides along unchanged
+    for a, b in zip(jax.tree_util.tree_leaves(s_lin["frozen"][linear_model.ANCHOR]),
+                    jax.tree_util.tree_leaves(at)):
+      np.testing.assert_array_equal(a, b)
+  assert lin._step._cache_size() == 1  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="anchored"):
+    lin.features(lin.backbone, anchor, state["frozen"], images)
