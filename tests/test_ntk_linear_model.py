@@ -61,27 +61,9 @@ def test_linearised_features_are_the_first_order_taylor_expansion():
   assert float(jnp.max(jnp.abs(got - phi(flat0 + delta)))) > 1e-6
 
 
-def test_a_linearised_step_runs_through_the_learners_own_code():
-  real, lin, state, anchor, images = _setup()
-  state = dict(state, params=dict(state["params"], **anchor))
-  anchored = lin.anchored(state)
-  batch = {"image": np.asarray(images * 255, np.uint8), "label": np.array([0, 1, 0, 1], np.int32),
-           "mask": np.ones(4, bool)}
-  s_lin, means = lin.train_step(jax.tree_util.tree_map(jnp.copy, anchored), batch, 0, [0, 1],
-                                log=True)
-  s_real, means_real = real.train_step(jax.tree_util.tree_map(jnp.copy, state), batch, 0, [0, 1],
-                                       log=True)
-  # at the anchor both models give the same loss (same dropout masks from the same key) ...
-  np.testing.assert_allclose(float(means["loss"]), float(means_real["loss"]), rtol=1e-5)
-  # ... and the same first step: the linear model's gradient at its anchor is the real one's
-  for a, b in zip(jax.tree_util.tree_leaves(s_lin["params"]),
-                  jax.tree_util.tree_leaves(s_real["params"])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_one_learner_serves_every_anchor_with_one_compile():
-  """Linearised at a second anchor, the same learner (no new compile) is the real model there;
-  a state without an anchor is refused with what to do."""
+def test_a_linearised_step_runs_through_the_learners_own_code_at_any_anchor():
+  """At its anchor the linearised step is the real step (same loss, same update); the same
+  learner, without a new compile, serves a second anchor; a state without one is refused."""
   real, lin, state, anchor, images = _setup()
   batch = {"image": np.asarray(images * 255, np.uint8), "label": np.array([0, 1, 0, 1], np.int32),
            "mask": np.ones(4, bool)}
@@ -90,9 +72,14 @@ def test_one_learner_serves_every_anchor_with_one_compile():
     st = dict(state, params=dict(state["params"], **at))
     fresh = jax.tree_util.tree_map(jnp.copy, st)  # the step donates its input
     s_lin, means = lin.train_step(lin.anchored(fresh), batch, 0, [0, 1], log=True)
-    _, means_real = real.train_step(jax.tree_util.tree_map(jnp.copy, st), batch, 0, [0, 1],
-                                    log=True)
+    s_real, means_real = real.train_step(jax.tree_util.tree_map(jnp.copy, st), batch, 0, [0, 1],
+                                         log=True)
+    # at the anchor both models give the same loss (same dropout masks from the same key) ...
     np.testing.assert_allclose(float(means["loss"]), float(means_real["loss"]), rtol=1e-5)
+    # ... and the same first step: the linear model's gradient at its anchor is the real one's
+    for a, b in zip(jax.tree_util.tree_leaves(s_lin["params"]),
+                    jax.tree_util.tree_leaves(s_real["params"])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # the anchor rides along unchanged
     for a, b in zip(jax.tree_util.tree_leaves(s_lin["frozen"][linear_model.ANCHOR]),
                     jax.tree_util.tree_leaves(at)):
