@@ -43,6 +43,26 @@ def shared_data():
   return SHARED_DATA
 
 
+# The files that take minutes (their tests' seconds summed, `--durations=0` on the 2-core CI
+# machine), run first: with `--dist loadfile` a file runs whole on one worker, and a heavy file
+# started last keeps one worker busy while the other idles. Order changes wall time only.
+FIRST = ("test_train_demo.py",       # 340 s: the real DINOv2-S/14 demo and its analysis
+         "test_theory.py",           # 310 s: a tiny sweep of every measured part
+         "test_ntk_nt_backend.py",   # 280 s: neural-tangents' three implementations
+         "test_cli_errors.py",       # 200 s: one CLI process per bad input
+         "test_notebooks.py",        # 190 s: both notebooks at tiny scale
+         "test_ntk_multidevice.py",  # 170 s
+         "test_learner.py",          # 160 s
+         "test_precision.py")        # 120 s
+
+
+def pytest_collection_modifyitems(items):
+  """Heavy files first (FIRST), the rest in collection order; README's `--no-loadscope-reorder`
+  keeps xdist from re-sorting files by their number of tests."""
+  rank = {name: i for i, name in enumerate(FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _OWN_CACHE:
