@@ -18,10 +18,9 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from etils import epath
-from tensorboardX import SummaryWriter
 
 from ntkcl_jax import paths
 from ntkcl_jax import results
@@ -37,7 +36,7 @@ class MetricWriter:
     self.remote = paths.is_remote(workdir)
     self._tb_dir = paths.join(workdir, "tb")
     self._tb_local: Optional[str] = None  # local stand-in folder of a remote tb/
-    self._tb: Optional[SummaryWriter] = None
+    self._tb: Optional[Any] = None  # tensorboardX.SummaryWriter
     self._log = bytearray()  # remote: the whole of metrics.jsonl
     self._dirty = False
     if not active:
@@ -46,6 +45,9 @@ class MetricWriter:
       p = epath.Path(self.path)
       self._log = bytearray(p.read_bytes() if p.exists() else b"")
       self._tb_local = tempfile.mkdtemp(prefix="ntkcl_tb_")
+    # imported here: tensorboardX imports PyTorch where it is installed (over a second), which a
+    # launcher that stops at a bad input never needs
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     # purge_step drops TensorBoard events after the step a resumed run restarts from; the
     # suffix keeps a restart within the same second from overwriting the previous event file
     self._tb = SummaryWriter(self._tb_local or self._tb_dir,
