@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import shlex
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ from ntk_analysis import analyse, joint, kernel_memory, metrics, nt_compat, read
 from ntkcl_jax import cli, data, learner as learner_lib, sharding
 from ntkcl_jax import checkpoints
 from ntkcl_jax.configs import imagenette_dinov2s
+from scripts import pages
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "docs", "ntk_nt_check.md")
@@ -222,8 +222,7 @@ def _main(fv) -> int:
            "frozen_sets": lrn.spec.num_frozen,
            "fusion": "multi-token" if lrn.spec.switches.fix_fusion else "single-token",
            "groups": {k: kernel_memory.num_params(v) for k, v in sorted(params.items())}}
-  command = " ".join(["python -m scripts.nt_full_readout"] +
-                      [shlex.quote(a) for a in sys.argv[1:]])
+  command = pages.regenerate("scripts.nt_full_readout", fv)
   text = page(command, config_arg, setup, records, runs, env)
   with open(fv.output + ".tmp", "w") as fh:
     fh.write(text)

@@ -215,6 +215,19 @@ def test_committed_run_records_read_as_finished():
     pytest.skip("no committed run records in runs/")
 
 
+def test_neural_tangents_page_names_the_module_command_with_its_own_flags():
+  """docs/ntk_nt_check.md's command is the `python -m` one with the flags it was built with,
+  paths relative to the repository (the same rule as the results pages)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from scripts import nt_full_readout  # pylint: disable=import-outside-toplevel
+  fv = flags.FlagValues()
+  nt_full_readout.define_flags(fv)
+  fv(["nt_full_readout", "--n_per_task=4", "--implementations=1,3",
+      f"--output={os.path.join(pages.REPO, 'docs', 'x.md')}"])
+  assert pages.regenerate("scripts.nt_full_readout", fv) == (
+      "python -m scripts.nt_full_readout --n_per_task=4 --implementations=1,3 --output=docs/x.md")
+
+
 def test_page_command_trains_what_is_missing_whatever_built_the_page():
   """The page's own command keeps its non-default flags but never --finished_only: a reader who
   reruns it gets the missing runs trained."""
