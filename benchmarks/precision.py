@@ -10,7 +10,9 @@ What is timed: `Learner.step_given` (every NTK-CL branch pass, all loss terms, g
 update; official settings: ffn_num 16, P = 10, one frozen set) on random images with a random
 backbone, state carried from step to step. Every setting is compiled and warmed up first, then
 the settings are timed in turn, `--steps` rounds, and each reports its median: a change of the
-machine's load during the run then shifts all settings alike instead of one. Memory: XLA's own
+machine's load during the run then shifts all settings alike instead of one. The ratio to float32
+einsum is taken within each round (paired) and printed as its median and its range over the
+rounds: where the range straddles 1.00x, the two settings are within noise on this machine. Memory: XLA's own
 estimate of the compiled step's temporary buffers (`compiled.memory_analysis()`
 .temp_size_in_bytes), which is what remat trades for recomputation. The bf16-vs-f32 accuracy of
 a whole run is checked by tests/test_precision.py (tiny config); `--accuracy_seeds` also compares
@@ -72,6 +74,12 @@ def make_config(model: str, image_size: int, depth: int, batch: int, **policy):
   c.data.num_classes, c.data.init_cls, c.data.increment = 20, 10, 10
   c.train.mesh_data = 1
   return c
+
+
+def paired_ratio(times, ref_times) -> tuple:
+  """(median, min, max) over rounds of time / reference time within the same round."""
+  q = [t / t_ref for t, t_ref in zip(times, ref_times, strict=True)]
+  return statistics.median(q), min(q), max(q)
 
 
 def step_and_args(config, backbone, batch: int, state=None):
@@ -141,7 +149,7 @@ def define_flags(fv) -> None:
                        "number of blocks (0 = the variant's; 6 keeps the run under ~5 min on 2 "
                        "CPU cores, compile time grows with depth)", flag_values=fv)
   flags.DEFINE_integer("batch", 16, "images per train step", flag_values=fv)
-  flags.DEFINE_integer("steps", 5, "timed rounds of the settings", flag_values=fv)
+  flags.DEFINE_integer("steps", 15, "timed rounds of the settings", flag_values=fv)
   flags.DEFINE_string("accuracy_seeds", "",
                       "also compare whole runs (docs/results.md's faithful Split-Imagenette runs) "
                       "in f32 and bf16 for these seeds, e.g. 0,1,2,3,4", flag_values=fv)
@@ -180,9 +188,10 @@ def _main(fv):
       t0 = time.perf_counter()
       once()
       r["times"].append(time.perf_counter() - t0)
+  ref = rows[0][1]
   for _, r in rows:
     r["s_per_step"] = statistics.median(r["times"])
-  ref = rows[0][1]
+    r["ratio"] = paired_ratio(r["times"], ref["times"])
   lines = [
       f"## Compute policy: bf16, fused attention, remat ({fv.model} width, {vcfg.num_layers} "
       f"blocks, {vcfg.image_size} px, batch {fv.batch}, CPU)", "",
@@ -194,11 +203,12 @@ def _main(fv):
       f"One NTK-CL train step (`Learner.step_given`), {vcfg.num_layers} blocks, random weights; "
       f"median of {fv.steps} steps (settings timed in turn) after compiling; XLA temp = the "
       "compiled step's temporary buffers (`memory_analysis()`).", "",
-      "| setting | ms/step | vs float32 einsum | compile s | XLA temp MB |",
+      "| setting | ms/step | vs float32 einsum: median [range] of the rounds | compile s | "
+      "XLA temp MB |",
       "|---|---:|---:|---:|---:|"]
   for label, r in rows:
-    lines.append(f"| {label} | {r['s_per_step'] * 1e3:.0f} | "
-                 f"{r['s_per_step'] / ref['s_per_step']:.2f}x | {r['compile_s']:.1f} | "
+    lines.append(f"| {label} | {r['s_per_step'] * 1e3:.0f} | {r['ratio'][0]:.2f}x "
+                 f"[{r['ratio'][1]:.2f}, {r['ratio'][2]:.2f}] | {r['compile_s']:.1f} | "
                  f"{r['temp_bytes'] / 2**20:.1f} |")
   if acc_seeds:
     lines += accuracy_lines(acc_seeds, fv.workdir)

@@ -142,3 +142,16 @@ def test_device_runs_table_compares_every_run_with_one_device():
   assert rows[2].startswith("| 1 | 18 | 0 | False | 90.00 | True |")
   assert "| 90.00 | True |" in rows[3] and "| 80.00 | False |" in rows[4]
   assert "error: error: boom" in rows[5] and "| n/a |" in rows[5]
+
+
+def test_step_time_ratio_is_paired_within_each_round():
+  """A load change that slows every setting alike in one round leaves the paired ratio alone
+  (the ratio of the two medians would move); the range spans the rounds' ratios."""
+  ref = [1.0, 1.0, 3.0, 1.0, 1.0]        # round 2 ran under load ...
+  other = [1.1, 1.2, 3.3, 1.05, 1.15]    # ... and slowed this setting by the same factor
+  med, lo, hi = precision.paired_ratio(other, ref)
+  q = np.asarray(other) / np.asarray(ref)
+  assert (med, lo, hi) == pytest.approx((np.median(q), q.min(), q.max()))
+  assert med == pytest.approx(1.1)
+  with pytest.raises(ValueError):
+    precision.paired_ratio([1.0], [1.0, 2.0])

@@ -5,6 +5,7 @@ corrections page's collapse criterion, and the launcher command of each cell."""
 import glob
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -237,3 +238,17 @@ def test_page_command_trains_what_is_missing_whatever_built_the_page():
   fv(["results_page", "--finished_only", "--seeds=0,1", "--datasets=imagenette"])
   assert pages.regenerate("scripts.results_page", fv) == (
       "python -m scripts.results_page --datasets=imagenette --seeds=0,1")
+
+
+def test_readme_bf16_numbers_are_the_results_pages():
+  """README's bfloat16 − float32 intervals are the ones docs/results.md prints for Split-Imagenette
+  (a regenerated page with other numbers fails here until README follows it)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(repo, "README.md")) as f:
+    readme = " ".join(f.read().replace("−", "-").split())
+  with open(os.path.join(repo, "docs", "results.md")) as f:
+    row = next(l for l in f if l.startswith("| bfloat16 − float32"))
+  page = re.findall(r"([+-]\d+\.\d+ \[[+-]\d+\.\d+, [+-]\d+\.\d+\]) \(n=5\)", row)
+  assert len(page) == 3, row
+  for name, iv in zip(("ΔĀ", "ΔA_T", "ΔF"), page):
+    assert f"{name} {iv}" in readme, (name, iv)
