@@ -23,7 +23,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from ntk_analysis import analyse, joint, kernel_memory, metrics, nt_compat, readouts
+from ntk_analysis import joint, kernel_memory, metrics, nt_compat, readouts, run_data
 from ntkcl_jax import cli, data, learner as learner_lib, sharding
 from ntkcl_jax import checkpoints
 from ntkcl_jax.configs import imagenette_dinov2s
@@ -184,6 +184,33 @@ def page(command: str, config_arg: str, setup: dict, records, runs, env: dict) -
   return "\n".join(lines)
 
 
+def run_check(config, tasks: int, n_per_task: int, probes: int, seed: int, implementations,
+              log=print):
+  """The first `tasks` tasks of `config` trained, then the traced joint kernel of the fused
+  feature sketch by our JAX backend and by each neural-tangents implementation: (setup, per-task
+  training records, kernel runs, the JAX one first)."""
+  lrn, stream, state, records = train_state(config, tasks, log)
+  images, _ = run_data.task_data(stream)
+  images = {t: images[t] for t in range(tasks)}
+  probe = readouts.probes(lrn.spec.feature_dim, probes, seed)
+  f, params = readouts.model_readout(lrn, state, "fused", probe)
+  log(f"kernels over {kernel_memory.num_params(params):,} parameters:")
+  runs = [measure(f, params, images, n=n_per_task, seed=seed, backend="jax", log=log)]
+  for impl in implementations:
+    runs.append(measure(f, params, images, n=n_per_task, seed=seed, backend=NT,
+                        implementation=impl, log=log))
+  for r in runs[1:]:
+    err = metrics.kernel_agreement(r["k"], runs[0]["k"])
+    log(f"  neural-tangents implementation {r['implementation']} vs jax: max relative error "
+        f"{err['max_rel']:.2e}, Frobenius relative error {err['fro_rel']:.2e}")
+  setup = {"tasks": tasks, "probes": probes, "n_per_task": n_per_task,
+           "batch": config.optim.batch_size, "P": kernel_memory.num_params(params),
+           "variant": config.method.variant, "frozen_sets": lrn.spec.num_frozen,
+           "fusion": "multi-token" if lrn.spec.switches.fix_fusion else "single-token",
+           "groups": {k: kernel_memory.num_params(v) for k, v in sorted(params.items())}}
+  return setup, records, runs
+
+
 def _main(fv) -> int:
   if fv.tasks < 1 or fv.n_per_task < 1 or fv.probes < 1:
     raise cli.InputError("--tasks, --n_per_task and --probes must be at least 1")
@@ -202,26 +229,8 @@ def _main(fv) -> int:
                 f"test_per_class={fv.test_per_class},epochs=1,source=zip")
   config = imagenette_dinov2s.get_config(config_arg)
   total = Clock()
-  lrn, stream, state, records = train_state(config, fv.tasks)
-  images, _ = analyse.task_data(stream)
-  images = {t: images[t] for t in range(fv.tasks)}
-  probe = readouts.probes(lrn.spec.feature_dim, fv.probes, fv.seed)
-  f, params = readouts.model_readout(lrn, state, "fused", probe)
-  print(f"kernels over {kernel_memory.num_params(params):,} parameters:")
-  runs = [measure(f, params, images, n=fv.n_per_task, seed=fv.seed, backend="jax")]
-  for impl in impls:
-    runs.append(measure(f, params, images, n=fv.n_per_task, seed=fv.seed, backend=NT,
-                        implementation=impl))
-  for r in runs[1:]:
-    err = metrics.kernel_agreement(r["k"], runs[0]["k"])
-    print(f"  neural-tangents implementation {r['implementation']} vs jax: max relative error "
-          f"{err['max_rel']:.2e}, Frobenius relative error {err['fro_rel']:.2e}")
-  setup = {"tasks": fv.tasks, "probes": fv.probes, "n_per_task": fv.n_per_task,
-           "size": fv.size, "per_class": fv.per_class, "batch": config.optim.batch_size,
-           "P": kernel_memory.num_params(params), "variant": config.method.variant,
-           "frozen_sets": lrn.spec.num_frozen,
-           "fusion": "multi-token" if lrn.spec.switches.fix_fusion else "single-token",
-           "groups": {k: kernel_memory.num_params(v) for k, v in sorted(params.items())}}
+  setup, records, runs = run_check(config, fv.tasks, fv.n_per_task, fv.probes, fv.seed, impls)
+  setup.update(size=fv.size, per_class=fv.per_class)
   command = pages.regenerate("scripts.nt_full_readout", fv)
   text = page(command, config_arg, setup, records, runs, env)
   with open(fv.output + ".tmp", "w") as fh:

@@ -296,3 +296,48 @@ def test_full_readout_all_views_through_neural_tangents(full_readout):
   theirs = kernels.empirical_ntk(f, params, x, trace=False, backend=NT, implementation=1)
   print(f"all views, impl 1, full: vs naive {_rel(theirs, naive):.1e}")
   assert _rel(theirs, naive) <= RTOL
+
+
+def test_nt_full_readout_script_on_a_tiny_run():
+  """scripts/nt_full_readout.py's pipeline (docs/ntk_nt_check.md) on the tiny config: two tasks
+  trained with the launcher's pieces, the fused joint kernel by our backend, the page (the
+  neural-tangents rows go through the same joint.compute: the next test; the full readout
+  through neural-tangents: test_full_readout_neural_tangents_equals_jax_and_naive)."""
+  import os  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from scripts import nt_full_readout  # pylint: disable=import-outside-toplevel
+  config = tiny.get_config()
+  config.train.mesh_data = 1
+  config.optim.epochs = 1
+  config.data.max_per_class_train = 4
+  setup, records, runs = nt_full_readout.run_check(config, 2, 2, 2, 0, [], log=lambda *_: None)
+  assert [r["task"] for r in records] == [0, 1] and all(r["steps"] > 0 for r in records)
+  assert [r["backend"] for r in runs] == ["jax"] and runs[0]["k"].shape == (4, 4)
+  assert np.allclose(runs[0]["k"], runs[0]["k"].T) and np.all(np.diag(runs[0]["k"]) > 0)
+  # a second row as neural-tangents would give it, to render the page's comparison columns
+  runs.append(dict(runs[0], backend=NT, implementation=1, k=runs[0]["k"] * (1 + 1e-7)))
+  assert setup["P"] == sum(setup["groups"].values()) > 0
+  setup.update(size=16, per_class=4)
+  env = {"jax": jax.__version__, "nt": "x", "python": "3", "cpus": 2, "load": "0"}
+  text = nt_full_readout.page("python -m scripts.nt_full_readout", "tiny", setup, records, runs,
+                              env)
+  assert "python -m scripts.nt_full_readout" in text and "| jax |" in text
+  assert f"| {NT} | 1 (" in text
+
+
+def test_joint_kernel_through_neural_tangents_equals_ours():
+  """joint.compute (every task's draw, traced) through neural-tangents' implementations equals
+  our backend on a small MLP."""
+  from ntk_analysis import joint  # pylint: disable=import-outside-toplevel
+  rng = np.random.RandomState(0)
+  params = {"a": jnp.asarray(rng.randn(4, 8) / 2, jnp.float32),
+            "b": jnp.asarray(rng.randn(8, 3) / 3, jnp.float32)}
+  f = lambda p, x: jnp.tanh(x @ p["a"]) @ p["b"]  # noqa: E731
+  data = {t: rng.randn(10, 4).astype(np.float32) for t in range(2)}
+  ours = joint.compute(f, params, data, n=3, seed=1, trace=True)
+  for impl in (1, 2, 3):
+    theirs = joint.compute(f, params, data, n=3, seed=1, trace=True, backend=NT,
+                           implementation=impl)
+    np.testing.assert_array_equal(theirs.indices[1], ours.indices[1])
+    assert _rel(theirs.k, ours.k) <= RTOL, impl
