@@ -12,9 +12,9 @@ backbone, state carried from step to step. Every setting is compiled and warmed 
 the settings are timed in turn, `--steps` rounds, and each reports its median: a change of the
 machine's load during the run then shifts all settings alike instead of one. The ratio to float32
 einsum is taken within each round (paired) and printed as its median and its range over the
-rounds: where the range straddles 1.00x, the two settings are within noise on this machine. Memory: XLA's own
-estimate of the compiled step's temporary buffers (`compiled.memory_analysis()`
-.temp_size_in_bytes), which is what remat trades for recomputation. The bf16-vs-f32 accuracy of
+rounds: where the range straddles 1.00x, the two settings are within noise on this machine.
+Memory: XLA's own estimate of the compiled step's temporary buffers
+(`compiled.memory_analysis().temp_size_in_bytes`), which is what remat trades for recomputation. The bf16-vs-f32 accuracy of
 a whole run is checked by tests/test_precision.py (tiny config); `--accuracy_seeds` also compares
 whole runs on real data: the faithful Split-Imagenette runs of docs/results.md (real DINOv2-S/14,
 its scale) against the same runs in bfloat16, paired by seed (the finished ones: python -m
