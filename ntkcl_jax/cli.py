@@ -25,6 +25,13 @@ class InputError(Exception):
   """A problem with what the user gave (paths, files, flags), explained in its message."""
 
 
+class Stop(RuntimeError):
+  """A run that stopped on purpose and kept its last checkpoint (rerunning resumes): one
+  `label: message` line and exit `code` (ntkcl_jax.train: a non-finite loss, 3; SIGTERM, 143),
+  from the launcher and from every script that trains through it."""
+  code, label = 1, "stopped"
+
+
 # What counts as the user's input being wrong. Checkpoint and data errors of this package derive
 # from ValueError / FileNotFoundError (ntkcl_jax.checkpoints.errors, ntkcl_jax.data); absl's
 # UsageError is what absl mains raise for a missing flag.
@@ -44,26 +51,31 @@ def message(e: BaseException) -> str:
   return text or type(e).__name__
 
 
-def fail(e: BaseException, prog: Optional[str] = None, code: int = EXIT_INPUT):
-  """Prints `prog: error: message` and exits with `code` (the traceback with NTKCL_TRACEBACK=1).
+def fail(e: BaseException, prog: Optional[str] = None, code: int = EXIT_INPUT,
+         label: str = "error"):
+  """Prints `prog: label: message` and exits with `code` (the traceback with NTKCL_TRACEBACK=1,
+  except for a Stop: its exit code is what schedulers read).
 
-  prog=None names the running program; prog='' prints `error: message` alone."""
-  if os.environ.get("NTKCL_TRACEBACK"):
+  prog=None names the running program; prog='' prints `label: message` alone."""
+  if os.environ.get("NTKCL_TRACEBACK") and not isinstance(e, Stop):
     raise e
   prog = _prog() if prog is None else prog
-  print(f"{prog}: error: {message(e)}" if prog else f"error: {message(e)}", file=sys.stderr,
+  print(f"{prog}: {label}: {message(e)}" if prog else f"{label}: {message(e)}", file=sys.stderr,
         flush=True)
   sys.exit(code)
 
 
 def guard(fn: Callable, errors: tuple = INPUT_ERRORS, prog: Optional[str] = None) -> Callable:
-  """Wraps a main function so that input errors end the program with one line and exit 2."""
+  """Wraps a main function so that input errors end the program with one line and exit 2, and a
+  run's Stop with its own line and code."""
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     try:
       return fn(*args, **kwargs)
     except errors as e:
       fail(e, prog)
+    except Stop as e:
+      fail(e, prog, e.code, e.label)
   return wrapped
 
 

@@ -94,12 +94,14 @@ from ntkcl_jax.models import ntkcl
 from ntkcl_jax.models import vit
 
 
-class NonFiniteStop(RuntimeError):
+class NonFiniteStop(cli.Stop):
   """Training stopped on a non-finite loss; the last good checkpoint is kept (exit code 3)."""
+  code, label = 3, "error"
 
 
-class Preempted(RuntimeError):
+class Preempted(cli.Stop):
   """SIGTERM received: a checkpoint of the current step was saved (exit code 143)."""
+  code, label = 143, "stopped"
 
 
 PROGRESS_EVERY_S = 30.0  # the whole-run progress line: at most this often between task ends
@@ -719,11 +721,8 @@ def _main(argv: Sequence[str], config, spec: str) -> None:
     run(config, f.workdir or default_workdir(spec, config.seed), progress=f.progress)
   except cli.INPUT_ERRORS as e:
     cli.fail(e, prog="")
-  except NonFiniteStop as e:
-    cli.fail(e, prog="", code=3)
-  except Preempted as e:
-    print(f"stopped: {e}", file=sys.stderr, flush=True)
-    sys.exit(143)
+  except cli.Stop as e:
+    cli.fail(e, prog="", code=e.code, label=e.label)
   except OSError as e:
     if e.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS):
       raise

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from ntkcl_jax import cli, config_files
+from ntkcl_jax import cli, config_files, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -197,3 +197,22 @@ def test_config_file_error_names_the_raising_line(tmp_path):
   assert f"{path}:2" in str(err)
   missing = config_files.config_file_error(RuntimeError("x"), "configs/nope.py:a=1", flag="cfg")
   assert "config file not found: 'configs/nope.py' (--cfg)" in str(missing)
+
+
+@pytest.mark.parametrize("stop,code,line", [
+    (train.Preempted("SIGTERM: saved checkpoint 4 at x; rerun the same command to resume"), 143,
+     "results_page: stopped: SIGTERM: saved checkpoint 4 at x; rerun the same command to resume"),
+    (train.NonFiniteStop("non-finite loss at step 2"), 3,
+     "results_page: error: non-finite loss at step 2")])
+def test_a_script_that_trains_stops_like_the_launcher(stop, code, line, capsys, monkeypatch):
+  """A run stopped inside a script (a grid driver) ends that script with the launcher's line and
+  exit code, not a traceback, whatever NTKCL_TRACEBACK says."""
+  monkeypatch.setenv("NTKCL_TRACEBACK", "1")
+
+  def main(fv):
+    del fv
+    raise stop
+  with pytest.raises(SystemExit) as e:
+    cli.run_program(main, lambda fv: None, [], prog="results_page")
+  assert e.value.code == code
+  assert capsys.readouterr().err.strip() == line
