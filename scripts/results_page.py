@@ -205,7 +205,8 @@ def page(results: dict, seeds, fv, forest_path: str) -> str:
 
 
 def define_flags(fv) -> None:
-  flags.DEFINE_list("datasets", list(pages.RESULTS_METHODS), "datasets of the page", flag_values=fv)
+  flags.DEFINE_list("datasets", list(pages.RESULTS_METHODS), "datasets of the page",
+                    flag_values=fv)
   pages.define_flags(fv, "results", "results.md")
 
 
@@ -213,8 +214,8 @@ def _main(fv) -> None:
   seeds = pages.parse_seeds(fv.seeds)
   pages.check_names(fv.datasets, pages.DATASETS, "datasets")
   pages.check_output(fv.output, fv.workdir)
-  results = pages.collect(fv.datasets, lambda d: pages.RESULTS_METHODS[d], seeds, fv.scale, fv.workdir,
-                          fv.finished_only, log=lambda m: print(m, flush=True))
+  results = pages.collect(fv.datasets, lambda d: pages.RESULTS_METHODS[d], seeds, fv.scale,
+                          fv.workdir, fv.finished_only, log=lambda m: print(m, flush=True))
   pages.write(fv.output, page(results, seeds, fv, pages.beside(fv.output, FOREST)))
 
 

@@ -103,16 +103,25 @@ def cost_method(method: str) -> str:
   return method if method in ("corrected", "channel") else "official"
 
 
+def run_seconds(step: dict, eval_s: float, steps: int) -> dict:
+  """{method: modelled wall seconds of one run}: `steps` SGD steps at `step[method]` s/step, plus
+  a trained run's prototype and test passes, about twice a SimpleCIL run's `eval_s` (two sections
+  per image)."""
+  return {m: steps * s + 2 * eval_s for m, s in step.items()}
+
+
 def plan_rows(step: dict, eval_s: float, steps: int, seeds: int, theory_step: float) -> list:
   """(page, trained runs, hours) at one size. `step` = {method: s/step}; `eval_s` = wall seconds
   of a SimpleCIL run there (its feature passes; a trained NTK-CL run's prototypes and test
   passes cost about twice that: two sections per image); `steps` = SGD steps per run;
   `theory_step` = s/step of the theory sweep's model (its kernels add about half a run)."""
-  run = {m: steps * s + 2 * eval_s for m, s in step.items()}
-  trained = [m for methods in pages.RESULTS_METHODS.values() for m in methods if m in pages.TRAINS]
+  run = run_seconds(step, eval_s, steps)
+  trained = [m for methods in pages.RESULTS_METHODS.values() for m in methods
+             if m in pages.TRAINS]
   names = "; ".join(f"{d}: {', '.join(ms)}" for d, ms in pages.RESULTS_METHODS.items())
   rows = [(f"docs/results.md: {names}", len(trained) * seeds,
-           seeds * (sum(run[cost_method(m)] for m in trained) + len(pages.RESULTS_METHODS) * eval_s)),
+           seeds * (sum(run[cost_method(m)] for m in trained)
+                    + len(pages.RESULTS_METHODS) * eval_s)),
           ("docs/results_corrections.md: Imagenette, each of the six corrections alone",
            6 * seeds, 6 * seeds * run["corrected"]),
           (f"docs/ntk.md: theory sweep, {THEORY_ARMS} arms with kernels", THEORY_ARMS * seeds,
@@ -186,7 +195,7 @@ def page(simple: dict, steps: dict, theory_step: float, sizes, seeds, scale: str
   if measured:
     size = scale_value(scale, "size")
     eval_s = float(np.mean([r["wall_time_s"] for r in simple["imagenette"][size]]))
-    model = {m: 5 * n_steps * v["step_s"] + 2 * eval_s for m, v in steps[size].items()}
+    model = run_seconds({m: v["step_s"] for m, v in steps[size].items()}, eval_s, 5 * n_steps)
     lines += ["", f"Against what finished: the results page's {len(measured)} finished trained "
               f"runs at {size} px took a median of {np.median(measured):.0f} s of wall time "
               f"(range {min(measured):.0f}-{max(measured):.0f} s, some while other jobs shared "
