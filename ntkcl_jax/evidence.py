@@ -155,7 +155,7 @@ def describe(iv: Interval, prediction: Optional[str] = None, margin: float = 0.0
   if iv.within_noise:
     parts.append("within noise")
   if iv.n < MIN_SEEDS:
-    parts.append(f"only {iv.n} seeds")
+    parts.append(f"only {iv.n} seed" + ("s" if iv.n != 1 else ""))
   parts.append(iv.boot_text(digits))
   return "; ".join(parts)
 

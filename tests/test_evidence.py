@@ -94,6 +94,8 @@ def test_one_seed_has_no_interval_and_no_verdict():
 def test_describe_flags_too_few_seeds():
   assert "only 3 seeds" in evidence.describe(evidence.Interval(1, 0.5, 2, 3), ">0")
   assert "seeds" not in evidence.describe(evidence.Interval(1, 0.5, 2, 5), ">0")
+  one = evidence.describe(evidence.t_interval([1.0]), ">0")
+  assert "only 1 seed;" in one and "1 seeds" not in one
 
 
 def test_spearman_matches_scipy_and_is_nan_for_a_constant():
