@@ -101,8 +101,9 @@ def plot_terms(traj: dict, path: str, weights: dict) -> None:
     for m, by_term in traj.items():
       steps, mean, tasks = by_term[term]
       ax.plot(steps, np.asarray(mean) * weights[m][weight], label=pages.METHODS[m][0], lw=1.2)
-    first = [s for s, t, prev in zip(steps, tasks, [tasks[0]] + tasks[:-1]) if t != prev]
-    for s in first:
+    # between the last logged step of a task and the first of the next
+    starts = [s0 + 0.5 for s0, t0, t1 in zip(steps, tasks, tasks[1:]) if t1 != t0]
+    for s in starts:
       ax.axvline(s, color="grey", ls=":", lw=0.8)
     ax.set_title(f"{weight} × {title}")
     ax.set_xlabel("SGD step (dotted: task 1 starts)")
