@@ -178,6 +178,30 @@ def test_corrections_page_names_the_switch_that_collapses(tmp_path, monkeypatch)
   assert "--config.data.tasks_to_run=2" in text
 
 
+def test_corrections_page_splits_the_collapse_into_features_and_stale_prototypes(tmp_path,
+                                                                                 monkeypatch):
+  """Seed by seed, ΔA[1,0] = Δ oracle A[1,0] + Δ (A[1,0] − oracle): an arm whose fresh-prototype
+  accuracy on task 0's classes drops 5 points and whose actual one drops 40 shows -5 for its
+  features and -35 for its stale prototypes; only the oracle of the end of task 1 is read."""
+  def fake_cell(dataset, method, seed, scale, base, extra=(), log=print):
+    nce = method == "fix_nce_sign"
+    rec = _run(70.0, oracle=72.0, tasks=2, a10=60.0 + seed - (40.0 if nce else 0.0))
+    rec["oracle_prototypes"]["per_task"][0] = 75.0 + 2 * seed - (5.0 if nce else 0.0)
+    return rec
+
+  monkeypatch.setattr(pages, "run_cell", fake_cell)
+  out = tmp_path / "corr.md"
+  corrections_page.main(["--seeds=0,1,2,3,4", f"--output={out}", f"--workdir={tmp_path}/w"])
+  split = out.read_text().split("## Stale prototypes or worse features")[1].split("\n## ")[0]
+  row = next(l for l in split.splitlines() if l.startswith("| NTK-CL corrected, only fix_nce_sign"))
+  cells = [c.strip() for c in row.split("|")[2:5]]
+  assert [c.split(" [")[0].split(" (")[0] for c in cells] == ["-40.00", "-5.00", "-35.00"]
+  rec = fake_cell("imagenette", "official", 0, "", "")
+  assert corrections_page.stale10(rec) == 60.0 - 75.0
+  rec["oracle_prototypes"]["task"] = 4  # a whole run's oracle is not A[1,0]'s
+  assert corrections_page.oracle10(rec) is None and corrections_page.stale10(rec) is None
+
+
 def test_corrections_page_runs_the_pairs_when_no_switch_alone_collapses(tmp_path, monkeypatch):
   calls = []
 
