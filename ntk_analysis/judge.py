@@ -478,8 +478,9 @@ def regularisation_and_ema(sweep: Sweep, plot_path: Optional[str] = None) -> dic
   bound = stability_bound(base) if base else float("nan")
   control = ("reg_temp: every other value of the grid on the same seed; EMA: the 'copy' arm, "
              "the frozen set overwritten with the last task's values at the same architecture")
-  criterion = (f"the grid stays below the stability bound reg_temp < (1 + momentum) / lr = "
-               f"{bound:.3g} (the L2 term's curvature 2 reg_temp against SGD's limit 2(1+m)/lr). "
+  criterion = ("the grid stays below the stability bound reg_temp < (1 + momentum) / lr" +
+               (f" = {bound:.3g}" if np.isfinite(bound) else " of the base config") +
+               " (the L2 term's curvature 2 reg_temp against SGD's limit 2(1+m)/lr). "
                f"U shape: A_T at the interior value chosen on the other seeds (leave one seed "
                f"out) minus A_T at each end, paired, both '> 0'. Drift: per seed Spearman(reg_temp, "
                f"mean old-task drift S over every adapted parameter) '< 0'. EMA - copy: old-task "

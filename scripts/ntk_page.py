@@ -152,21 +152,29 @@ def sweep_section(root: str, out_dir: str, keys: str = "abcdef") -> tuple[list, 
   base = sweep.base()
   seeds = sorted({int(r["seed"]) for r in sweep.records})
   lines = [f"## Sweep `{root}`", ""]
+  if not sweep.records:
+    lines += ["No run of this sweep is recorded yet: every check below states its prediction, "
+              "control and criterion, fixed before any run is read. `python -m scripts.theory` "
+              "(README) trains and measures the runs; this page is regenerated from their "
+              "records.", ""]
   if base:
     lines += [f"Setting: {setting(next(iter(base.values())))}", ""]
   cmds = sorted({r.get("sweep_command") for r in sweep.records if r.get("sweep_command")})
-  lines += [f"{len(sweep.records)} runs, seeds {seeds}; trained and measured by " +
-            (", ".join(f"`{c}`" for c in cmds) if cmds else "`python -m scripts.theory`") +
-            " (resumed over interruptions). Kernels: feature-sketch readouts of the trainable "
-            "PEFT parameters over fixed, seeded per-task probe images (test transform), "
-            f"{_first(sweep, 'n_per_task')} per task, {_first(sweep, 'probes')} probes.", "",
-            "| experiment | verdict | detail |", "|---|---|---|"]
+  if sweep.records:
+    lines += [f"{len(sweep.records)} runs, seeds {seeds}; trained and measured by " +
+              (", ".join(f"`{c}`" for c in cmds) if cmds else "`python -m scripts.theory`") +
+              " (resumed over interruptions). Kernels: feature-sketch readouts of the trainable "
+              "PEFT parameters over fixed, seeded per-task probe images (test transform), "
+              f"{_first(sweep, 'n_per_task')} per task, {_first(sweep, 'probes')} probes.", ""]
+  lines += ["| experiment | verdict | detail |", "|---|---|---|"]
   for k, r in report.items():
     lines.append(f"| ({k}) {r['name']} | "
                  f"{'not measured yet' if r.get('missing') else verdict_text(r)} | "
                  f"{_fmt(r.get('missing') or '')} |")
-  lines += [""] + compute_section(sweep) + nt_section(sweep) + ["### Runs", ""]
-  lines += runs_section(sweep) + [""]
+  lines += [""]
+  if sweep.records:
+    lines += compute_section(sweep) + nt_section(sweep) + ["### Runs", ""]
+    lines += runs_section(sweep) + [""]
   plots = []
   for r in report.values():
     lines += experiment_section(r, f"{IMG_DIR}/")
@@ -176,14 +184,23 @@ def sweep_section(root: str, out_dir: str, keys: str = "abcdef") -> tuple[list, 
 
 
 def compute_section(sweep: judge.Sweep) -> list:
-  """The compute the sweep's records took, and what the remaining runs of its plan would."""
-  train = sum(r.get("train_seconds", 0) for r in sweep.records)
-  meas = sum(r.get("measure_seconds", 0) for r in sweep.records)
-  return ["### Compute", "",
-          f"{len(sweep.records)} runs: {train / 3600:.1f} h of training and {meas / 3600:.1f} h of "
-          f"measuring on 2 CPU cores, one run at a time (two side by side take as long as one "
-          f"after the other). `python -m scripts.theory --plan` with the sweep's flags lists the "
-          f"runs still missing; rerunning the sweep command trains and measures them.", ""]
+  """The compute the sweep's records took and, from their mean per run, what the rest of its
+  plan (the records' planned_runs) would take."""
+  recs = sweep.records
+  train = sum(r.get("train_seconds", 0) for r in recs)
+  meas = sum(r.get("measure_seconds", 0) for r in recs)
+  planned = max((int(r.get("planned_runs") or 0) for r in recs), default=0)
+  lines = ["### Compute", "",
+           f"{len(recs)} runs: {train / 3600:.1f} h of training and {meas / 3600:.1f} h of "
+           f"measuring on 2 CPU cores, one run at a time (two side by side take as long as one "
+           f"after the other)."]
+  if recs and planned > len(recs):
+    left = (planned - len(recs)) * (train + meas) / len(recs)
+    lines[-1] += (f" The sweep's plan has {planned} runs: at the mean of those recorded, the "
+                  f"{planned - len(recs)} still missing take about {left / 3600:.0f} h more.")
+  lines[-1] += (" `python -m scripts.theory --plan` with the sweep's flags lists the runs still "
+                "missing; rerunning the sweep command trains and measures them.")
+  return lines + [""]
 
 
 def _first(sweep, key):
@@ -221,13 +238,15 @@ def page(roots, out_path: str, keys: str = "abcdef") -> str:
 
 
 def check_inputs(roots, output: str) -> None:
-  """Every root holds records and the output directory exists: one clear error before writing."""
+  """Every root is a directory (a sweep with no record yet gives a page of the checks' criteria
+  alone) and the output directory exists: one clear error before writing."""
   if not roots:
     raise cli.InputError("--theory: give at least one sweep root (scripts/theory.py --root)")
   for root in roots:
-    if not os.path.isdir(root) or not judge.Sweep.load(root).records:
-      raise cli.InputError(f"--theory={root}: no record.json under it (ROOT/<arm>/seed<s>/"
-                           f"record.json); run python -m scripts.theory --root={root} first")
+    if not os.path.isdir(root):
+      raise cli.InputError(f"--theory={root}: no record.json under it, nor such a directory "
+                           f"(ROOT/<arm>/seed<s>/record.json); run python -m scripts.theory "
+                           f"--root={root} first")
   if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
     raise cli.InputError(f"--output={output}: directory {os.path.dirname(output)} does not exist")
 
@@ -243,6 +262,10 @@ def _main(fv) -> int:
   if bad:
     raise cli.InputError(f"--experiments={fv.experiments}: unknown {sorted(bad)}; use a-f")
   check_inputs(fv.theory, fv.output)
+  for root in fv.theory:
+    if not judge.Sweep.load(root).records:
+      print(f"ntk_page: no record under {root} yet: its section lists the checks and their "
+            f"criteria only")
   print("wrote", page(fv.theory, fv.output, fv.experiments.replace(",", "")))
   return 0
 

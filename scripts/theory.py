@@ -203,10 +203,11 @@ def command(spec: str, base_overrides: Sequence[str], workdir: str, run_override
 def run_arm(config, root: str, arm: str, overrides: Mapping[str, object], seed: int,
             parts: Sequence[str], *, settings: Mapping = SETTINGS, spec: str = "",
             base_overrides: Sequence[str] = (), sweep_command: str = "",
-            keep_checkpoints: bool = False, log: Callable[[str], None] = print,
-            **ntk_kwargs) -> dict:
+            keep_checkpoints: bool = False, planned_runs: int = 0,
+            log: Callable[[str], None] = print, **ntk_kwargs) -> dict:
   """One run of the sweep: its record, read back if it exists, else trained (or resumed, or
-  reused), measured, written and its checkpoints deleted."""
+  reused), measured, written and its checkpoints deleted. `planned_runs`: the size of the sweep
+  it belongs to, kept in the record for the page's compute plan."""
   c = run_config(config, overrides, seed)
   path = record_path(root, arm, seed)
   rec = existing_record(path, c, settings, parts)
@@ -225,7 +226,8 @@ def run_arm(config, root: str, arm: str, overrides: Mapping[str, object], seed: 
          "results": {k: res.get(k) for k in RESULT_KEYS},
          "command": command(spec or "CONFIG", base_overrides, wd, overrides, seed,
                             c.train.keep_checkpoints),
-         "sweep_command": sweep_command, "train_seconds": round(t1 - t0, 1), **kern}
+         "sweep_command": sweep_command, "planned_runs": int(planned_runs),
+         "train_seconds": round(t1 - t0, 1), **kern}
   results_lib.atomic_write_json(path, results_lib.jsonable(rec))
   if not keep_checkpoints:
     for sub in ("checkpoints", "ntk", "tb"):
@@ -254,7 +256,8 @@ def run_all(config, root: str, seeds: Sequence[int] = (0,), experiments_: str = 
         continue
       out.append(run_arm(config, root, arm, ov, seed, parts, settings=settings, spec=spec,
                          base_overrides=base_overrides, sweep_command=sweep_command,
-                         keep_checkpoints=keep_checkpoints, log=log, **ntk_kwargs))
+                         keep_checkpoints=keep_checkpoints,
+                         planned_runs=len(arms) * len(seeds), log=log, **ntk_kwargs))
   return out
 
 

@@ -129,8 +129,9 @@ CASES = [
     ("results-page-unknown-dataset", M + ["scripts.results_page", "--datasets=nope",
                                           "--workdir={d}/results", "--output={d}/results.md"],
      "unknown datasets ['nope']"),
-    ("ntk-page-not-theory", M + ["scripts.ntk_page", "--theory={d}/not_a_run",
-                                 "--output={d}/ntk.md"], "--theory={d}/not_a_run: no record.json"),
+    ("ntk-page-not-theory", M + ["scripts.ntk_page", "--theory={d}/no_such_sweep",
+                                 "--output={d}/ntk.md"],
+     "--theory={d}/no_such_sweep: no record.json"),
     ("ntk-page-bad-experiments", M + ["scripts.ntk_page", "--experiments=xyz",
                                       "--output={d}/ntk.md"], "--experiments=xyz: unknown"),
     ("theory-missing-config", M + ["scripts.theory", "--config=configs/nope.py",
@@ -177,7 +178,7 @@ def test_bad_input_is_one_error_line(bad, cmd, expected):
 
 def test_traceback_on_request(bad):
   """NTKCL_TRACEBACK=1 shows the traceback of the same input error (for bug reports)."""
-  p = subprocess.run(M + ["scripts.ntk_page", f"--theory={bad}/not_a_run",
+  p = subprocess.run(M + ["scripts.ntk_page", f"--theory={bad}/no_such_sweep",
                           f"--output={bad}/ntk.md"], cwd=REPO, capture_output=True, text=True,
                      timeout=300, env=dict(os.environ, NTKCL_TRACEBACK="1"))
   assert p.returncode != 0 and "Traceback" in p.stderr and "InputError" in p.stderr

@@ -13,7 +13,7 @@ import jax.flatten_util  # noqa: F401  (jax.flatten_util.ravel_pytree)
 import numpy as np
 import pytest
 
-from ntk_analysis import measure, metrics, readouts
+from ntk_analysis import judge, measure, metrics, readouts
 from ntkcl_jax import cli, config_files
 from ntkcl_jax.checkpoints import runs
 
@@ -146,7 +146,7 @@ def test_sweep_writes_small_records_deletes_checkpoints_and_reruns_without_train
   rec = next(r for r in recs if r["arm"] == "max_per_class_train=4,epochs=2")
   assert "--config.seed=0" in rec["command"] and "--config.data.max_per_class_train=4" in \
       rec["command"] and "--config.optim.epochs=2" in rec["command"]
-  assert rec["parts"] == ["gap"] and len(rec["gap"]) == 3
+  assert rec["parts"] == ["gap"] and len(rec["gap"]) == 3 and rec["planned_runs"] == 6
   assert rec["steps_per_task"] == kept["steps_per_task"]  # the same SGD steps at half the N
   assert rec["results"]["accuracy_matrix"] and rec["counts"]["train"] == [8, 8, 8]
   simple = next(r for r in recs if r["arm"] == "name=simplecil")
@@ -182,7 +182,35 @@ def test_page_from_the_records_alone(sweep, tmp_path):
   assert os.path.exists(out.parent / "ntk" / f"{tag}_theory_a.png")
   assert not os.path.exists(out.parent / "ntk" / "stale.png")
   with pytest.raises(cli.InputError, match="no record.json"):
-    ntk_page.check_inputs([str(tmp_path)], str(out))
+    ntk_page.check_inputs([str(tmp_path / "not_a_sweep")], str(out))
+
+
+def test_page_of_a_sweep_with_no_record_states_every_criterion(tmp_path):
+  """Before any run is read, the page gives each check's prediction, control and criterion and
+  nothing measured."""
+  root = tmp_path / "theory"
+  root.mkdir()
+  out = tmp_path / "ntk.md"
+  ntk_page.check_inputs([str(root)], str(out))
+  text = open(ntk_page.page([str(root)], str(out))).read()
+  assert "No run of this sweep is recorded yet" in text and "### Runs" not in text
+  for k in "abcdef":
+    section = text.split(f"### ({k}) ")[1].split("### (")[0]
+    assert "- Prediction: " in section and "- Control: " in section
+    assert "Criterion (fixed before measuring)" in section and "Not measured yet" in section
+  sweep_part = text.split("## Sweep")[1]
+  assert "**holds**" not in sweep_part and "**fails**" not in sweep_part
+  assert "nan" not in sweep_part  # the (f) bound, unknown without a base record
+
+
+def test_compute_plan_extrapolates_the_recorded_runs_to_the_rest_of_the_sweep():
+  """Two of ten planned runs took 1 h each: the other eight take about 8 h."""
+  recs = [{"arm": a, "seed": 0, "planned_runs": 10, "train_seconds": 3000.0,
+           "measure_seconds": 600.0} for a in ("base", "name=simplecil")]
+  text = "\n".join(ntk_page.compute_section(judge.Sweep(recs)))
+  assert "2 runs: 1.7 h of training and 0.3 h of measuring" in text
+  assert "plan has 10 runs" in text and "8 still missing take about 8 h more" in text
+  assert "still missing take" not in "\n".join(ntk_page.compute_section(judge.Sweep(recs[:1] * 10)))
 
 
 def _dense_jacobian(f, params, x):
