@@ -28,6 +28,7 @@ import numpy as np
 
 from ntkcl_jax import cli
 from ntkcl_jax import config_files
+from scripts import corrections_page
 from scripts import grid
 from scripts import pages
 
@@ -99,7 +100,8 @@ def fmt(values) -> str:
 
 
 def cost_method(method: str) -> str:
-  """The timed method whose step a results-page method costs (bf16 and init-PTM: faithful's)."""
+  """The timed method whose step a page's method costs (bf16, init-PTM and a switch alone:
+  faithful's)."""
   return method if method in ("corrected", "channel") else "official"
 
 
@@ -114,16 +116,19 @@ def plan_rows(step: dict, eval_s: float, steps: int, seeds: int, theory_step: fl
   """(page, trained runs, hours) at one size. `step` = {method: s/step}; `eval_s` = wall seconds
   of a SimpleCIL run there (its feature passes; a trained NTK-CL run's prototypes and test
   passes cost about twice that: two sections per image); `steps` = SGD steps per run;
-  `theory_step` = s/step of the theory sweep's model (its kernels add about half a run)."""
+  `theory_step` = s/step of the theory sweep's model (its kernels add about half a run); a
+  two-task corrections run costs 2/5 of a whole one (a switch alone: faithful's step)."""
   run = run_seconds(step, eval_s, steps)
   trained = [m for methods in pages.RESULTS_METHODS.values() for m in methods
              if m in pages.TRAINS]
   names = "; ".join(f"{d}: {', '.join(ms)}" for d, ms in pages.RESULTS_METHODS.items())
+  corr = corrections_page.STAGE1  # its stage 2 (pairs) runs only if no switch alone collapses
   rows = [(f"docs/results.md: {names}", len(trained) * seeds,
            seeds * (sum(run[cost_method(m)] for m in trained)
                     + len(pages.RESULTS_METHODS) * eval_s)),
-          ("docs/results_corrections.md: Imagenette, each of the six corrections alone",
-           6 * seeds, 6 * seeds * run["corrected"]),
+          (f"docs/results_corrections.md: Imagenette, {', '.join(corr)}, first "
+           f"{corrections_page.TASKS_RUN} of 5 tasks", len(corr) * seeds,
+           seeds * corrections_page.TASKS_RUN / 5 * sum(run[cost_method(m)] for m in corr)),
           (f"docs/ntk.md: theory sweep, {THEORY_ARMS} arms with kernels", THEORY_ARMS * seeds,
            THEORY_ARMS * seeds * 1.5 * steps * theory_step)]
   return [(page, n, secs / 3600) for page, n, secs in rows]

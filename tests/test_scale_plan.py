@@ -29,7 +29,9 @@ def test_plan_rows_multiply_runs_by_steps_and_passes():
   # CIFAR-10 the same but init-PTM; each dataset adds one SimpleCIL run per seed.
   per_seed = 5 * run["official"] + 2 * run["corrected"] + 2 * run["channel"] + 2 * 10.0
   assert n1 == 45 and h1 == pytest.approx(5 * per_seed / 3600)
-  assert n2 == 30 and h2 == pytest.approx(30 * run["corrected"] / 3600)
+  # Corrections: faithful, corrected and the six switches alone, two of the five tasks each.
+  assert n2 == 5 * 8 and h2 == pytest.approx(
+      5 * 2 / 5 * (7 * run["official"] + run["corrected"]) / 3600)
   assert n3 == 5 * scale_plan.THEORY_ARMS
   assert h3 == pytest.approx(5 * scale_plan.THEORY_ARMS * 1.5 * 100 * 0.2 / 3600)
   assert "results.md" in page1 and "corrections" in page2 and "theory" in page3
