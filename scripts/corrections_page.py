@@ -73,6 +73,25 @@ SPLIT = (("ΔA[1,0]", a10), ("Δ oracle A[1,0] (features)", oracle10),
          ("Δ (A[1,0] − oracle) (stale prototypes)", stale10))
 
 
+def split_reading(by_method: dict, arms) -> list:
+  """One sentence per collapsing arm: how much of its mean ΔA[1,0] the stale prototypes carry
+  (the mean of a sum of paired differences is the sum of their means)."""
+  ctl = by_method.get("official", {})
+  out = []
+  for m in arms:
+    if not by_method.get(m) or not ctl:
+      continue
+    d = {name: evidence.paired(pages.values(by_method[m], fn), pages.values(ctl, fn))
+         for name, fn in SPLIT}
+    total, feat, stale = (d[name] for name, _ in SPLIT)
+    if total.n == 0 or feat.n != total.n or total.estimate >= 0:
+      continue
+    out.append(f"- {pages.METHODS[m][0]}: of ΔA[1,0] = {total.estimate:+.2f} points, its features "
+               f"(oracle prototypes) account for {feat.estimate:+.2f} and task 0's stale prototypes "
+               f"for {stale.estimate:+.2f} ({stale.estimate / total.estimate:.0%}; n={total.n}).")
+  return ["", *out] if out else []
+
+
 def collapse(by_method: dict) -> dict:
   """{arm: (Interval of ΔA[1,0] vs faithful, verdict 'reproduces' / 'no effect' / ...)}"""
   out = {}
@@ -199,6 +218,7 @@ def page(by_method: dict, seeds, fv, plot_path: str) -> str:
     lines.append(f"| {pages.METHODS[m][0]} | " + " | ".join(
         pages.paired_text(evidence.paired(pages.values(by_method[m], fn), pages.values(ctl, fn)),
                           None) for _, fn in SPLIT) + " |")
+  lines += split_reading(by_method, ["corrected", *culprits])
   # The terms that switch on when old prototypes first exist, per task (results.json 'losses').
   lines += ["", "## The NCE and orthogonality terms", "",
             "Mean over each task's steps and over seeds of the raw terms (the loss adds "
@@ -220,6 +240,7 @@ def page(by_method: dict, seeds, fv, plot_path: str) -> str:
     lines += ["", "Trajectories of the weighted terms over training (mean over seeds, as logged "
               "every few steps) for faithful, all six switches and each arm that reproduces the "
               "collapse:", "", f"![NCE and orthogonality terms over training]({PLOT})"]
+  lines += ["", "## Compute", "", *pages.compute_plan({DATASET: by_method}, seeds)]
   lines += ["", "## Commands", "", "This page:", "", "```",
             pages.regenerate("scripts.corrections_page", fv), "```", "",
             "Each row's runs (seed S = each of the seeds above):", "", "```"]

@@ -194,6 +194,25 @@ STATISTICS = [
     "the time, not 95%, so no verdict is read from it."]
 
 
+def compute_plan(results: dict, seeds) -> list:
+  """Wall time of a page's finished runs and an estimate for the missing ones (mean of the
+  method's finished runs, else of all runs). results[dataset][method] = {seed: results.json}."""
+  walls = {(d, m): [r["wall_time_s"] for r in by_seed.values()]
+           for d, by_method in results.items() for m, by_seed in by_method.items()}
+  every = [w for ws in walls.values() for w in ws]
+  mean_all = float(np.mean(every)) if every else 600.0
+  done = sum(every)
+  missing = sum((len(seeds) - len(ws)) * (float(np.mean(ws)) if ws else mean_all)
+                for ws in walls.values())
+  text = (f"Runs finished: {len(every)} of {len(walls) * len(seeds)}, {done / 3600:.1f} h of "
+          f"compute in all (one run at a time on the 2 cores; wall times as each run recorded "
+          f"them).")
+  if missing:
+    text += (f" Missing runs: about {missing / 3600:.1f} h more at the same rates; rerunning "
+             f"this page's command trains them.")
+  return [text]
+
+
 def forest_plot(rows: Sequence[tuple], path: str, title: str = "") -> str:
   """Each paired difference as a point with its t interval, zero marked. rows: (panel, label,
   Interval, colour key); one panel per distinct panel name, labels top to bottom."""

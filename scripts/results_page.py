@@ -132,22 +132,6 @@ def oracle_section(by_method: dict) -> tuple[list, list]:
   return lines, forest
 
 
-def compute_plan(results: dict, seeds) -> list:
-  """Wall time of the finished runs and an estimate for the missing ones (mean of the method's
-  finished runs, else of all runs)."""
-  walls = {(d, m): [r["wall_time_s"] for r in by_seed.values()]
-           for d, by_method in results.items() for m, by_seed in by_method.items()}
-  every = [w for ws in walls.values() for w in ws]
-  mean_all = float(np.mean(every)) if every else 600.0
-  done = sum(every)
-  missing = sum((len(seeds) - len(ws)) * (float(np.mean(ws)) if ws else mean_all)
-                for ws in walls.values())
-  return [f"Runs finished: {len(every)} of {len(walls) * len(seeds)}, {done / 3600:.1f} h of "
-          f"compute in all (one run at a time on the 2 cores; wall times as each run recorded "
-          f"them). Missing runs: about {missing / 3600:.1f} h more at the same rates; rerunning "
-          f"this page's command trains them."]
-
-
 def page(results: dict, seeds, fv, forest_path: str) -> str:
   """The markdown page of this run of the script (its flags `fv`). results[dataset][method] =
   {seed: results.json dict}."""
@@ -191,7 +175,7 @@ def page(results: dict, seeds, fv, forest_path: str) -> str:
     forest += [("ΔA_T", label, iv, name) for label, iv in oracle_rows]
   if forest:
     pages.forest_plot(forest, forest_path, "paired differences, Student-t 95% intervals")
-  lines += ["## Compute", "", *compute_plan(results, seeds), "",
+  lines += ["## Compute", "", *pages.compute_plan(results, seeds), "",
             "## Commands", "", "This page (runs that exist are reused, unfinished ones resume):",
             "", "```", pages.regenerate("scripts.results_page", fv), "```", "",
             "Each row's runs (seed S = each of the seeds above):", "", "```"]

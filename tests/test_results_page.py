@@ -78,7 +78,7 @@ def test_results_page_statistics_paired_rows_oracle_and_order(tmp_path, monkeypa
   assert "after task 2: old / new" in text and "| 39.0 / 49.0 |" in text  # SimpleCIL seed mean
   assert os.path.exists(tmp_path / "results" / "forest.png")
   assert "![forest plot" in text and "--config.data.subsample_per_seed=True" in text
-  assert "Runs finished: 30 of 30" in text
+  assert "Runs finished: 30 of 30" in text and "Missing runs" not in text
 
 
 def test_finished_only_builds_the_page_without_training(tmp_path, monkeypatch):
@@ -91,7 +91,7 @@ def test_finished_only_builds_the_page_without_training(tmp_path, monkeypatch):
   text = out.read_text()
   assert "| SimpleCIL (frozen-backbone prototypes) | not run yet |" in text
   assert "| NTK-CL faithful − SimpleCIL | n/a | n/a | n/a |" in text
-  assert "Runs finished: 1 of 12" in text
+  assert "Runs finished: 1 of 12" in text and "Missing runs: about" in text
 
 
 def test_unknown_dataset_is_a_clear_error(capsys):
@@ -196,6 +196,10 @@ def test_corrections_page_splits_the_collapse_into_features_and_stale_prototypes
   row = next(l for l in split.splitlines() if l.startswith("| NTK-CL corrected, only fix_nce_sign"))
   cells = [c.strip() for c in row.split("|")[2:5]]
   assert [c.split(" [")[0].split(" (")[0] for c in cells] == ["-40.00", "-5.00", "-35.00"]
+  assert ("NTK-CL corrected, only fix_nce_sign: of ΔA[1,0] = -40.00 points, its features (oracle "
+          "prototypes) account for -5.00 and task 0's stale prototypes for -35.00 (88%; n=5)."
+          ) in split
+  assert "Runs finished: 40 of 40" in out.read_text()  # faithful, all six, each switch alone
   rec = fake_cell("imagenette", "official", 0, "", "")
   assert corrections_page.stale10(rec) == 60.0 - 75.0
   rec["oracle_prototypes"]["task"] = 4  # a whole run's oracle is not A[1,0]'s
