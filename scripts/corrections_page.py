@@ -73,17 +73,21 @@ SPLIT = (("ΔA[1,0]", a10), ("Δ oracle A[1,0] (features)", oracle10),
          ("Δ (A[1,0] − oracle) (stale prototypes)", stale10))
 
 
-def split_reading(by_method: dict, arms) -> list:
+def vs_faithful(by_method: dict, m: str, fn) -> evidence.Interval:
+  """fn(arm's run) − fn(faithful's run), paired by seed, with its t interval."""
+  return evidence.paired(pages.values(by_method[m], fn),
+                         pages.values(by_method.get("official", {}), fn))
+
+
+def split_reading(splits: dict, arms) -> list:
   """One sentence per collapsing arm: how much of its mean ΔA[1,0] the stale prototypes carry
-  (the mean of a sum of paired differences is the sum of their means)."""
-  ctl = by_method.get("official", {})
+  (the mean of a sum of paired differences is the sum of their means). splits[arm]: the
+  intervals of SPLIT's quantities against faithful."""
   out = []
   for m in arms:
-    if not by_method.get(m) or not ctl:
+    if m not in splits:
       continue
-    d = {name: evidence.paired(pages.values(by_method[m], fn), pages.values(ctl, fn))
-         for name, fn in SPLIT}
-    total, feat, stale = (d[name] for name, _ in SPLIT)
+    total, feat, stale = splits[m]
     if total.n == 0 or feat.n != total.n or total.estimate >= 0:
       continue
     out.append(f"- {pages.METHODS[m][0]}: of ΔA[1,0] = {total.estimate:+.2f} points, its features "
@@ -95,11 +99,10 @@ def split_reading(by_method: dict, arms) -> list:
 def collapse(by_method: dict) -> dict:
   """{arm: (Interval of ΔA[1,0] vs faithful, verdict 'reproduces' / 'no effect' / ...)}"""
   out = {}
-  ctl = pages.values(by_method.get("official", {}), a10)
   for m, by_seed in by_method.items():
     if m == "official" or not by_seed:
       continue
-    iv = evidence.paired(pages.values(by_seed, a10), ctl)
+    iv = vs_faithful(by_method, m, a10)
     if evidence.verdict(iv, "<0", COLLAPSE) == "holds":
       reading = "reproduces the collapse"
     elif evidence.verdict(iv, "=0", NO_EFFECT) == "holds":
@@ -200,11 +203,8 @@ def page(by_method: dict, seeds, fv, plot_path: str) -> str:
   lines += ["", "Paired against faithful (arm − faithful):", "",
             "| arm | " + " | ".join(f"Δ{q.split(':')[0]}" for q, _ in paired) +
             " | reading of ΔA[1,0] |", "|---|" + "---|" * len(paired) + "---|"]
-  ctl = by_method.get("official", {})
   for m, (iv, reading) in found.items():
-    cells = [pages.paired_text(evidence.paired(pages.values(by_method[m], fn),
-                                               pages.values(ctl, fn)), None)
-             for _, fn in paired]
+    cells = [pages.paired_text(vs_faithful(by_method, m, fn), None) for _, fn in paired]
     lines.append(f"| {pages.METHODS[m][0]} | " + " | ".join(cells) + f" | {reading} |")
   lines += ["", "## Stale prototypes or worse features", "",
             "Seed by seed, ΔA[1,0] = Δ oracle A[1,0] + Δ (A[1,0] − oracle A[1,0]) (each Δ "
@@ -214,11 +214,11 @@ def page(by_method: dict, seeds, fv, plot_path: str) -> str:
             "for it before the runs.", "",
             "| arm | " + " | ".join(q for q, _ in SPLIT) + " |",
             "|---|" + "---|" * len(SPLIT)]
-  for m in found:
-    lines.append(f"| {pages.METHODS[m][0]} | " + " | ".join(
-        pages.paired_text(evidence.paired(pages.values(by_method[m], fn), pages.values(ctl, fn)),
-                          None) for _, fn in SPLIT) + " |")
-  lines += split_reading(by_method, ["corrected", *culprits])
+  splits = {m: [vs_faithful(by_method, m, fn) for _, fn in SPLIT] for m in found}
+  for m, ivs in splits.items():
+    lines.append(f"| {pages.METHODS[m][0]} | " +
+                 " | ".join(pages.paired_text(iv, None) for iv in ivs) + " |")
+  lines += split_reading(splits, ["corrected", *culprits])
   # The terms that switch on when old prototypes first exist, per task (results.json 'losses').
   lines += ["", "## The NCE and orthogonality terms", "",
             "Mean over each task's steps and over seeds of the raw terms (the loss adds "
