@@ -236,12 +236,12 @@ def orthogonality(sweep: Sweep, plot_path: Optional[str] = None) -> dict:
             "A_T": lambda r: r["results"]["last_accuracy"]}
   found, table, verdicts = [], [], []
   for kind in ("official", "fix_orth"):
-    control = arms.get((kind, 0.0))
+    zero = arms.get((kind, 0.0))  # this kind's zero-weight control arm: {seed: record}
     for w in sorted(w for (k, w) in arms if k == kind and w > 0):
-      if control is None:
+      if zero is None:
         continue
       d = {m: evidence.paired({s: fn(r) for s, r in arms[(kind, w)].items()},
-                              {s: fn(r) for s, r in control.items()}) for m, fn in metric.items()}
+                              {s: fn(r) for s, r in zero.items()}) for m, fn in metric.items()}
       label = f"{'signed sum (official)' if kind == 'official' else 'fix_orth'} at {w:g}"
       rel = w * scale[kind] if kind in scale else None
       code = (None if rel is None else "no effect" if rel < QUIET else

@@ -287,7 +287,14 @@ def test_every_result_renders_on_the_page():
        "acc_lin": 0.88} for t in range(T)]) for s in range(3)])
   results = [judge.orthogonality(_b_sweep({("fix_orth", 1.0): -0.2})),
              judge.views_and_sample_size(_c_sweep(-0.5, -0.1)), judge.laziness(lazy)]
+  empty = judge.Sweep([])
+  fns = {"b": judge.orthogonality, "c": judge.views_and_sample_size, "d": judge.laziness}
   for res in results:
     text = "\n".join(ntk_page.experiment_section(res, "ntk/"))
     assert f"### ({res['experiment']})" in text and "- Control: " in text
     assert "Verdict: " in text
+    # what the page states before measuring does not depend on the records
+    before = fns[res["experiment"]](empty)
+    assert res["control"] == before["control"] and isinstance(res["control"], str)
+    assert res["prediction"] == before["prediction"]
+    assert f"- Control: {before['control']}." in text
