@@ -89,7 +89,7 @@ def step_seconds(config_file: str, size: int, batch: int, method_args, steps: in
   batch = next(iter(stream.train_batches(0, 0, config.optim.batch_size)))
   classes = [int(c) for c in np.asarray(stream.tasks[0]).reshape(-1)]
   times = []
-  for i in range(steps + 1):
+  for _ in range(steps + 1):
     t0 = time.perf_counter()
     state, _ = learner.train_step(state, learner.device_batch(batch), 0, classes)
     jax.block_until_ready(state["params"])
@@ -97,7 +97,7 @@ def step_seconds(config_file: str, size: int, batch: int, method_args, steps: in
   ebatch = next(iter(stream.eval_batches("proto", stream.tasks[0], config.optim.eval_batch_size)))
   n_images = int(np.asarray(ebatch["mask"]).sum())
   passes = []
-  for i in range(steps + 1):
+  for _ in range(steps + 1):
     t0 = time.perf_counter()
     learner.evaluate(state, 0, [ebatch], stream.tasks)  # returns host floats: synchronous
     passes.append(time.perf_counter() - t0)
