@@ -437,6 +437,16 @@ class Pace:
             f"{images:.1f} images/s")
 
 
+def trace_options() -> jax.profiler.ProfileOptions:
+  """The profiler's collectors: XLA and host activity (device ops, compiles, transfers), without
+  the Python function tracer. That tracer swaps into every other Python thread's state to set and
+  clear its hooks while those threads run (TensorBoard's writer, checkpoint and reader threads),
+  and it crashed the process with a segfault inside stop_trace once in our test runs."""
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  return options
+
+
 @dataclasses.dataclass
 class StepTrace:
   """A jax.profiler trace of global train steps first..last (`train.profile_steps`, process 0)
@@ -452,7 +462,8 @@ class StepTrace:
       target = paths.join(self.workdir, "profile")
       self.local = (tempfile.mkdtemp(prefix="ntkcl_profile_") if paths.is_remote(target)
                     else target)
-      jax.profiler.start_trace(self.local, create_perfetto_trace=True)
+      jax.profiler.start_trace(self.local, create_perfetto_trace=True,
+                               profiler_options=trace_options())
 
   def after(self, step: int, state) -> None:
     """Stops the trace once `step`, just dispatched, is the last one traced."""

@@ -4,6 +4,7 @@ metrics.jsonl and the whole-run progress line; the persistent compilation cache 
 with ''); the profiler trace of chosen steps; the workdir lock on local folders and object
 stores; new `train` keys leave old runs the same run."""
 import glob
+import gzip
 import json
 import math
 import os
@@ -101,7 +102,13 @@ def test_pace_progress_line_compilation_cache_and_profile(tmp_path):
   assert f"compilation cache {cache}" in p.stdout
   assert any(n.endswith("-cache") for n in os.listdir(cache))
   assert glob.glob(str(wd / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
-  assert glob.glob(str(wd / "profile" / "plugins" / "profile" / "*" / "*.trace.json.gz"))
+  traces = glob.glob(str(wd / "profile" / "plugins" / "profile" / "*" / "*.trace.json.gz"))
+  assert traces
+  with gzip.open(traces[0]) as f:
+    names = {e.get("name", "") for e in json.load(f)["traceEvents"]}
+  # XLA's executions are there; the Python function tracer (spans named "$file:line fn") is off
+  assert any("train_step" in n or "jit" in n.lower() for n in names), sorted(names)[:50]
+  assert not [n for n in names if n.startswith("$")]
   assert "profile of train steps 2-3" in p.stdout
 
 

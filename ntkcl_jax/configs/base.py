@@ -110,7 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Profile train steps: (A, B) traces global train steps A to B (1-based, inclusive; e.g.
   # --config.train.profile_steps=11,15) with jax.profiler into WORKDIR/profile, which
   # TensorBoard's profile tab (`tensorboard --logdir=WORKDIR/profile`) and Perfetto
-  # (plugins/profile/*/*.trace.json.gz) open; () = off. Process 0 only.
+  # (plugins/profile/*/*.trace.json.gz) open; () = off. Process 0 only. XLA and host activity,
+  # without Python function spans (train.trace_options says why).
   c.train.profile_steps = ()
   # Threads decoding and transforming images for the data stream (0 = one per CPU this process
   # may use, at most 32); never changes a batch, only how fast it is ready.
