@@ -318,8 +318,8 @@ def views_and_sample_size(sweep: Sweep, plot_path: Optional[str] = None) -> dict
                f"its t interval lies below 0; it matches N^-1/2 if the interval lies within "
                f"{SLOPE:g} ± {SLOPE_MARGIN:g}. Prototype classifier: leave-one-out training "
                f"accuracy - test accuracy, slope against N, paired NTK-CL - SimpleCIL '< 0'. "
-               f"Views: r_eff(stacked 3n x 3n, each view at unit trace, centred) / r_eff(fused "
-               f"n x n, centred), mean over tasks; 'N -> 3N' holds above {VIEW_RATIO:g} (midway "
+               f"Views: r_eff(stacked 3n x 3n, each view centred over the samples, then at unit "
+               f"trace) / r_eff(fused n x n, centred), mean over tasks; 'N -> 3N' holds above {VIEW_RATIO:g} (midway "
                f"between 1, three copies of one view, and 3, three independent views), fails "
                f"below")
   found, tables, verdicts = [], {}, []

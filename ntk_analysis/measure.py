@@ -250,25 +250,38 @@ def trace_normalised_stack(blk) -> np.ndarray:
   return kernels.multiview_matrix(blk / np.where(scale > 0, scale, 1.0)[None, None])
 
 
+def centred_views(blk) -> np.ndarray:
+  """(n, n, V, V) multi-view block with every view's tangent features centred over the samples
+  (J_v(x) - mean_x J_v(x)): each (v, w) block becomes H K_vw H. Centring the stacked Vn x Vn
+  matrix as one would leave each view's own mean behind, a rank V - 1 component that can
+  dominate its spectrum."""
+  k = np.asarray(blk, np.float64)
+  return (k - k.mean(0, keepdims=True) - k.mean(1, keepdims=True)
+          + k.mean((0, 1), keepdims=True))
+
+
 def part_views(run: Run, kw: dict, log: Callable) -> list:
   """Effective ranks of the stacked three-view kernel and of the fused view, per task at
-  theta_T, both centred (the stacked one after trace normalisation)."""
+  theta_T, both centred (the stacked one view by view, then each view at unit trace)."""
   if run.learner.spec.method != "ntkcl":
     return []
   f_all, params = readouts.model_readout(run.learner, run.states[-1], "all", run.probe)
   f = lambda q, xx: f_all(q, xx).reshape(xx.shape[0], 3, -1)  # noqa: E731
   k = np.asarray(kernels.ntk_fn(f, **kw)(params, run.x))  # (N, N, 3, 3) over VIEWS
-  out = []
-  for t in range(run.T):
-    blk = k[np.ix_(run.rows[t], run.rows[t])]
-    fused = metrics.centre(blk[:, :, 2, 2])
-    stacked = metrics.centre(trace_normalised_stack(blk))
-    out.append({"task": t, "r_eff_fused": metrics.effective_rank(fused),
-                "r_eff_stacked": metrics.effective_rank(stacked),
-                "r_eff_views": {v: metrics.effective_rank(metrics.centre(blk[:, :, i, i]))
-                                for i, v in enumerate(readouts.VIEWS)}})
+  out = [{"task": t, **view_ranks(k[np.ix_(run.rows[t], run.rows[t])])} for t in range(run.T)]
   log("  three-view kernel at the last task's end")
   return out
+
+
+def view_ranks(blk) -> dict:
+  """Centred effective ranks of one task's (n, n, 3, 3) three-view block: the stacked 3n x 3n
+  kernel (each view centred, then at unit trace), the fused view alone and each view alone."""
+  blk = np.asarray(blk, np.float64)
+  fused = readouts.VIEWS.index("fused")
+  return {"r_eff_fused": metrics.effective_rank(metrics.centre(blk[:, :, fused, fused])),
+          "r_eff_stacked": metrics.effective_rank(trace_normalised_stack(centred_views(blk))),
+          "r_eff_views": {v: metrics.effective_rank(metrics.centre(blk[:, :, i, i]))
+                          for i, v in enumerate(readouts.VIEWS)}}
 
 
 def jitted_features(learner) -> Callable:

@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 
-from ntk_analysis import judge, measure
+from ntk_analysis import judge, measure, metrics
 from ntkcl_jax import switches
 
 T = 5  # tasks
@@ -257,6 +257,36 @@ def test_trace_normalised_stack_gives_every_view_unit_trace():
   for v in range(3):  # rows (sample, view), sample-major
     assert np.trace(big[v::3, v::3]) == pytest.approx(1.0)
   assert np.allclose(big, big.T)
+
+
+def _views_block(j):
+  """(n, V, P) tangent features -> the (n, n, V, V) multi-view kernel block."""
+  return np.einsum("avp,bwp->abvw", j, j)
+
+
+def test_stacked_views_rank_is_blind_to_each_views_mean_and_spans_copies_to_independent():
+  """Closed forms of (c)'s views ratio: three copies of the fused view give r_eff(stacked) =
+  r_eff(fused) (ratio 1), three views on disjoint parameters with the fused view's centred
+  spectrum give 3x (ratio 3); a different constant tangent direction added to each view (a
+  per-view mean) changes neither."""
+  rng = np.random.default_rng(4)
+  n, p = 12, 40
+  base = rng.normal(size=(n, p)) * np.linspace(2.0, 0.2, p)
+  copies = np.stack([base] * 3, axis=1)
+  zeros = np.zeros((n, p))
+  independent = np.stack([np.concatenate([base, zeros, zeros], 1),
+                          np.concatenate([zeros, base, zeros], 1),
+                          np.concatenate([zeros, zeros, base], 1)], axis=1)
+  for j, ratio in ((copies, 1.0), (independent, 3.0)):
+    got = measure.view_ranks(_views_block(j))
+    assert got["r_eff_stacked"] / got["r_eff_fused"] == pytest.approx(ratio, rel=1e-6)
+    offsets = rng.normal(size=(1, 3, j.shape[-1])) * 50.0  # each view's own shift, shared by x
+    shifted = measure.view_ranks(_views_block(j + offsets))
+    assert shifted["r_eff_stacked"] == pytest.approx(got["r_eff_stacked"], rel=1e-6)
+    assert shifted["r_eff_fused"] == pytest.approx(got["r_eff_fused"], rel=1e-6)
+  # centring the stacked 3n x 3n matrix as one would not remove the per-view means
+  blk = measure.trace_normalised_stack(_views_block(independent + offsets))
+  assert metrics.effective_rank(metrics.centre(blk)) < 0.5 * got["r_eff_stacked"]
 
 
 def test_ce_residual_is_the_negative_gradient_of_cross_entropy():
