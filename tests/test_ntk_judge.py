@@ -177,6 +177,41 @@ def test_c_slopes_and_the_simplecil_control():
   assert flat["verdict"] == "fails"
 
 
+def _views_sweep(fused_of):
+  """Base records whose views come from measure.view_ranks of tangent features shaped like
+  NTK-CL's: channel and patch on disjoint parameters, the fused view fused_of(channel, patch,
+  its own)."""
+  rng = np.random.default_rng(5)
+  n, p = 10, 30
+  recs = []
+  for seed in range(5):
+    views = []
+    for t in range(T):
+      c, pt, own = (rng.normal(size=(n, p)) * np.linspace(2.0, 0.3, p) for _ in range(3))
+      z = np.zeros((n, p))
+      j = np.stack([np.concatenate([c, z, z], 1), np.concatenate([z, pt, z], 1),
+                    fused_of(np.concatenate([c, z, z], 1), np.concatenate([z, pt, z], 1),
+                             np.concatenate([z, z, own], 1))], axis=1)
+      views.append({"task": t, **measure.view_ranks(_views_block(j))})
+    recs.append(_record("base", seed, views=views))
+  return judge.Sweep(recs)
+
+
+def test_c_effective_number_of_views_tells_a_copied_fused_view_from_an_independent_one():
+  """A fused view that copies the channel branch gives 3 / 2^(2/3) (fails: the two branches'
+  structural independence alone does not pass); one with tangents of its own gives 3 (holds)."""
+  quantity = "effective number of views, r_eff(stacked) / geometric mean of the views' r_eff, centred"
+  copied = judge.views_and_sample_size(_views_sweep(lambda c, p, own: c))
+  got = {f["quantity"]: f for f in copied["findings"]}[quantity]
+  assert got["estimate"] == pytest.approx(3 / 2 ** (2 / 3), rel=1e-6)
+  assert got["verdict"] == copied["verdict"] == "fails"
+  own = judge.views_and_sample_size(_views_sweep(lambda c, p, own: own))
+  got = {f["quantity"]: f for f in own["findings"]}[quantity]
+  assert got["estimate"] == pytest.approx(3.0, rel=1e-6) and own["verdict"] == "holds"
+  assert judge.effective_views({"r_eff_stacked": 6.0, "r_eff_views": {"a": 1.0, "b": 8.0,
+                                                                      "c": 27.0}}) == pytest.approx(1.0)
+
+
 def test_d_thresholds():
   def sweep(agreement, e_fun):
     return judge.Sweep([_record("base", s, lazy=[
