@@ -37,6 +37,7 @@ from ntkcl_jax import config_files
 from ntkcl_jax import learner as learner_lib
 from ntkcl_jax import sharding
 from ntkcl_jax import switches
+from ntkcl_jax import train
 from ntkcl_jax.models import vit
 
 
@@ -175,7 +176,7 @@ def profile_step(jitted, args, carry_index=None, top: int = 12) -> list[str]:
       if current and src and current not in comp_src:
         comp_src[current] = src.group(1)
   with tempfile.TemporaryDirectory() as d:
-    jax.profiler.start_trace(d)
+    jax.profiler.start_trace(d, profiler_options=train.trace_options())
     wall = _timeit(once)
     jax.profiler.stop_trace()
     files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
