@@ -199,7 +199,9 @@ def _views_sweep(fused_of):
 
 def test_c_effective_number_of_views_tells_a_copied_fused_view_from_an_independent_one():
   """A fused view that copies the channel branch gives 3 / 2^(2/3) (fails: the two branches'
-  structural independence alone does not pass); one with tangents of its own gives 3 (holds)."""
+  structural independence alone does not pass); one with tangents of its own gives 3 (holds);
+  one inside the branches' span with fewer directions fails, where r_eff(stacked)/r_eff(fused)
+  would have passed 2."""
   quantity = "effective number of views, r_eff(stacked) / geometric mean of the views' r_eff, centred"
   copied = judge.views_and_sample_size(_views_sweep(lambda c, p, own: c))
   got = {f["quantity"]: f for f in copied["findings"]}[quantity]
@@ -208,6 +210,17 @@ def test_c_effective_number_of_views_tells_a_copied_fused_view_from_an_independe
   own = judge.views_and_sample_size(_views_sweep(lambda c, p, own: own))
   got = {f["quantity"]: f for f in own["findings"]}[quantity]
   assert got["estimate"] == pytest.approx(3.0, rel=1e-6) and own["verdict"] == "holds"
+  # a fused view inside the branches' span but with fewer directions (its top 5): r_eff(stacked)
+  # / r_eff(fused) passes 2, yet the fused view adds no tangent direction of its own
+  def top5(c, p, own):
+    m = c + p
+    vt = np.linalg.svd(m - m.mean(0), full_matrices=False)[2][:5]
+    return m @ vt.T @ vt
+  narrow = _views_sweep(top5)
+  views = [v for r in narrow.records for v in r["views"]]
+  assert min(v["r_eff_stacked"] / v["r_eff_fused"] for v in views) > 2.0
+  assert max(judge.effective_views(v) for v in views) < judge.VIEWS_MIN
+  assert judge.views_and_sample_size(narrow)["verdict"] == "fails"
   assert judge.effective_views({"r_eff_stacked": 6.0, "r_eff_views": {"a": 1.0, "b": 8.0,
                                                                       "c": 27.0}}) == pytest.approx(1.0)
 
