@@ -277,11 +277,11 @@ def view_ranks(blk) -> dict:
   """Centred effective ranks of one task's (n, n, 3, 3) three-view block: the stacked 3n x 3n
   kernel (each view centred, then at unit trace), the fused view alone and each view alone."""
   blk = np.asarray(blk, np.float64)
-  fused = readouts.VIEWS.index("fused")
-  return {"r_eff_fused": metrics.effective_rank(metrics.centre(blk[:, :, fused, fused])),
+  views = {v: metrics.effective_rank(metrics.centre(blk[:, :, i, i]))
+           for i, v in enumerate(readouts.VIEWS)}
+  return {"r_eff_fused": views["fused"],
           "r_eff_stacked": metrics.effective_rank(trace_normalised_stack(centred_views(blk))),
-          "r_eff_views": {v: metrics.effective_rank(metrics.centre(blk[:, :, i, i]))
-                          for i, v in enumerate(readouts.VIEWS)}}
+          "r_eff_views": views}
 
 
 def jitted_features(learner) -> Callable:

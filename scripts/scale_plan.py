@@ -137,11 +137,11 @@ def run_seconds(times: dict, scale: str, tasks: int = 5) -> dict:
 
 
 def plan_rows(times: dict, eval_s: float, scale: str, seeds: int, theory: dict) -> list:
-  """(page, trained runs, hours) at one size. `times` = {method: learner_seconds(...)} (`run_seconds`
-  models a run from them); `eval_s` = wall seconds of a SimpleCIL run there (its only cost is
-  feature passes); `theory` = learner_seconds of the theory sweep's model (its kernels add about
-  half a run); a corrections run trains the first TASKS_RUN tasks (a switch alone costs
-  faithful's times)."""
+  """(page, trained runs, hours) at one size. `times` = {method: learner_seconds(...)}
+  (`run_seconds` models a run from them); `eval_s` = wall seconds of a SimpleCIL run there (its
+  only cost is feature passes); `theory` = learner_seconds of the theory sweep's model (its
+  kernels add about half a run); a corrections run trains the first TASKS_RUN tasks (a switch
+  alone costs faithful's times)."""
   run = run_seconds(times, scale)
   short = run_seconds(times, scale, corrections_page.TASKS_RUN)
   trained = [m for methods in pages.RESULTS_METHODS.values() for m in methods

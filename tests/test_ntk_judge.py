@@ -187,11 +187,9 @@ def _views_sweep(fused_of):
   for seed in range(5):
     views = []
     for t in range(T):
-      c, pt, own = (rng.normal(size=(n, p)) * np.linspace(2.0, 0.3, p) for _ in range(3))
-      z = np.zeros((n, p))
-      j = np.stack([np.concatenate([c, z, z], 1), np.concatenate([z, pt, z], 1),
-                    fused_of(np.concatenate([c, z, z], 1), np.concatenate([z, pt, z], 1),
-                             np.concatenate([z, z, own], 1))], axis=1)
+      c, pt, own = _disjoint(*(rng.normal(size=(n, p)) * np.linspace(2.0, 0.3, p)
+                               for _ in range(3)))
+      j = np.stack([c, pt, fused_of(c, pt, own)], axis=1)
       views.append({"task": t, **measure.view_ranks(_views_block(j))})
     recs.append(_record("base", seed, views=views))
   return judge.Sweep(recs)
@@ -202,7 +200,8 @@ def test_c_effective_number_of_views_tells_a_copied_fused_view_from_an_independe
   structural independence alone does not pass); one with tangents of its own gives 3 (holds);
   one inside the branches' span with fewer directions fails, where r_eff(stacked)/r_eff(fused)
   would have passed 2."""
-  quantity = "effective number of views, r_eff(stacked) / geometric mean of the views' r_eff, centred"
+  quantity = ("effective number of views, r_eff(stacked) / geometric mean of the views' r_eff, "
+              "centred")
   copied = judge.views_and_sample_size(_views_sweep(lambda c, p, own: c))
   got = {f["quantity"]: f for f in copied["findings"]}[quantity]
   assert got["estimate"] == pytest.approx(3 / 2 ** (2 / 3), rel=1e-6)
@@ -221,8 +220,8 @@ def test_c_effective_number_of_views_tells_a_copied_fused_view_from_an_independe
   assert min(v["r_eff_stacked"] / v["r_eff_fused"] for v in views) > 2.0
   assert max(judge.effective_views(v) for v in views) < judge.VIEWS_MIN
   assert judge.views_and_sample_size(narrow)["verdict"] == "fails"
-  assert judge.effective_views({"r_eff_stacked": 6.0, "r_eff_views": {"a": 1.0, "b": 8.0,
-                                                                      "c": 27.0}}) == pytest.approx(1.0)
+  three = {"r_eff_stacked": 6.0, "r_eff_views": {"a": 1.0, "b": 8.0, "c": 27.0}}
+  assert judge.effective_views(three) == pytest.approx(1.0)  # 6 / (1 x 8 x 27)^(1/3)
 
 
 def test_d_thresholds():
@@ -300,8 +299,7 @@ def test_interference_term_against_dense_jacobians():
 def test_trace_normalised_stack_gives_every_view_unit_trace():
   rng = np.random.default_rng(2)
   j = rng.normal(size=(5, 3, 20)) * np.array([1.0, 10.0, 0.1])[None, :, None]
-  blk = np.einsum("avp,bwp->abvw", j, j)
-  big = measure.trace_normalised_stack(blk)
+  big = measure.trace_normalised_stack(_views_block(j))
   for v in range(3):  # rows (sample, view), sample-major
     assert np.trace(big[v::3, v::3]) == pytest.approx(1.0)
   assert np.allclose(big, big.T)
@@ -310,6 +308,14 @@ def test_trace_normalised_stack_gives_every_view_unit_trace():
 def _views_block(j):
   """(n, V, P) tangent features -> the (n, n, V, V) multi-view kernel block."""
   return np.einsum("avp,bwp->abvw", j, j)
+
+
+def _disjoint(*blocks):
+  """(n, p) features -> each one placed on its own p of len(blocks) * p parameters (zero on the
+  others), so their tangent features are mutually orthogonal."""
+  z = np.zeros_like(blocks[0])
+  return [np.concatenate([b if i == k else z for i in range(len(blocks))], 1)
+          for k, b in enumerate(blocks)]
 
 
 def test_stacked_views_rank_is_blind_to_each_views_mean_and_spans_copies_to_independent():
@@ -321,10 +327,7 @@ def test_stacked_views_rank_is_blind_to_each_views_mean_and_spans_copies_to_inde
   n, p = 12, 40
   base = rng.normal(size=(n, p)) * np.linspace(2.0, 0.2, p)
   copies = np.stack([base] * 3, axis=1)
-  zeros = np.zeros((n, p))
-  independent = np.stack([np.concatenate([base, zeros, zeros], 1),
-                          np.concatenate([zeros, base, zeros], 1),
-                          np.concatenate([zeros, zeros, base], 1)], axis=1)
+  independent = np.stack(_disjoint(base, base, base), axis=1)
   for j, ratio in ((copies, 1.0), (independent, 3.0)):
     got = measure.view_ranks(_views_block(j))
     assert got["r_eff_stacked"] / got["r_eff_fused"] == pytest.approx(ratio, rel=1e-6)
