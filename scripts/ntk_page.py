@@ -123,6 +123,28 @@ def verdict_text(res: dict) -> str:
   return "; ".join(p for p in parts if p) or "see the rows"
 
 
+def summary_detail(res: dict) -> str:
+  """One cell for the summary table: how the experiment's criteria came out and its first
+  criterion's estimate (for (e), its first measurement), so the table reads without the
+  sections below."""
+  if res.get("missing"):
+    return _fmt(res["missing"])
+  found = res["findings"]
+  decided = [f for f in found if f["prediction"]]
+  head = (decided or found or [None])[0]
+  if head is None:
+    return ""
+  ns = sorted({f["n"] for f in found})
+  seeds = f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]}-{ns[-1]}"
+  first = f"{head['quantity']}: {head['text']}"
+  if not decided:
+    return _fmt(first)
+  count = {v: sum(f["verdict"] == v for f in decided) for v in ("holds", "fails")}
+  return _fmt(f"{len(decided)} criteria: {count['holds']} hold, {count['fails']} fail, "
+              f"{len(decided) - count['holds'] - count['fails']} inconclusive ({seeds}); "
+              f"first, {first}")
+
+
 def nt_section(sweep: judge.Sweep) -> list:
   """The base runs' kernels at theta_T recomputed through neural-tangents (record part
   'nt_check'), against the JAX backend's kernels the experiments read."""
@@ -170,7 +192,7 @@ def sweep_section(root: str, out_dir: str, keys: str = "abcdef") -> tuple[list, 
   for k, r in report.items():
     lines.append(f"| ({k}) {r['name']} | "
                  f"{'not measured yet' if r.get('missing') else verdict_text(r)} | "
-                 f"{_fmt(r.get('missing') or '')} |")
+                 f"{summary_detail(r)} |")
   lines += [""]
   if sweep.records:
     lines += compute_section(sweep) + nt_section(sweep) + ["### Runs", ""]

@@ -379,3 +379,24 @@ def test_every_result_renders_on_the_page():
     assert res["control"] == before["control"] and isinstance(res["control"], str)
     assert res["prediction"] == before["prediction"]
     assert f"- Control: {before['control']}." in text
+
+
+def test_summary_detail_counts_the_criteria_of_the_findings():
+  """The summary table's detail cell counts how each criterion came out, from the same findings
+  the experiment's section lists, and leads with the first criterion's estimate."""
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from scripts import ntk_page  # pylint: disable=g-import-not-at-top
+  lazy = judge.Sweep([_record("base", s, lazy=[
+      {"task": t, "agreement": a, "e_fun": 0.5, "e_lin": 0.1, "S": 0.01, "acc_real": 0.9,
+       "acc_lin": 0.88} for t in range(T)]) for s, a in enumerate((0.95, 0.96, 0.97))])
+  res = judge.laziness(lazy)
+  decided = [f for f in res["findings"] if f["prediction"]]
+  holds = sum(f["verdict"] == "holds" for f in decided)
+  fails = sum(f["verdict"] == "fails" for f in decided)
+  assert (holds, fails) == (1, 1)  # agreement above 0.9, e_fun 0.5 not below 0.3
+  cell = ntk_page.summary_detail(res)
+  assert cell.startswith(f"{len(decided)} criteria: 1 hold, 1 fail, 0 inconclusive (n = 3)")
+  assert decided[0]["text"] in cell and "|" not in cell.replace("\\|", "")
+  assert ntk_page.summary_detail({**res, "missing": "no base run"}) == "no base run"
