@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ntk_analysis import measure, plots
+from ntk_analysis import measure, metrics, plots
 from ntkcl_jax import evidence
 from ntkcl_jax import same_run
 from ntkcl_jax import switches
@@ -290,15 +290,6 @@ def _per_class(rec) -> float:
   return float(flat(rec["config"]).get("data.max_per_class_train") or np.nan)
 
 
-def _slope(points: Sequence[tuple]) -> float:
-  """Least-squares slope of log y against log x over the points with y > 0 (nan if < 2)."""
-  p = [(x, y) for x, y in points if y is not None and y > 0 and np.isfinite(y)]
-  if len({x for x, _ in p}) < 2:
-    return float("nan")
-  lx, ly = np.log([x for x, _ in p]), np.log([y for _, y in p])
-  return float(np.polyfit(lx, ly, 1)[0])
-
-
 def _gap(rec, key_train, key_test) -> Optional[float]:
   rows = rec.get("gap") or []
   vals = [r[key_test] - r[key_train] if "ce" in key_train else r[key_train] - r[key_test]
@@ -327,8 +318,10 @@ def views_and_sample_size(sweep: Sweep, plot_path: Optional[str] = None) -> dict
   criterion = (f"gap = test - train cross-entropy of the trained proxy head at the task's own "
                f"end (mean over tasks); per seed the log-log slope against N: '< 0' holds if "
                f"its t interval lies below 0; it matches N^-1/2 if the interval lies within "
-               f"{SLOPE:g} ± {SLOPE_MARGIN:g}. Prototype classifier: leave-one-out training "
-               f"accuracy - test accuracy, slope against N, paired NTK-CL - SimpleCIL '< 0'. "
+               f"{SLOPE:g} ± {SLOPE_MARGIN:g} (a seed with a gap <= 0 at some N has no log-log "
+               f"slope and is left out, counted on the page). Prototype classifier: "
+               f"leave-one-out training accuracy - test accuracy (either sign), least-squares "
+               f"slope against log N, paired NTK-CL - SimpleCIL '< 0'. "
                f"Views: the effective number of views, r_eff(stacked 3n x 3n, each view centred "
                f"over the samples, then at unit trace) / the geometric mean of the three views' "
                f"centred r_eff, mean over tasks: 1 for three copies of one view, 3 for three "
@@ -356,21 +349,33 @@ def views_and_sample_size(sweep: Sweep, plot_path: Optional[str] = None) -> dict
                        "proxy_acc_gap": _gap(rec, "proxy_train_acc", "proxy_test_acc"),
                        "ncm_gap": _gap(rec, "ncm_train_loo", "ncm_test")})
 
-  def slopes(kind, col):
-    seeds = sorted({p["seed"] for p in points if p["kind"] == kind})
-    return {s: _slope([(p["n_per_class"], p[col]) for p in points
-                       if p["kind"] == kind and p["seed"] == s]) for s in seeds}
-  if len({p["n_per_class"] for p in points if p["kind"] == "ntkcl"}) >= 2:
-    ce = slopes("ntkcl", "proxy_ce_gap")
-    f1 = finding("slope of log(proxy-head CE gap) against log N", evidence.t_interval(
-        list(ce.values())), "<0")
+  grid = sorted({p["n_per_class"] for p in points if p["kind"] == "ntkcl"})
+
+  def slopes(kind, col, fit):
+    """Per seed, the slope over the whole N grid (a seed missing an N has none yet)."""
+    mine: dict = {}
+    for p in points:
+      if p["kind"] == kind:
+        mine.setdefault(p["seed"], {})[p["n_per_class"]] = p[col]
+    return {s: fit(grid, [np.nan if by_n.get(n) is None else by_n[n] for n in grid])
+            if sorted(by_n) == grid else float("nan") for s, by_n in sorted(mine.items())}
+  if len(grid) >= 2:
+    ce = slopes("ntkcl", "proxy_ce_gap", metrics.loglog_slope)
+    non_positive = sum(any(p["proxy_ce_gap"] is not None and p["proxy_ce_gap"] <= 0
+                           for p in points if p["kind"] == "ntkcl" and p["seed"] == s)
+                       for s in ce)
+    name = "slope of log(proxy-head CE gap) against log N" + (
+        f" ({non_positive} seed(s) left out: a gap <= 0)" if non_positive else "")
+    f1 = finding(name, evidence.t_interval(list(ce.values())), "<0")
     f2 = finding("the same slope against N^-1/2", evidence.t_interval(list(ce.values())), "=0",
                  SLOPE_MARGIN, threshold=SLOPE)
-    ncm, ncm_ctl = slopes("ntkcl", "ncm_gap"), slopes("simplecil", "ncm_gap")
-    f3 = finding("slope of log(prototype-classifier gap), NTK-CL − SimpleCIL (paired)",
-                 evidence.paired(ncm, ncm_ctl), "<0")
-    found += [f1, f2, f3, finding("slope of log(prototype-classifier gap), SimpleCIL alone",
-                                  evidence.t_interval(list(ncm_ctl.values())))]
+    ncm = slopes("ntkcl", "ncm_gap", metrics.slope_on_log_x)
+    ncm_ctl = slopes("simplecil", "ncm_gap", metrics.slope_on_log_x)
+    f3 = finding("slope of the prototype-classifier gap against log N, NTK-CL − SimpleCIL "
+                 "(paired)", evidence.paired(ncm, ncm_ctl), "<0", digits=3)
+    found += [f1, f2, f3, finding("slope of the prototype-classifier gap against log N, "
+                                  "SimpleCIL alone", evidence.t_interval(list(ncm_ctl.values())),
+                                  digits=3)]
     verdicts.append(f1["verdict"])
     tables["gap_points"] = points
   ratio = {}

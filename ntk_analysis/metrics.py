@@ -10,7 +10,8 @@ Blocks of a joint kernel: K_tt (intra-task), K_st (inter-task). Definitions:
   centre(K)               H K H, H = I - 11^T/n: the kernel of the tangent features minus their
                           mean, i.e. without the component every sample shares
   top_share(K, m)         share of the trace held by the m largest eigenvalues
-and the statistics the experiments share: forgetting_per_task, spearman, loglog_slope.
+and the statistics the experiments share: forgetting_per_task, spearman,
+loglog_slope, slope_on_log_x.
 """
 from __future__ import annotations
 
@@ -216,10 +217,20 @@ def spearman(x, y) -> float:
   return float(np.corrcoef(x.rank(), y.rank())[0, 1])
 
 
-def loglog_slope(x, y) -> float:
-  """Least-squares slope of log y on log x over the points with x, y > 0 (NaN if under 2)."""
+def slope_on_log_x(x, y) -> float:
+  """Least-squares slope of y on log x, y of any sign; NaN if a value is missing or not finite
+  or under 2 distinct x."""
   x, y = np.asarray(x, float), np.asarray(y, float)
-  ok = (x > 0) & (y > 0)
-  if ok.sum() < 2 or len(set(x[ok])) < 2:
+  if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(x > 0)) or \
+      len(set(x)) < 2:
     return float("nan")
-  return float(np.polyfit(np.log(x[ok]), np.log(y[ok]), 1)[0])
+  return float(np.polyfit(np.log(x), y, 1)[0])
+
+
+def loglog_slope(x, y) -> float:
+  """Least-squares slope of log y on log x (a power law's exponent); NaN if any y <= 0, where a
+  power law has no log (no point is dropped silently), or as slope_on_log_x."""
+  y = np.asarray(y, float)
+  if not np.all(np.isfinite(y)) or np.any(y <= 0):
+    return float("nan")
+  return slope_on_log_x(x, np.log(y))

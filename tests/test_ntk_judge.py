@@ -165,16 +165,54 @@ def _c_sweep(slope, ctl_slope):
   return judge.Sweep(recs)
 
 
+def _ls_slope_on_log(x, y):
+  """cov(log x, y) / var(log x): the least-squares slope, written out."""
+  lx, y = np.log(np.asarray(x, float)), np.asarray(y, float)
+  return float(np.sum((lx - lx.mean()) * (y - y.mean())) / np.sum((lx - lx.mean()) ** 2))
+
+
 def test_c_slopes_and_the_simplecil_control():
   res = judge.views_and_sample_size(_c_sweep(-0.5, -0.1))
   f = {x["quantity"]: x for x in res["findings"]}
   slope = f["slope of log(proxy-head CE gap) against log N"]
   assert slope["estimate"] == pytest.approx(-0.5, abs=1e-6) and slope["verdict"] == "holds"
   assert f["the same slope against N^-1/2"]["verdict"] == "holds"
-  paired = f["slope of log(prototype-classifier gap), NTK-CL − SimpleCIL (paired)"]
-  assert paired["estimate"] == pytest.approx(-0.4) and paired["verdict"] == "holds"
+  paired = f["slope of the prototype-classifier gap against log N, NTK-CL − SimpleCIL (paired)"]
+  ns = [25, 50, 100, 200]
+  want = (_ls_slope_on_log(ns, [0.1 * (n / 25) ** -0.5 for n in ns]) -
+          _ls_slope_on_log(ns, [0.1 * (n / 25) ** -0.1 for n in ns]))
+  assert paired["estimate"] == pytest.approx(want) and paired["verdict"] == "holds"
   flat = judge.views_and_sample_size(_c_sweep(0.2, 0.2))
   assert flat["verdict"] == "fails"
+
+
+def test_c_gaps_of_either_sign_and_incomplete_seeds():
+  """The prototype gap (an accuracy difference) may be negative: its slope against log N uses
+  every point. A CE gap <= 0 has no log: that seed's log-log slope is left out and counted, not
+  fitted on the remaining points; a seed missing an N has no slope yet."""
+  sweep = _c_sweep(-0.5, -0.1)
+  recs = []
+  for r in sweep.records:
+    n = r["config"]["data"]["max_per_class_train"]
+    if r["seed"] == 4 and n == 50:
+      continue  # seed 4 lacks N = 50
+    gap = []
+    for row in r["gap"]:
+      row = dict(row)
+      row["ncm_test"] = row["ncm_test"] + 0.2  # every prototype gap now negative
+      if r["seed"] == 3 and n == 200 and "proxy_test_ce" in row:
+        row["proxy_test_ce"] = row["proxy_train_ce"] - 0.01  # test CE below train CE
+      gap.append(row)
+    recs.append({**r, "gap": gap})
+  res = judge.views_and_sample_size(judge.Sweep(recs))
+  f = {x["quantity"]: x for x in res["findings"]}
+  ce = f["slope of log(proxy-head CE gap) against log N (1 seed(s) left out: a gap <= 0)"]
+  assert ce["n"] == 3 and ce["estimate"] == pytest.approx(-0.5, abs=1e-6)  # seeds 0, 1, 2
+  paired = f["slope of the prototype-classifier gap against log N, NTK-CL − SimpleCIL (paired)"]
+  ns = [25, 50, 100, 200]
+  want = (_ls_slope_on_log(ns, [0.1 * (n / 25) ** -0.5 - 0.2 for n in ns]) -
+          _ls_slope_on_log(ns, [0.1 * (n / 25) ** -0.1 - 0.2 for n in ns]))
+  assert paired["n"] == 4 and paired["estimate"] == pytest.approx(want)
 
 
 def _views_sweep(fused_of):

@@ -272,3 +272,15 @@ def test_kernel_agreement_closed_form():
   assert err["max_rel"] == pytest.approx(0.5 / 4.0)
   assert err["fro_rel"] == pytest.approx(np.sqrt(0.5) / np.sqrt(22.0))
   assert metrics.kernel_agreement(ref, ref) == {"max_rel": 0.0, "fro_rel": 0.0}
+
+
+def test_slopes_against_log_n():
+  """A power law's exponent exactly; a sign change, a missing value or one x gives NaN (a point is
+  never dropped silently); the slope on log x takes y of either sign."""
+  x = np.array([25.0, 50.0, 100.0, 200.0])
+  assert metrics.loglog_slope(x, 3.0 * x ** -0.5) == pytest.approx(-0.5)
+  assert np.isnan(metrics.loglog_slope(x, [0.3, 0.2, 0.1, -0.01]))
+  assert np.isnan(metrics.loglog_slope(x, [0.3, 0.2, np.nan, 0.1]))
+  y = 0.02 - 0.01 * np.log(x)  # negative at every x
+  assert metrics.slope_on_log_x(x, y) == pytest.approx(-0.01)
+  assert np.isnan(metrics.slope_on_log_x([50.0, 50.0], [0.1, 0.2]))
