@@ -229,7 +229,10 @@ def orthogonality(sweep: Sweep, plot_path: Optional[str] = None) -> dict:
   control = ("the same kind of term at weight 0 (dis_temp = 0), everything else equal: the "
              "official signed sum against the official run at 0, fix_orth against fix_orth at 0")
   criterion = (f"paired per seed, arm - control. Paper: Delta mean centred rho '< 0' and Delta "
-               f"forgetting '< 0'. Code: 'no effect' holds if Delta mean centred rho lies within "
+               f"forgetting '< 0'; the paper's verdict combines the fix_orth arms (the "
+               f"orthogonality penalty the paper writes; the official signed sum is a linear "
+               f"term, docs/method.md), the signed sum's rows carry the same predictions beside "
+               f"it. Code: 'no effect' holds if Delta mean centred rho lies within "
                f"±{RHO_MARGIN:g} and Delta A_T within ±{ACC_MARGIN:g} point; 'an effect' holds "
                f"if either interval lies wholly outside its band")
   arms, scale = _orth_arms(sweep), gradient_scale(sweep)
