@@ -89,13 +89,24 @@ def flat(cfg: Mapping) -> dict:
 
 # -- findings -----------------------------------------------------------------------------------
 def finding(quantity: str, iv: evidence.Interval, prediction: Optional[str] = None,
-            margin: float = 0.0, threshold: float = 0.0, digits: int = 2) -> dict:
+            margin: float = 0.0, threshold: float = 0.0, digits: int = 2,
+            unit: Optional[float] = 1.0) -> dict:
   """One row of an experiment's results: the estimate with its t interval, n and the bootstrap
   beside it, and (with a prediction '>0', '<0', '=0' about the quantity minus `threshold`) its
-  verdict."""
+  verdict. `unit`: the numbers are printed in units of it, None: a power of ten chosen from them
+  when all lie below 0.01 (a drift of order 1e-6 would read 0.0000); the verdict is read off the
+  interval as measured."""
   verdict = None
   if prediction is not None:
     verdict = evidence.verdict(iv.shifted(threshold), prediction, margin)
+  if unit is None:
+    top = np.nanmax(np.abs([iv.estimate, iv.lo, iv.hi, 0.0]))
+    unit = 10.0 ** np.floor(np.log10(top)) if 0 < top < 1e-2 else 1.0
+  if unit != 1.0:
+    quantity = f"{quantity} (units of {unit:g})"
+    iv = evidence.Interval(*(v / unit for v in (iv.estimate, iv.lo, iv.hi)), iv.n,
+                           iv.boot_lo / unit, iv.boot_hi / unit)
+    threshold, margin = threshold / unit, margin / unit
   text = None
   if prediction is not None:
     text = ({"=0": f"within ±{margin:g} of {threshold:g}",
@@ -430,7 +441,7 @@ def laziness(sweep: Sweep, plot_path: Optional[str] = None) -> dict:
   e = finding("e_fun = |phi_lin - phi_real| / |phi_real - phi_0| on test images", col("e_fun"),
               "<0", threshold=E_FUN_MAX, digits=3)
   found = [a, e, finding("e_lin of the real update (one JVP)", col("e_lin"), digits=3),
-           finding("S(K(theta_t^0), K(theta_t))", col("S"), digits=4),
+           finding("S(K(theta_t^0), K(theta_t))", col("S"), unit=None),
            finding("accuracy real − linearised (points)", evidence.paired(
                {s: 100 * v["acc_real"] for s, v in per_seed.items()},
                {s: 100 * v["acc_lin"] for s, v in per_seed.items()}))]
@@ -541,7 +552,7 @@ def regularisation_and_ema(sweep: Sweep, plot_path: Optional[str] = None) -> dic
     b = sweep.base()
     d_drift = finding("EMA − copy: old-task drift S", evidence.paired(
         {s: _old_drift(r) for s, r in b.items()}, {s: _old_drift(r) for s, r in cp.items()}),
-        "<0", digits=4)
+        "<0", unit=None)
     d_acc = finding("EMA − copy: A_T", evidence.paired(
         {s: r["results"]["last_accuracy"] for s, r in b.items()},
         {s: r["results"]["last_accuracy"] for s, r in cp.items()}), ">0")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ntk_analysis import judge, measure, metrics
-from ntkcl_jax import switches
+from ntkcl_jax import evidence, switches
 
 T = 5  # tasks
 
@@ -438,3 +438,18 @@ def test_summary_detail_counts_the_criteria_of_the_findings():
   assert cell.startswith(f"{len(decided)} criteria: 1 hold, 1 fail, 0 inconclusive (n = 3)")
   assert decided[0]["text"] in cell and "|" not in cell.replace("\\|", "")
   assert ntk_page.summary_detail({**res, "missing": "no base run"}) == "no base run"
+
+
+def test_tiny_quantities_print_in_a_unit_with_the_verdict_of_the_raw_interval():
+  """A drift of order 1e-6 prints in units of a power of ten, not as 0.0000; the verdict is
+  the one read off the interval as measured."""
+  vals = [-2.0e-6, -3.0e-6, -2.5e-6, -1.5e-6, -3.5e-6]
+  iv = evidence.t_interval(vals)
+  raw = judge.finding("drift", iv, "<0", digits=4)
+  f = judge.finding("drift", iv, "<0", unit=None)
+  assert raw["text"].startswith("-0.0000") and raw["verdict"] == "holds"
+  assert f["verdict"] == "holds" and f["quantity"] == "drift (units of 1e-06)"
+  assert f["estimate"] == pytest.approx(np.mean(vals) * 1e6)
+  assert f["text"].startswith(f"{np.mean(vals) * 1e6:+.2f} [")
+  big = judge.finding("A_T", evidence.t_interval([1.0, 2.0, 3.0]), ">0", unit=None)
+  assert big["quantity"] == "A_T" and big["estimate"] == pytest.approx(2.0)
