@@ -343,7 +343,8 @@ def views_and_sample_size(sweep: Sweep, plot_path: Optional[str] = None) -> dict
                f"so their tangent features are orthogonal by construction: a fused view that "
                f"copies one branch gives about 1.9, two independent views 2. 'N -> 3N' holds "
                f"above {VIEWS_MIN:g} (the fused view adds at least half a view of its own), "
-               f"fails below")
+               f"fails below. The verdict combines the CE slope's '< 0' and 'N -> 3N'; the "
+               f"N^-1/2 match and the prototype classifier's slope are judged beside it")
   found, tables, verdicts = [], {}, []
   arms = sweep.differing({"data.max_per_class_train", "optim.epochs", "method.name"})
   by_kind: dict = {"ntkcl": {}, "simplecil": {}}
