@@ -113,7 +113,7 @@ def finding(quantity: str, iv: evidence.Interval, prediction: Optional[str] = No
              ">0": f"> {threshold + margin:g}", "<0": f"< {threshold - margin:g}"}[prediction])
   signed = "Δ" in quantity or " − " in quantity or "slope" in quantity
   return {"quantity": quantity, "prediction": text, "estimate": iv.estimate, "lo": iv.lo,
-          "hi": iv.hi, "n": iv.n, "text": iv.text(digits, signed=signed),
+          "hi": iv.hi, "threshold": threshold, "n": iv.n, "text": iv.text(digits, signed=signed),
           "bootstrap": iv.boot_text(digits, signed=signed), "verdict": verdict}
 
 

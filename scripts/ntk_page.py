@@ -45,12 +45,20 @@ def _verdict(v) -> str:
           None: ""}[v]
 
 
+def noise_note(f: dict) -> str:
+  """'within noise' when the finding's t interval holds the value its criterion compares with
+  (0, or the criterion's threshold: a difference that no seed count could tell from it)."""
+  th = f.get("threshold") or 0.0
+  lo, hi = f["lo"], f["hi"]
+  if lo is None or hi is None or not lo <= th <= hi:
+    return ""
+  return "within noise" if th == 0 else f"within noise of {th:g}"
+
+
 def findings_table(found) -> list:
   rows = [{"quantity": f["quantity"], "prediction": f["prediction"] or "(reported)",
            "estimate [t 95% interval] (n seeds)": f["text"], "verdict": _verdict(f["verdict"]),
-           "note": "; ".join(x for x in (
-               "within noise" if f["lo"] is not None and f["hi"] is not None and
-               f["lo"] <= 0 <= f["hi"] else "", f["bootstrap"]) if x)}
+           "note": "; ".join(x for x in (noise_note(f), f["bootstrap"]) if x)}
           for f in found]
   return table(rows)
 

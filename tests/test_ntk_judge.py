@@ -453,3 +453,22 @@ def test_tiny_quantities_print_in_a_unit_with_the_verdict_of_the_raw_interval():
   assert f["text"].startswith(f"{np.mean(vals) * 1e6:+.2f} [")
   big = judge.finding("A_T", evidence.t_interval([1.0, 2.0, 3.0]), ">0", unit=None)
   assert big["quantity"] == "A_T" and big["estimate"] == pytest.approx(2.0)
+
+
+def test_within_noise_is_read_against_the_criterions_value():
+  """'within noise' on the page means the t interval holds what the criterion compares with:
+  0 for a difference, the threshold for a criterion such as 'agreement > 0.9'."""
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from scripts import ntk_page  # pylint: disable=g-import-not-at-top
+  near_zero = judge.finding("e_fun", evidence.t_interval([0.01, -0.002, 0.03]), "<0",
+                            threshold=0.3)
+  assert near_zero["lo"] < 0 < near_zero["hi"] and ntk_page.noise_note(near_zero) == ""
+  around = judge.finding("agreement", evidence.t_interval([0.85, 0.95, 0.9]), ">0",
+                         threshold=0.9)
+  assert ntk_page.noise_note(around) == "within noise of 0.9"
+  diff = judge.finding("Δ A_T", evidence.t_interval([-1.0, 1.5, 0.2]))
+  assert ntk_page.noise_note(diff) == "within noise"
+  one = judge.finding("Δ A_T", evidence.t_interval([0.2]))
+  assert ntk_page.noise_note(one) == ""
