@@ -55,10 +55,16 @@ def noise_note(f: dict) -> str:
   return "within noise" if th == 0 else f"within noise of {th:g}"
 
 
+def few_seeds(n: int) -> str:
+  """The flag of a result backed by fewer than evidence.MIN_SEEDS seeds."""
+  return f"only {n} seed" + ("s" if n != 1 else "") if n < evidence.MIN_SEEDS else ""
+
+
 def findings_table(found) -> list:
   rows = [{"quantity": f["quantity"], "prediction": f["prediction"] or "(reported)",
            "estimate [t 95% interval] (n seeds)": f["text"], "verdict": _verdict(f["verdict"]),
-           "note": "; ".join(x for x in (noise_note(f), f["bootstrap"]) if x)}
+           "note": "; ".join(x for x in (noise_note(f), few_seeds(f["n"]), f["bootstrap"])
+                             if x)}
           for f in found]
   return table(rows)
 
@@ -190,6 +196,9 @@ def sweep_section(root: str, out_dir: str, keys: str = "abcdef") -> tuple[list, 
   if base:
     lines += [f"Setting: {setting(next(iter(base.values())))}", ""]
   cmds = sorted({r.get("sweep_command") for r in sweep.records if r.get("sweep_command")})
+  if sweep.records and len(seeds) < evidence.MIN_SEEDS:
+    lines += [f"**Only {len(seeds)} of the {evidence.MIN_SEEDS} seeds a verdict here rests on "
+              f"are recorded: every verdict below is provisional.**", ""]
   if sweep.records:
     lines += [f"{len(sweep.records)} runs, seeds {seeds}; trained and measured by " +
               (", ".join(f"`{c}`" for c in cmds) if cmds else "`python -m scripts.theory`") +
@@ -249,8 +258,9 @@ def page(roots, out_path: str, keys: str = "abcdef") -> str:
            "task pairs, such as rank correlations, are computed within each seed first). A "
            "verdict is read off the t interval alone: **holds** when it "
            "lies on the predicted side of the criterion, **fails** when it lies on the other "
-           "side, inconclusive otherwise (and always with one seed). Fewer than "
-           f"{evidence.MIN_SEEDS} seeds is flagged. Definitions: ntk_theory.md §2.2; centred "
+           "side, inconclusive otherwise (and always with one seed); 'within noise' where the "
+           "interval holds the value the criterion compares with. A result backed by fewer than "
+           f"{evidence.MIN_SEEDS} seeds says so. Definitions: ntk_theory.md §2.2; centred "
            "kernels are H K H with H = I - 11^T/n (the component every sample shares removed).",
            ""]
   written = []

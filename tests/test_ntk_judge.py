@@ -472,3 +472,13 @@ def test_within_noise_is_read_against_the_criterions_value():
   assert ntk_page.noise_note(diff) == "within noise"
   one = judge.finding("Δ A_T", evidence.t_interval([0.2]))
   assert ntk_page.noise_note(one) == ""
+
+
+def test_fewer_than_five_seeds_is_flagged_on_each_result():
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from scripts import ntk_page  # pylint: disable=g-import-not-at-top
+  rows = ntk_page.findings_table([judge.finding("Δ A_T", evidence.t_interval([1.0, 2.0, 4.0])),
+                                  judge.finding("Δ A_T", evidence.t_interval([1., 2, 4, 3, 2]))])
+  assert "only 3 seeds" in rows[2] and "only" not in rows[3]
