@@ -174,11 +174,14 @@ def _ls_slope_on_log(x, y):
 def test_c_slopes_and_the_simplecil_control():
   res = judge.views_and_sample_size(_c_sweep(-0.5, -0.1))
   f = {x["quantity"]: x for x in res["findings"]}
-  slope = f["slope of log(proxy-head CE gap) against log N"]
-  assert slope["estimate"] == pytest.approx(-0.5, abs=1e-6) and slope["verdict"] == "holds"
-  assert f["the same slope against N^-1/2"]["verdict"] == "holds"
-  paired = f["slope of the prototype-classifier gap against log N, NTK-CL − SimpleCIL (paired)"]
   ns = [25, 50, 100, 200]
+  falls = f["slope of the proxy-head CE gap against log N"]
+  want = np.mean([_ls_slope_on_log(ns, [2.0 * (n / 25) ** -0.5 * (1 + 0.01 * seed) for n in ns])
+                  for seed in range(5)])
+  assert falls["estimate"] == pytest.approx(want) and falls["verdict"] == "holds"
+  power = f["slope of log(proxy-head CE gap) against log N, against N^-1/2"]
+  assert power["estimate"] == pytest.approx(-0.5, abs=1e-6) and power["verdict"] == "holds"
+  paired = f["slope of the prototype-classifier gap against log N, NTK-CL − SimpleCIL (paired)"]
   want = (_ls_slope_on_log(ns, [0.1 * (n / 25) ** -0.5 for n in ns]) -
           _ls_slope_on_log(ns, [0.1 * (n / 25) ** -0.1 for n in ns]))
   assert paired["estimate"] == pytest.approx(want) and paired["verdict"] == "holds"
@@ -187,8 +190,8 @@ def test_c_slopes_and_the_simplecil_control():
 
 
 def test_c_gaps_of_either_sign_and_incomplete_seeds():
-  """The prototype gap (an accuracy difference) may be negative: its slope against log N uses
-  every point. A CE gap <= 0 has no log: that seed's log-log slope is left out and counted, not
+  """Gaps may be negative: the slopes against log N (CE gap, prototype gap) use every point. A CE
+  gap <= 0 has no log: that seed's log-log slope (the N^-1/2 check) is left out and counted, not
   fitted on the remaining points; a seed missing an N has no slope yet."""
   sweep = _c_sweep(-0.5, -0.1)
   recs = []
@@ -206,10 +209,16 @@ def test_c_gaps_of_either_sign_and_incomplete_seeds():
     recs.append({**r, "gap": gap})
   res = judge.views_and_sample_size(judge.Sweep(recs))
   f = {x["quantity"]: x for x in res["findings"]}
-  ce = f["slope of log(proxy-head CE gap) against log N (1 seed(s) left out: a gap <= 0)"]
-  assert ce["n"] == 3 and ce["estimate"] == pytest.approx(-0.5, abs=1e-6)  # seeds 0, 1, 2
-  paired = f["slope of the prototype-classifier gap against log N, NTK-CL − SimpleCIL (paired)"]
+  power = f["slope of log(proxy-head CE gap) against log N, against N^-1/2 (1 seed(s) left "
+            "out: a gap <= 0)"]
+  assert power["n"] == 3 and power["estimate"] == pytest.approx(-0.5, abs=1e-6)  # seeds 0-2
   ns = [25, 50, 100, 200]
+  gaps = {s: [2.0 * (n / 25) ** -0.5 * (1 + 0.01 * s) for n in ns] for s in range(4)}
+  gaps[3][-1] = -0.01
+  falls = f["slope of the proxy-head CE gap against log N"]  # seed 3 kept: either sign
+  assert falls["n"] == 4 and falls["estimate"] == pytest.approx(
+      np.mean([_ls_slope_on_log(ns, g) for g in gaps.values()]))
+  paired = f["slope of the prototype-classifier gap against log N, NTK-CL − SimpleCIL (paired)"]
   want = (_ls_slope_on_log(ns, [0.1 * (n / 25) ** -0.5 - 0.2 for n in ns]) -
           _ls_slope_on_log(ns, [0.1 * (n / 25) ** -0.1 - 0.2 for n in ns]))
   assert paired["n"] == 4 and paired["estimate"] == pytest.approx(want)
