@@ -104,8 +104,7 @@ def finding(quantity: str, iv: evidence.Interval, prediction: Optional[str] = No
     unit = 10.0 ** np.floor(np.log10(top)) if 0 < top < 1e-2 else 1.0
   if unit != 1.0:
     quantity = f"{quantity} (units of {unit:g})"
-    iv = evidence.Interval(*(v / unit for v in (iv.estimate, iv.lo, iv.hi)), iv.n,
-                           iv.boot_lo / unit, iv.boot_hi / unit)
+    iv = iv.scaled(unit)
     threshold, margin = threshold / unit, margin / unit
   text = None
   if prediction is not None:
@@ -374,7 +373,7 @@ def views_and_sample_size(sweep: Sweep, plot_path: Optional[str] = None) -> dict
     for p in points:
       if p["kind"] == kind:
         mine.setdefault(p["seed"], {})[p["n_per_class"]] = p[col]
-    return {s: fit(grid, [np.nan if by_n.get(n) is None else by_n[n] for n in grid])
+    return {s: fit(grid, [np.nan if by_n[n] is None else by_n[n] for n in grid])
             if sorted(by_n) == grid else float("nan") for s, by_n in sorted(mine.items())}
   if len(grid) >= 2:
     falls = slopes("ntkcl", "proxy_ce_gap", metrics.slope_on_log_x)

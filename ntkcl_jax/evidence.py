@@ -73,6 +73,11 @@ class Interval:
     return Interval(self.estimate - by, self.lo - by, self.hi - by, self.n, self.boot_lo - by,
                     self.boot_hi - by)
 
+  def scaled(self, unit: float) -> "Interval":
+    """The same interval for the quantity in units of `unit` (divided by it, unit > 0)."""
+    return Interval(self.estimate / unit, self.lo / unit, self.hi / unit, self.n,
+                    self.boot_lo / unit, self.boot_hi / unit)
+
 
 def _finite(values) -> np.ndarray:
   x = np.asarray([v for v in values if v is not None], np.float64).reshape(-1)
@@ -154,10 +159,15 @@ def describe(iv: Interval, prediction: Optional[str] = None, margin: float = 0.0
     parts.append(f"**{verdict(iv, prediction, margin)}**")
   if iv.within_noise:
     parts.append("within noise")
-  if iv.n < MIN_SEEDS:
-    parts.append(f"only {iv.n} seed" + ("s" if iv.n != 1 else ""))
+  if few_seeds(iv.n):
+    parts.append(few_seeds(iv.n))
   parts.append(iv.boot_text(digits))
   return "; ".join(parts)
+
+
+def few_seeds(n: int) -> str:
+  """'only n seeds' for a result backed by fewer than MIN_SEEDS seeds, else ''."""
+  return f"only {n} seed" + ("s" if n != 1 else "") if n < MIN_SEEDS else ""
 
 
 def spearman(x, y) -> float:

@@ -55,16 +55,11 @@ def noise_note(f: dict) -> str:
   return "within noise" if th == 0 else f"within noise of {th:g}"
 
 
-def few_seeds(n: int) -> str:
-  """The flag of a result backed by fewer than evidence.MIN_SEEDS seeds."""
-  return f"only {n} seed" + ("s" if n != 1 else "") if n < evidence.MIN_SEEDS else ""
-
-
 def findings_table(found) -> list:
   rows = [{"quantity": f["quantity"], "prediction": f["prediction"] or "(reported)",
            "estimate [t 95% interval] (n seeds)": f["text"], "verdict": _verdict(f["verdict"]),
-           "note": "; ".join(x for x in (noise_note(f), few_seeds(f["n"]), f["bootstrap"])
-                             if x)}
+           "note": "; ".join(x for x in (noise_note(f), evidence.few_seeds(f["n"]),
+                                         f["bootstrap"]) if x)}
           for f in found]
   return table(rows)
 

@@ -119,3 +119,15 @@ def test_partial_spearman_centres_ranks_within_strata_and_removes_a_confounder()
   z = x + 0.5 * rng.normal(size=age.size)  # a real link within strata survives
   assert evidence.partial_spearman(x, z, age) > 0.8
   assert math.isnan(evidence.partial_spearman(x[:3], y[:3], [1, 2, 3]))  # strata of one
+
+
+def test_scaled_divides_every_bound_and_keeps_n():
+  x = [2e-6, 3e-6, 1e-6, 4e-6]
+  iv = evidence.t_interval(x)
+  got = iv.scaled(1e-6)
+  want = evidence.t_interval([v * 1e6 for v in x])
+  assert got.n == want.n == 4
+  for a, b in zip((got.estimate, got.lo, got.hi), (want.estimate, want.lo, want.hi)):
+    assert a == pytest.approx(b)
+  assert got.boot_lo == pytest.approx(iv.boot_lo * 1e6)
+  assert got.boot_hi == pytest.approx(iv.boot_hi * 1e6)

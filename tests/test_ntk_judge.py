@@ -4,12 +4,17 @@ the t intervals, (a) is net of SimpleCIL and holds task age fixed, (b)'s code pr
 the measured gradient scale, (c)'s slopes and control, (d)'s thresholds, (f)'s U shape inside the
 stability bound; one seed never gives a verdict."""
 import copy
+import os
+import sys
 
 import numpy as np
 import pytest
 
 from ntk_analysis import judge, measure, metrics
 from ntkcl_jax import evidence, switches
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for scripts.*
+from scripts import ntk_page  # noqa: E402
 
 T = 5  # tasks
 
@@ -406,10 +411,6 @@ def test_ce_residual_is_the_negative_gradient_of_cross_entropy():
 
 def test_every_result_renders_on_the_page():
   """docs/ntk.md's section of each experiment renders from its result (tables are rows)."""
-  import os  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from scripts import ntk_page  # pylint: disable=g-import-not-at-top
   lazy = judge.Sweep([_record("base", s, lazy=[
       {"task": t, "agreement": 0.95, "e_fun": 0.1, "e_lin": 0.1, "S": 0.01, "acc_real": 0.9,
        "acc_lin": 0.88} for t in range(T)]) for s in range(3)])
@@ -431,10 +432,6 @@ def test_every_result_renders_on_the_page():
 def test_summary_detail_counts_the_criteria_of_the_findings():
   """The summary table's detail cell counts how each criterion came out, from the same findings
   the experiment's section lists, and leads with the first criterion's estimate."""
-  import os  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from scripts import ntk_page  # pylint: disable=g-import-not-at-top
   lazy = judge.Sweep([_record("base", s, lazy=[
       {"task": t, "agreement": a, "e_fun": 0.5, "e_lin": 0.1, "S": 0.01, "acc_real": 0.9,
        "acc_lin": 0.88} for t in range(T)]) for s, a in enumerate((0.95, 0.96, 0.97))])
@@ -467,10 +464,6 @@ def test_tiny_quantities_print_in_a_unit_with_the_verdict_of_the_raw_interval():
 def test_within_noise_is_read_against_the_criterions_value():
   """'within noise' on the page means the t interval holds what the criterion compares with:
   0 for a difference, the threshold for a criterion such as 'agreement > 0.9'."""
-  import os  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from scripts import ntk_page  # pylint: disable=g-import-not-at-top
   near_zero = judge.finding("e_fun", evidence.t_interval([0.01, -0.002, 0.03]), "<0",
                             threshold=0.3)
   assert near_zero["lo"] < 0 < near_zero["hi"] and ntk_page.noise_note(near_zero) == ""
@@ -484,10 +477,6 @@ def test_within_noise_is_read_against_the_criterions_value():
 
 
 def test_fewer_than_five_seeds_is_flagged_on_each_result():
-  import os  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from scripts import ntk_page  # pylint: disable=g-import-not-at-top
   rows = ntk_page.findings_table([judge.finding("Δ A_T", evidence.t_interval([1.0, 2.0, 4.0])),
                                   judge.finding("Δ A_T", evidence.t_interval([1., 2, 4, 3, 2]))])
   assert "only 3 seeds" in rows[2] and "only" not in rows[3]
